@@ -1,0 +1,103 @@
+//! Actix shells around the pure state machines.
+//!
+//! Each actor has a bounded mailbox; callers use `try_send` or `send` (which waits for
+//! room), never `do_send`, so a surge pushes back on its source instead of growing memory.
+
+use crate::reading::Reading;
+use crate::work_center::{Outcome, WorkCenterState};
+use actix::prelude::*;
+
+/// Default bound of every actor mailbox.
+pub const MAILBOX_CAPACITY: usize = 1024;
+
+/// One actor per work center: owns its device cursor and current order.
+pub struct WorkCenterActor {
+    state: WorkCenterState,
+    mailbox: usize,
+}
+
+impl WorkCenterActor {
+    pub fn new(state: WorkCenterState) -> Self {
+        Self {
+            state,
+            mailbox: MAILBOX_CAPACITY,
+        }
+    }
+}
+
+impl Actor for WorkCenterActor {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        ctx.set_mailbox_capacity(self.mailbox);
+    }
+}
+
+/// Apply a reading; the reply says what to commit.
+#[derive(Message)]
+#[rtype(result = "Outcome")]
+pub struct Apply(pub Reading);
+
+impl Handler<Apply> for WorkCenterActor {
+    type Result = MessageResult<Apply>;
+
+    fn handle(&mut self, msg: Apply, _ctx: &mut Self::Context) -> Self::Result {
+        MessageResult(self.state.apply(&msg.0))
+    }
+}
+
+/// A copy of the current state (for the API and the dashboard).
+#[derive(Message)]
+#[rtype(result = "WorkCenterState")]
+pub struct GetState;
+
+impl Handler<GetState> for WorkCenterActor {
+    type Result = MessageResult<GetState>;
+
+    fn handle(&mut self, _msg: GetState, _ctx: &mut Self::Context) -> Self::Result {
+        MessageResult(self.state.clone())
+    }
+}
+
+/// Set (or clear) the order the work center is working on.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct SetOrder(pub Option<String>);
+
+impl Handler<SetOrder> for WorkCenterActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: SetOrder, _ctx: &mut Self::Context) {
+        self.state.set_order(msg.0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::reading::MachineState;
+    use std::collections::BTreeMap;
+
+    #[actix::test]
+    async fn actor_applies_readings_in_order() {
+        let addr = WorkCenterActor::new(WorkCenterState::new("PRESS-1", "press-01")).start();
+        for (seq, good) in [(1, 3), (2, 7), (2, 7), (1, 3), (3, 9)] {
+            let reading = Reading {
+                device: "press-01".into(),
+                boot: 1,
+                seq,
+                ts_ms: None,
+                good,
+                scrap: 0,
+                state: Some(MachineState::Running),
+                reason: None,
+                order: None,
+                metrics: BTreeMap::new(),
+            };
+            addr.send(Apply(reading)).await.expect("actor alive");
+        }
+        let s = addr.send(GetState).await.expect("actor alive");
+        assert_eq!(s.good_total, 9);
+        assert_eq!(s.cursor.map(|c| c.seq), Some(3));
+    }
+}

@@ -1,0 +1,173 @@
+//! A work center: the device cursor, the machine state and the order being worked on.
+
+use crate::counter::{advance, Advance, Cursor};
+use crate::reading::{MachineState, Reading};
+use serde::{Deserialize, Serialize};
+
+/// What the store must commit for one counted reading.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Delta {
+    pub work_center: String,
+    pub device: String,
+    pub boot: u64,
+    pub seq: u64,
+    pub ts_ms: Option<i64>,
+    pub good: u64,
+    pub scrap: u64,
+    /// The order the output is attributed to, if any.
+    pub order: Option<String>,
+    pub state: MachineState,
+    /// The state changed with this reading.
+    pub state_changed: bool,
+    pub reason: Option<String>,
+    pub restarted: bool,
+    /// The device cursor after this reading; committed with it.
+    pub cursor: Cursor,
+}
+
+/// The outcome of applying a reading.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    /// Already counted (duplicate, replay, out of order): commit nothing, acknowledge.
+    Duplicate,
+    Counted(Box<Delta>),
+}
+
+/// The in-memory state of one work center, rebuilt from the database on start.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WorkCenterState {
+    pub id: String,
+    pub device: String,
+    pub state: MachineState,
+    pub reason: Option<String>,
+    pub current_order: Option<String>,
+    pub cursor: Option<Cursor>,
+    pub good_total: u64,
+    pub scrap_total: u64,
+    /// Device time of the last counted reading.
+    pub last_ts_ms: Option<i64>,
+}
+
+impl WorkCenterState {
+    pub fn new(id: impl Into<String>, device: impl Into<String>) -> Self {
+        Self {
+            id: id.into(),
+            device: device.into(),
+            state: MachineState::Stopped,
+            reason: None,
+            current_order: None,
+            cursor: None,
+            good_total: 0,
+            scrap_total: 0,
+            last_ts_ms: None,
+        }
+    }
+
+    /// Applies one reading from this work center's device.
+    ///
+    /// Output is attributed to the order the reading names, else to the current order; a
+    /// reading that names an order makes it the current one.
+    pub fn apply(&mut self, r: &Reading) -> Outcome {
+        debug_assert_eq!(
+            r.device, self.device,
+            "reading routed to the wrong work center"
+        );
+        let (good, scrap, next, restarted) =
+            match advance(self.cursor.as_ref(), r.boot, r.seq, r.good, r.scrap) {
+                Advance::Stale => return Outcome::Duplicate,
+                Advance::Counted {
+                    good,
+                    scrap,
+                    next,
+                    restarted,
+                } => (good, scrap, next, restarted),
+            };
+        if let Some(o) = &r.order {
+            if self.current_order.as_deref() != Some(o) {
+                self.current_order = Some(o.clone());
+            }
+        }
+        let state = r.state.unwrap_or(self.state);
+        let state_changed = state != self.state;
+        self.state = state;
+        self.reason = r.reason.clone();
+        self.cursor = Some(next);
+        self.good_total += good;
+        self.scrap_total += scrap;
+        if r.ts_ms.is_some() {
+            self.last_ts_ms = r.ts_ms;
+        }
+        Outcome::Counted(Box::new(Delta {
+            work_center: self.id.clone(),
+            device: self.device.clone(),
+            boot: r.boot,
+            seq: r.seq,
+            ts_ms: r.ts_ms,
+            good,
+            scrap,
+            order: self.current_order.clone(),
+            state,
+            state_changed,
+            reason: r.reason.clone(),
+            restarted,
+            cursor: next,
+        }))
+    }
+
+    /// A planner or the device dispatch set the current order.
+    pub fn set_order(&mut self, order: Option<String>) {
+        self.current_order = order;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeMap;
+
+    fn r(boot: u64, seq: u64, good: u64, scrap: u64, order: Option<&str>) -> Reading {
+        Reading {
+            device: "press-01".into(),
+            boot,
+            seq,
+            ts_ms: None,
+            good,
+            scrap,
+            state: Some(MachineState::Running),
+            reason: None,
+            order: order.map(str::to_string),
+            metrics: BTreeMap::new(),
+        }
+    }
+
+    #[test]
+    fn attributes_to_named_then_current_order() {
+        let mut wc = WorkCenterState::new("PRESS-1", "press-01");
+        wc.set_order(Some("PO-1".into()));
+        let Outcome::Counted(d) = wc.apply(&r(1, 1, 5, 0, None)) else {
+            panic!("expected a count")
+        };
+        assert_eq!(
+            (d.good, d.order.as_deref(), d.state_changed),
+            (5, Some("PO-1"), true)
+        );
+        let Outcome::Counted(d) = wc.apply(&r(1, 2, 8, 1, Some("PO-2"))) else {
+            panic!("expected a count")
+        };
+        assert_eq!((d.good, d.scrap, d.order.as_deref()), (3, 1, Some("PO-2")));
+        assert_eq!(wc.current_order.as_deref(), Some("PO-2"));
+        assert_eq!(wc.apply(&r(1, 2, 8, 1, None)), Outcome::Duplicate);
+        assert_eq!((wc.good_total, wc.scrap_total), (8, 1));
+    }
+
+    #[test]
+    fn restart_loses_and_doubles_nothing() {
+        let mut wc = WorkCenterState::new("PRESS-1", "press-01");
+        wc.apply(&r(1, 1, 10, 1, None));
+        wc.apply(&r(1, 2, 20, 2, None));
+        wc.apply(&r(2, 1, 4, 0, None));
+        wc.apply(&r(1, 3, 99, 9, None)); // late message of the old boot: stale
+        wc.apply(&r(2, 2, 9, 1, None));
+        assert_eq!((wc.good_total, wc.scrap_total), (29, 3));
+    }
+}

@@ -1,0 +1,207 @@
+//! Start-up and shutdown: the order in which the parts come up and go down.
+//!
+//! Up: config → database (migrate, master data) → embedded broker → actors rebuilt from
+//! the database → writer → MQTT intake → HTTP. Down (SIGINT/SIGTERM or the caller's stop):
+//! HTTP stops, MQTT intake stops admitting, in-flight inputs commit and are acknowledged,
+//! the writer drains, exit 0.
+
+use crate::config::Config;
+use crate::db::writer::Writer;
+use crate::db::Store;
+use crate::events::Events;
+use crate::http::api::{self, AppState};
+use crate::http::{ApiError, Auth};
+use crate::ingest::{mqtt, Pipeline, Router};
+use crate::metrics::Metrics;
+use crate::plant::Plant;
+use actix::Actor;
+use actix_web::{web, HttpServer};
+use anyhow::Context;
+use mes_actors::actor::WorkCenterActor;
+use mes_actors::{MachineState, WorkCenterState};
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{mpsc, watch};
+
+/// What a running MES exposes to its caller (the demo, tests).
+#[derive(Clone)]
+pub struct Handle {
+    pub store: Store,
+    pub metrics: Arc<Metrics>,
+    pub http_addr: SocketAddr,
+    pub mqtt_url: String,
+}
+
+/// Connects, migrates and loads master data.
+pub async fn prepare(cfg: &Config) -> anyhow::Result<(Store, Plant)> {
+    let plant = Plant::load(cfg.plant.file.as_deref())?;
+    let store = Store::connect(&cfg.database.url, cfg.database.max_connections)
+        .await
+        .with_context(|| format!("connecting to database.url `{}`", redact(&cfg.database.url)))?;
+    store.migrate().await?;
+    store.upsert_plant(&plant).await?;
+    Ok((store, plant))
+}
+
+fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(s), Some(at)) if at > s => match url[s + 3..at].find(':') {
+            Some(c) => format!("{}:***{}", &url[..s + 3 + c], &url[at..]),
+            None => url.to_string(),
+        },
+        _ => url.to_string(),
+    }
+}
+
+/// Runs the MES until `stop` completes, then shuts down gracefully.
+/// `on_ready` is called once everything is up.
+pub async fn run<F, R>(cfg: Config, stop: F, on_ready: R) -> anyhow::Result<()>
+where
+    F: Future<Output = ()>,
+    R: FnOnce(Handle),
+{
+    let (store, plant) = prepare(&cfg).await?;
+    if let Some(b) = &cfg.mqtt.embedded_broker {
+        let addr: SocketAddr = b.parse().context("mqtt.embedded_broker")?;
+        crate::broker::start(addr, cfg.ingest.max_payload).map_err(anyhow::Error::msg)?;
+    }
+    let metrics = Arc::new(Metrics::default());
+    let events = Events::default();
+
+    // Actors, rebuilt from the database.
+    let cursors = store.cursors().await?;
+    let mut router = Router::default();
+    for w in store.work_centers().await? {
+        if plant.work_center(&w.id).is_none() {
+            continue; // retired from the plant file; its history stays
+        }
+        let mut st = WorkCenterState::new(&w.id, &w.device_id);
+        st.state = w.state.parse().unwrap_or(MachineState::Stopped);
+        st.reason = w.reason.clone();
+        st.current_order = w.current_order.clone();
+        st.cursor = cursors.get(&w.device_id).copied();
+        st.good_total = w.good_total.max(0) as u64;
+        st.scrap_total = w.scrap_total.max(0) as u64;
+        let addr = WorkCenterActor::new(st).start();
+        router.insert(&w.id, &w.device_id, addr);
+    }
+    let router = Arc::new(router);
+
+    // Writer and intake.
+    let (writer_tx, writer_rx) = mpsc::channel(cfg.ingest.queue);
+    let (ack_tx, ack_rx) = mpsc::channel(1024);
+    let writer = Writer::new(
+        store.clone(),
+        writer_rx,
+        Some(ack_tx),
+        metrics.clone(),
+        events.clone(),
+        cfg.ingest.batch_max,
+    );
+    let writer_task = tokio::spawn(writer.run());
+    let pipeline = Pipeline::new(
+        router.clone(),
+        writer_tx,
+        metrics.clone(),
+        cfg.ingest.max_in_flight,
+    );
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let (mqtt_handle, mqtt_task) =
+        mqtt::start(&cfg.mqtt, &cfg.ingest, pipeline, ack_rx, shutdown_rx)
+            .map_err(anyhow::Error::msg)?;
+
+    // HTTP.
+    let state = web::Data::new(AppState {
+        store: store.clone(),
+        metrics: metrics.clone(),
+        events,
+        auth: Auth::new(&cfg.auth.tokens),
+        router,
+        mqtt: Some(mqtt_handle),
+        broker_url: cfg.mqtt.url.clone(),
+    });
+    if cfg.auth.tokens.is_empty() {
+        tracing::warn!("no [[auth.tokens]] configured: every caller is admin (loopback only)");
+    }
+    let json_cfg = web::JsonConfig::default()
+        .limit(256 * 1024)
+        .error_handler(|e, _| ApiError::bad_request("invalid_json", e.to_string()).into());
+    let path_cfg = web::PathConfig::default()
+        .error_handler(|e, _| ApiError::bad_request("invalid_path", e.to_string()).into());
+    let query_cfg = web::QueryConfig::default()
+        .error_handler(|e, _| ApiError::bad_request("invalid_query", e.to_string()).into());
+    let server = HttpServer::new(move || {
+        actix_web::App::new()
+            .app_data(state.clone())
+            .app_data(json_cfg.clone())
+            .app_data(path_cfg.clone())
+            .app_data(query_cfg.clone())
+            .configure(api::routes)
+            .default_service(web::to(api::not_found))
+    })
+    .workers(2)
+    .disable_signals()
+    .shutdown_timeout(3)
+    .bind(&cfg.http.listen)
+    .with_context(|| format!("binding http.listen `{}`", cfg.http.listen))?;
+    let http_addr = server
+        .addrs()
+        .first()
+        .copied()
+        .context("no HTTP address bound")?;
+    let server = server.run();
+    let server_handle = server.handle();
+    let server_task = actix_rt::spawn(server);
+    tracing::info!(%http_addr, mqtt = %cfg.mqtt.url, database = %redact(&cfg.database.url), "MES ready");
+    on_ready(Handle {
+        store: store.clone(),
+        metrics: metrics.clone(),
+        http_addr,
+        mqtt_url: cfg.mqtt.url.clone(),
+    });
+
+    stop.await;
+    tracing::info!("shutting down: stopping intake, committing what is in flight");
+    server_handle.stop(true).await;
+    let _ = server_task.await;
+    let _ = shutdown_tx.send(true);
+    if tokio::time::timeout(Duration::from_secs(6), mqtt_task)
+        .await
+        .is_err()
+    {
+        tracing::warn!("MQTT intake did not stop in time");
+    }
+    if tokio::time::timeout(Duration::from_secs(3), writer_task)
+        .await
+        .is_err()
+    {
+        tracing::warn!("writer did not drain in time; uncommitted inputs stay unacknowledged and will be redelivered");
+    }
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// Completes on SIGINT or SIGTERM.
+pub async fn signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}

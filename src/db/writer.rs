@@ -1,0 +1,384 @@
+//! The single writer: group commit of ingest work, acknowledgement only after commit.
+//!
+//! Jobs arrive on a bounded queue. The writer takes whatever is waiting (up to
+//! `batch_max`), commits it in one transaction, and only then hands each job's
+//! acknowledgement on. A failed commit is retried with capped backoff: nothing is dropped
+//! and nothing is acknowledged until it is committed. Idempotency lives in the database:
+//! a telemetry row is unique per `(device, boot, seq)` and only rows actually inserted
+//! move totals, so a replay after a crash is a no-op.
+
+use super::{DbError, Store};
+use crate::events::Events;
+use crate::metrics::Metrics;
+use mes_actors::{Delta, OrderStatus};
+use sqlx::{AssertSqlSafe, Row};
+use std::collections::{BTreeMap, HashSet};
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::{mpsc, oneshot};
+
+/// Most rows in one multi-row INSERT.
+const INSERT_CHUNK: usize = 250;
+/// Backoff bounds for retrying a failed commit.
+const RETRY_MIN: Duration = Duration::from_millis(50);
+const RETRY_MAX: Duration = Duration::from_secs(5);
+
+/// What one input asks the writer to commit.
+#[derive(Debug)]
+pub enum Work {
+    Counted(Box<Delta>),
+    /// Nothing to commit, but the acknowledgement must still wait its turn.
+    Duplicate,
+    DeadLetter {
+        topic: String,
+        reason: String,
+        payload: String,
+    },
+}
+
+/// What to do once the job is committed.
+#[derive(Debug)]
+pub enum Completion {
+    None,
+    /// Acknowledge this MQTT publish to the broker.
+    Mqtt(rumqttc::Publish),
+    /// Tell a waiting task (Modbus poller, tests).
+    Notify(oneshot::Sender<()>),
+}
+
+#[derive(Debug)]
+pub struct Job {
+    pub work: Work,
+    pub received_ms: i64,
+    pub done: Completion,
+    /// The input's place in the in-flight bound, freed after completion.
+    pub slot: Option<crate::ingest::InFlight>,
+}
+
+/// Sends MQTT acknowledgements after commit, in commit order.
+pub type AckSender = mpsc::Sender<Vec<rumqttc::Publish>>;
+
+pub struct Writer {
+    store: Store,
+    rx: mpsc::Receiver<Job>,
+    acks: Option<AckSender>,
+    metrics: Arc<Metrics>,
+    events: Events,
+    batch_max: usize,
+}
+
+impl Writer {
+    pub fn new(
+        store: Store,
+        rx: mpsc::Receiver<Job>,
+        acks: Option<AckSender>,
+        metrics: Arc<Metrics>,
+        events: Events,
+        batch_max: usize,
+    ) -> Self {
+        Self {
+            store,
+            rx,
+            acks,
+            metrics,
+            events,
+            batch_max,
+        }
+    }
+
+    /// Runs until every sender is gone and the queue is drained.
+    pub async fn run(mut self) {
+        let mut batch: Vec<Job> = Vec::with_capacity(self.batch_max);
+        loop {
+            batch.clear();
+            match self.rx.recv().await {
+                Some(j) => batch.push(j),
+                None => break,
+            }
+            while batch.len() < self.batch_max {
+                match self.rx.try_recv() {
+                    Ok(j) => batch.push(j),
+                    Err(_) => break,
+                }
+            }
+            self.metrics
+                .writer_queue
+                .store(self.rx.len() as i64, Relaxed);
+            self.commit_with_retry(&mut batch).await;
+        }
+        tracing::info!("writer drained and stopped");
+    }
+
+    async fn commit_with_retry(&mut self, batch: &mut Vec<Job>) {
+        let mut delay = RETRY_MIN;
+        loop {
+            let started = Instant::now();
+            match commit(&self.store, batch).await {
+                Ok(summary) => {
+                    self.metrics
+                        .commit_latency
+                        .observe(started.elapsed().as_secs_f64());
+                    self.metrics.commits.fetch_add(1, Relaxed);
+                    self.metrics
+                        .committed_jobs
+                        .fetch_add(batch.len() as u64, Relaxed);
+                    self.metrics.good_units.fetch_add(summary.good, Relaxed);
+                    self.metrics.scrap_units.fetch_add(summary.scrap, Relaxed);
+                    self.metrics.writer_healthy.store(true, Relaxed);
+                    for e in summary.events {
+                        self.events.publish(e);
+                    }
+                    self.complete(batch).await;
+                    return;
+                }
+                Err(e) => {
+                    self.metrics.commit_errors.fetch_add(1, Relaxed);
+                    self.metrics.writer_healthy.store(false, Relaxed);
+                    tracing::error!(error = %e, jobs = batch.len(), retry_in_ms = delay.as_millis() as u64, "commit failed; retrying, nothing acknowledged");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(RETRY_MAX);
+                }
+            }
+        }
+    }
+
+    async fn complete(&mut self, batch: &mut Vec<Job>) {
+        let mut publishes = Vec::new();
+        for job in batch.drain(..) {
+            match job.done {
+                Completion::None => {}
+                Completion::Mqtt(p) => publishes.push(p),
+                Completion::Notify(tx) => {
+                    let _ = tx.send(());
+                }
+            }
+        }
+        if !publishes.is_empty() {
+            if let Some(acks) = &self.acks {
+                // Bounded by the broker's in-flight window; waits rather than drops.
+                if acks.send(publishes).await.is_err() {
+                    tracing::warn!("ack channel closed; the broker will redeliver (deduplicated)");
+                }
+            }
+        }
+    }
+}
+
+#[derive(Default)]
+struct Summary {
+    good: u64,
+    scrap: u64,
+    events: Vec<serde_json::Value>,
+}
+
+#[derive(Default)]
+struct WcAgg<'a> {
+    good: i64,
+    scrap: i64,
+    last: Option<&'a Delta>,
+}
+
+fn to_i64(v: u64, what: &str) -> Result<i64, DbError> {
+    i64::try_from(v).map_err(|_| DbError::Other(format!("{what} {v} exceeds the storable range")))
+}
+
+/// Commits one batch in one transaction.
+async fn commit(store: &Store, batch: &[Job]) -> Result<Summary, DbError> {
+    let mut summary = Summary::default();
+    let mut tx = store.pool.begin().await?;
+
+    // 1. Telemetry rows; only the rows actually inserted count (database idempotency).
+    let counted: Vec<(&Delta, i64)> = batch
+        .iter()
+        .filter_map(|j| match &j.work {
+            Work::Counted(d) => Some((d.as_ref(), j.received_ms)),
+            _ => None,
+        })
+        .collect();
+    let mut inserted: HashSet<(String, i64, i64)> = HashSet::with_capacity(counted.len());
+    for chunk in counted.chunks(INSERT_CHUNK) {
+        let mut sql = String::from(
+            "INSERT INTO telemetry (device, boot, seq, work_center, order_id, ts_ms, received_ms, good, scrap, state) VALUES ",
+        );
+        for i in 0..chunk.len() {
+            let b = i * 10;
+            if i > 0 {
+                sql.push(',');
+            }
+            sql.push_str(&format!(
+                "(${},${},${},${},${},${},${},${},${},${})",
+                b + 1,
+                b + 2,
+                b + 3,
+                b + 4,
+                b + 5,
+                b + 6,
+                b + 7,
+                b + 8,
+                b + 9,
+                b + 10
+            ));
+        }
+        sql.push_str(" ON CONFLICT (device, boot, seq) DO NOTHING RETURNING device, boot, seq");
+        let mut q = sqlx::query(AssertSqlSafe(sql));
+        for (d, received) in chunk {
+            q = q
+                .bind(d.device.as_str())
+                .bind(to_i64(d.boot, "boot")?)
+                .bind(to_i64(d.seq, "seq")?)
+                .bind(d.work_center.as_str())
+                .bind(d.order.as_deref())
+                .bind(d.ts_ms)
+                .bind(*received)
+                .bind(to_i64(d.good, "good")?)
+                .bind(to_i64(d.scrap, "scrap")?)
+                .bind(d.state.as_str());
+        }
+        for row in q.fetch_all(&mut *tx).await? {
+            inserted.insert((
+                row.try_get("device")?,
+                row.try_get("boot")?,
+                row.try_get("seq")?,
+            ));
+        }
+    }
+
+    // 2. Aggregate what was inserted.
+    let mut cursors: BTreeMap<&str, &Delta> = BTreeMap::new();
+    let mut wcs: BTreeMap<&str, WcAgg> = BTreeMap::new();
+    let mut orders: BTreeMap<&str, (i64, i64)> = BTreeMap::new();
+    let mut state_changes: Vec<(&Delta, i64)> = Vec::new();
+    for (d, received) in &counted {
+        let key = (d.device.clone(), d.boot as i64, d.seq as i64);
+        if !inserted.remove(&key) {
+            continue;
+        }
+        let c = cursors.entry(d.device.as_str()).or_insert(d);
+        if (d.boot, d.seq) > (c.boot, c.seq) {
+            *c = d;
+        }
+        let w = wcs.entry(d.work_center.as_str()).or_default();
+        w.good += d.good as i64;
+        w.scrap += d.scrap as i64;
+        w.last = Some(d);
+        if let Some(o) = d.order.as_deref() {
+            let e = orders.entry(o).or_default();
+            e.0 += d.good as i64;
+            e.1 += d.scrap as i64;
+        }
+        if d.state_changed {
+            state_changes.push((d, d.ts_ms.unwrap_or(*received)));
+        }
+        summary.good += d.good;
+        summary.scrap += d.scrap;
+    }
+    let now = crate::now_ms();
+
+    // 3. Device cursors move only forward.
+    for d in cursors.values() {
+        sqlx::query(
+            "INSERT INTO device_cursors (device, boot, seq, good, scrap, updated_ms) VALUES ($1, $2, $3, $4, $5, $6)
+             ON CONFLICT (device) DO UPDATE SET boot = excluded.boot, seq = excluded.seq, good = excluded.good,
+               scrap = excluded.scrap, updated_ms = excluded.updated_ms
+             WHERE excluded.boot > device_cursors.boot
+                OR (excluded.boot = device_cursors.boot AND excluded.seq > device_cursors.seq)",
+        )
+        .bind(d.device.as_str())
+        .bind(to_i64(d.cursor.boot, "boot")?)
+        .bind(to_i64(d.cursor.seq, "seq")?)
+        .bind(to_i64(d.cursor.good, "good")?)
+        .bind(to_i64(d.cursor.scrap, "scrap")?)
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
+    }
+
+    // 4. Work center totals and last state.
+    for (wc, agg) in &wcs {
+        let Some(last) = agg.last else { continue };
+        sqlx::query(
+            "UPDATE work_centers SET good_total = good_total + $1, scrap_total = scrap_total + $2, state = $3,
+               reason = $4, current_order = COALESCE($5, current_order), last_seen_ms = $6, updated_ms = $6 WHERE id = $7",
+        )
+        .bind(agg.good)
+        .bind(agg.scrap)
+        .bind(last.state.as_str())
+        .bind(last.reason.as_deref())
+        .bind(last.order.as_deref())
+        .bind(now)
+        .bind(*wc)
+        .execute(&mut *tx)
+        .await?;
+        if agg.good > 0 || agg.scrap > 0 {
+            summary.events.push(serde_json::json!({
+                "type": "counts", "work_center": wc, "good": agg.good, "scrap": agg.scrap,
+                "order": last.order, "state": last.state.as_str()
+            }));
+        }
+    }
+
+    // 5. Orders: counts and the status that output implies.
+    for (order, (good, scrap)) in &orders {
+        let row = sqlx::query("SELECT status, quantity, good FROM orders WHERE id = $1")
+            .bind(*order)
+            .fetch_optional(&mut *tx)
+            .await?;
+        let Some(row) = row else { continue };
+        let status: String = row.try_get("status")?;
+        let quantity: i64 = row.try_get("quantity")?;
+        let prev_good: i64 = row.try_get("good")?;
+        let from: OrderStatus = status.parse().map_err(DbError::Other)?;
+        let to = if *good > 0 || *scrap > 0 {
+            from.after_output((prev_good + good).max(0) as u64, quantity.max(0) as u64)
+        } else {
+            from
+        };
+        sqlx::query("UPDATE orders SET good = good + $1, scrap = scrap + $2, status = $3, updated_ms = $4 WHERE id = $5")
+            .bind(*good)
+            .bind(*scrap)
+            .bind(to.as_str())
+            .bind(now)
+            .bind(*order)
+            .execute(&mut *tx)
+            .await?;
+        if to != from {
+            summary.events.push(serde_json::json!({"type": "order_status", "order": order, "from": from.as_str(), "to": to.as_str()}));
+        }
+    }
+
+    // 6. State changes, for availability and the six big losses.
+    for (d, ts) in &state_changes {
+        sqlx::query(
+            "INSERT INTO state_changes (work_center, state, reason, ts_ms) VALUES ($1, $2, $3, $4)",
+        )
+        .bind(d.work_center.as_str())
+        .bind(d.state.as_str())
+        .bind(d.reason.as_deref())
+        .bind(*ts)
+        .execute(&mut *tx)
+        .await?;
+        summary.events.push(serde_json::json!({"type": "state", "work_center": d.work_center, "state": d.state.as_str(), "reason": d.reason}));
+    }
+
+    // 7. Dead letters.
+    for j in batch {
+        if let Work::DeadLetter {
+            topic,
+            reason,
+            payload,
+        } = &j.work
+        {
+            sqlx::query("INSERT INTO dead_letters (received_ms, topic, reason, payload) VALUES ($1, $2, $3, $4)")
+                .bind(j.received_ms)
+                .bind(topic.as_str())
+                .bind(reason.as_str())
+                .bind(payload.as_str())
+                .execute(&mut *tx)
+                .await?;
+        }
+    }
+
+    tx.commit().await?;
+    Ok(summary)
+}

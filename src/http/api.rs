@@ -1,0 +1,513 @@
+//! Route handlers.
+
+use super::{rfc3339, ApiError, Auth};
+use crate::config::Role;
+use crate::db::queries::{NewOrder, OrderRow, WorkCenterRow};
+use crate::db::{queries::CommandError, Store};
+use crate::events::Events;
+use crate::ingest::mqtt::MqttHandle;
+use crate::ingest::Router;
+use crate::metrics::Metrics;
+use actix_web::http::StatusCode;
+use actix_web::{web, HttpRequest, HttpResponse};
+use mes_actors::actor::SetOrder;
+use mes_actors::OrderCommand;
+use serde::Deserialize;
+use serde_json::{json, Value};
+use std::collections::BTreeMap;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+
+/// Everything a handler may use.
+pub struct AppState {
+    pub store: Store,
+    pub metrics: Arc<Metrics>,
+    pub events: Events,
+    pub auth: Auth,
+    pub router: Arc<Router>,
+    pub mqtt: Option<MqttHandle>,
+    pub broker_url: String,
+}
+
+type Res = Result<HttpResponse, ApiError>;
+type State = web::Data<AppState>;
+
+/// Seconds without a reading after which an MQTT device shows as offline.
+const DEVICE_OFFLINE_AFTER_MS: i64 = 60_000;
+
+pub fn routes(cfg: &mut web::ServiceConfig) {
+    cfg.route("/healthz", web::get().to(healthz))
+        .route("/readyz", web::get().to(readyz))
+        .route("/metrics", web::get().to(metrics))
+        .route("/openapi.json", web::get().to(openapi))
+        .route("/", web::get().to(dashboard))
+        .service(
+            web::scope("/api/v1")
+                .route("/work-centers", web::get().to(list_work_centers))
+                .route("/work-centers/{id}", web::get().to(get_work_center))
+                .route("/work-centers/{id}/commands", web::post().to(post_command))
+                .route("/orders", web::get().to(list_orders))
+                .route("/orders", web::post().to(create_order))
+                .route("/orders/{id}", web::get().to(get_order))
+                .route("/orders/{id}/release", web::post().to(release_order))
+                .route("/orders/{id}/close", web::post().to(close_order))
+                .route("/orders/{id}/cancel", web::post().to(cancel_order))
+                .route("/buffers", web::get().to(list_buffers))
+                .route("/inventory", web::get().to(list_inventory))
+                .route("/inventory/{sku}", web::get().to(get_inventory))
+                .route("/dead-letters", web::get().to(dead_letters))
+                .route("/events", web::get().to(events))
+                .default_service(web::to(not_found)),
+        );
+}
+
+pub async fn not_found(req: HttpRequest) -> Res {
+    Err(ApiError::not_found(format!(
+        "no route for {} {}",
+        req.method(),
+        req.path()
+    )))
+}
+
+async fn healthz() -> HttpResponse {
+    HttpResponse::Ok().json(json!({"status": "ok"}))
+}
+
+async fn readyz(st: State) -> HttpResponse {
+    let db = st.store.ping().await;
+    let mqtt = st.metrics.mqtt_connected.load(Relaxed);
+    let writer = st.metrics.writer_healthy.load(Relaxed) || st.metrics.commits.load(Relaxed) == 0;
+    let body = json!({"status": if db && mqtt && writer { "ready" } else { "not_ready" },
+        "checks": {"database": db, "mqtt": mqtt, "writer": writer}});
+    if db && mqtt && writer {
+        HttpResponse::Ok().json(body)
+    } else {
+        HttpResponse::ServiceUnavailable().json(body)
+    }
+}
+
+async fn metrics(st: State) -> HttpResponse {
+    HttpResponse::Ok()
+        .content_type("text/plain; version=0.0.4")
+        .body(st.metrics.render())
+}
+
+async fn openapi() -> HttpResponse {
+    HttpResponse::Ok()
+        .content_type("application/json")
+        .body(crate::openapi::DOCUMENT)
+}
+
+async fn dashboard() -> HttpResponse {
+    HttpResponse::Ok()
+        .content_type("text/html; charset=utf-8")
+        .body(crate::dashboard::PAGE)
+}
+
+fn wc_json(w: &WorkCenterRow, now: i64) -> Value {
+    let status = match w.last_seen_ms {
+        None => "unknown",
+        Some(t) if now - t <= DEVICE_OFFLINE_AFTER_MS => "online",
+        Some(_) => "offline",
+    };
+    json!({
+        "id": w.id, "name": w.name, "state": w.state, "reason": w.reason,
+        "good_total": w.good_total, "scrap_total": w.scrap_total, "current_order": w.current_order,
+        "output_buffer": w.output_buffer, "ideal_cycle_s": w.ideal_cycle_ms as f64 / 1000.0,
+        "device": {"id": w.device_id, "kind": w.device_kind, "status": status,
+                   "last_seen": w.last_seen_ms.map(rfc3339)},
+        "oee": Value::Null,
+    })
+}
+
+async fn list_work_centers(req: HttpRequest, st: State) -> Res {
+    st.auth.check(&req, Role::Viewer)?;
+    let now = crate::now_ms();
+    let rows = st.store.work_centers().await?;
+    Ok(HttpResponse::Ok().json(rows.iter().map(|w| wc_json(w, now)).collect::<Vec<_>>()))
+}
+
+async fn get_work_center(req: HttpRequest, st: State, id: web::Path<String>) -> Res {
+    st.auth.check(&req, Role::Viewer)?;
+    let w = st
+        .store
+        .work_center(&id)
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("work center `{id}` does not exist")))?;
+    Ok(HttpResponse::Ok().json(wc_json(&w, crate::now_ms())))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CommandBody {
+    cmd: String,
+}
+
+async fn post_command(
+    req: HttpRequest,
+    st: State,
+    id: web::Path<String>,
+    body: web::Json<CommandBody>,
+) -> Res {
+    let caller = st.auth.check(&req, Role::Operator)?;
+    if !matches!(body.cmd.as_str(), "start" | "stop") {
+        return Err(ApiError::unprocessable(
+            "invalid_command",
+            format!("`{}` is not a command (start or stop)", body.cmd),
+        ));
+    }
+    let w = st
+        .store
+        .work_center(&id)
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("work center `{id}` does not exist")))?;
+    let cmd_id = new_id("CMD");
+    let msg = json!({"cmd": body.cmd, "id": cmd_id});
+    let result = match (&st.mqtt, w.device_kind.as_str()) {
+        (Some(m), "mqtt") => m.command(&w.device_id, &msg).await,
+        (_, kind) => Err(format!("commands to {kind} devices are not available")),
+    };
+    let detail = json!({"cmd": body.cmd, "id": cmd_id, "device": w.device_id, "result": result.as_ref().err()}).to_string();
+    st.store
+        .audit(&caller.name, "command", &w.id, &detail)
+        .await?;
+    match result {
+        Ok(()) => Ok(HttpResponse::Accepted().json(
+            json!({"id": cmd_id, "cmd": body.cmd, "work_center": w.id, "device": w.device_id}),
+        )),
+        Err(e) => Err(ApiError::unavailable(e)),
+    }
+}
+
+fn new_id(prefix: &str) -> String {
+    use std::sync::atomic::AtomicU64;
+    static N: AtomicU64 = AtomicU64::new(0);
+    let n = N.fetch_add(1, Relaxed);
+    format!("{prefix}-{:x}{:04x}", crate::now_ms(), n & 0xffff)
+}
+
+async fn order_json(st: &AppState, o: &OrderRow) -> Result<Value, ApiError> {
+    let consumed = st.store.order_consumption(o).await?;
+    Ok(json!({
+        "id": o.id, "sku": o.sku, "quantity": o.quantity, "work_center": o.work_center, "status": o.status,
+        "good": o.good, "scrap": o.scrap, "consumed": consumed, "due": o.due, "priority": o.priority,
+        "created_at": rfc3339(o.created_ms), "updated_at": rfc3339(o.updated_ms),
+    }))
+}
+
+#[derive(Deserialize)]
+struct OrdersQuery {
+    status: Option<String>,
+    limit: Option<i64>,
+}
+
+async fn list_orders(req: HttpRequest, st: State, q: web::Query<OrdersQuery>) -> Res {
+    st.auth.check(&req, Role::Viewer)?;
+    let limit = q.limit.unwrap_or(500).clamp(1, 5000);
+    let rows = st.store.orders(q.status.as_deref(), limit).await?;
+    let mut out = Vec::with_capacity(rows.len());
+    for o in &rows {
+        out.push(order_json(&st, o).await?);
+    }
+    Ok(HttpResponse::Ok().json(out))
+}
+
+async fn get_order(req: HttpRequest, st: State, id: web::Path<String>) -> Res {
+    st.auth.check(&req, Role::Viewer)?;
+    let o = st
+        .store
+        .order(&id)
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("order `{id}` does not exist")))?;
+    Ok(HttpResponse::Ok().json(order_json(&st, &o).await?))
+}
+
+fn valid_id(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 64
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+}
+
+async fn create_order(req: HttpRequest, st: State, body: web::Json<Value>) -> Res {
+    st.auth.check(&req, Role::Planner)?;
+    let idem = req
+        .headers()
+        .get("idempotency-key")
+        .map(|v| v.to_str().map(str::to_string));
+    let idem = match idem {
+        None => None,
+        Some(Ok(k)) if !k.is_empty() && k.len() <= 200 => Some(k),
+        Some(_) => {
+            return Err(ApiError::bad_request(
+                "invalid_idempotency_key",
+                "Idempotency-Key must be 1-200 visible characters",
+            ))
+        }
+    };
+    if let Some(k) = &idem {
+        if let Some((scope, status, body)) = st.store.idempotent_response(k).await? {
+            if scope != "POST /orders" {
+                return Err(ApiError::conflict(
+                    "idempotency_key_reused",
+                    format!("Idempotency-Key `{k}` was used for {scope}"),
+                ));
+            }
+            let status = StatusCode::from_u16(status as u16).unwrap_or(StatusCode::CREATED);
+            return Ok(HttpResponse::build(status)
+                .content_type("application/json")
+                .body(body));
+        }
+    }
+    let o = parse_new_order(&body)?;
+    if !st.store.sku_exists(&o.sku).await? {
+        return Err(ApiError::unprocessable(
+            "unknown_sku",
+            format!("sku `{}` is not a material of this plant", o.sku),
+        ));
+    }
+    if let Some(wc) = &o.work_center {
+        if st.store.work_center(wc).await?.is_none() {
+            return Err(ApiError::unprocessable(
+                "unknown_work_center",
+                format!("work center `{wc}` does not exist"),
+            ));
+        }
+    }
+    let consumed_zero: BTreeMap<String, i64> = BTreeMap::new();
+    let render = |row: &OrderRow| {
+        json!({"id": row.id, "sku": row.sku, "quantity": row.quantity, "work_center": row.work_center, "status": row.status,
+               "good": 0, "scrap": 0, "consumed": consumed_zero, "due": row.due, "priority": row.priority,
+               "created_at": rfc3339(row.created_ms), "updated_at": rfc3339(row.updated_ms)})
+        .to_string()
+    };
+    let created = match st
+        .store
+        .create_order(&o, idem.as_deref().map(|k| (k, "POST /orders")), render)
+        .await
+    {
+        Ok(c) => c,
+        Err(e) => {
+            // A concurrent request with the same key won the race: answer with its result.
+            if let Some(k) = &idem {
+                if let Some((_, status, body)) = st.store.idempotent_response(k).await? {
+                    let status = StatusCode::from_u16(status as u16).unwrap_or(StatusCode::CREATED);
+                    return Ok(HttpResponse::build(status)
+                        .content_type("application/json")
+                        .body(body));
+                }
+            }
+            return Err(e.into());
+        }
+    };
+    let Some(row) = created else {
+        return Err(ApiError::conflict(
+            "order_exists",
+            format!("order `{}` already exists", o.id),
+        ));
+    };
+    tracing::info!(order = %row.id, sku = %row.sku, quantity = row.quantity, "order created");
+    st.events
+        .publish(json!({"type": "order_created", "order": row.id}));
+    Ok(HttpResponse::Created().json(order_json(&st, &row).await?))
+}
+
+fn parse_new_order(v: &Value) -> Result<NewOrder, ApiError> {
+    let obj = v
+        .as_object()
+        .ok_or_else(|| ApiError::bad_request("invalid_body", "the body must be a JSON object"))?;
+    for k in obj.keys() {
+        if !["id", "sku", "quantity", "due", "priority", "work_center"].contains(&k.as_str()) {
+            return Err(ApiError::unprocessable(
+                "unknown_field",
+                format!("unknown field `{k}`"),
+            ));
+        }
+    }
+    let str_field = |k: &str| -> Result<Option<String>, ApiError> {
+        match obj.get(k) {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::String(s)) => Ok(Some(s.clone())),
+            Some(_) => Err(ApiError::unprocessable(
+                "invalid_field",
+                format!("`{k}` must be a string"),
+            )),
+        }
+    };
+    let id = match str_field("id")? {
+        Some(id) if valid_id(&id) => id,
+        Some(id) => {
+            return Err(ApiError::unprocessable(
+                "invalid_field",
+                format!("`id` `{id}` must be 1-64 letters, digits, '-', '_' or '.'"),
+            ))
+        }
+        None => new_id("PO"),
+    };
+    let sku = str_field("sku")?
+        .ok_or_else(|| ApiError::unprocessable("missing_field", "`sku` is required"))?;
+    let quantity = match obj.get("quantity") {
+        Some(Value::Number(n)) => n.as_i64().filter(|q| *q > 0 && *q <= 1_000_000_000),
+        _ => None,
+    }
+    .ok_or_else(|| {
+        ApiError::unprocessable("invalid_field", "`quantity` must be a positive integer")
+    })?;
+    let priority = match obj.get("priority") {
+        None | Some(Value::Null) => 0,
+        Some(Value::Number(n)) => n.as_i64().ok_or_else(|| {
+            ApiError::unprocessable("invalid_field", "`priority` must be an integer")
+        })?,
+        Some(_) => {
+            return Err(ApiError::unprocessable(
+                "invalid_field",
+                "`priority` must be an integer",
+            ))
+        }
+    };
+    let due = str_field("due")?;
+    if let Some(d) = &due {
+        let ok = chrono::DateTime::parse_from_rfc3339(d).is_ok()
+            || chrono::NaiveDate::parse_from_str(d, "%Y-%m-%d").is_ok();
+        if !ok {
+            return Err(ApiError::unprocessable(
+                "invalid_field",
+                format!("`due` `{d}` is not a date (YYYY-MM-DD) or RFC 3339 time"),
+            ));
+        }
+    }
+    Ok(NewOrder {
+        id,
+        sku,
+        quantity,
+        due,
+        priority,
+        work_center: str_field("work_center")?,
+    })
+}
+
+async fn order_command(req: HttpRequest, st: State, id: String, cmd: OrderCommand) -> Res {
+    let caller = st.auth.check(&req, Role::Planner)?;
+    let (order, made_current) = st
+        .store
+        .order_command(&id, cmd)
+        .await
+        .map_err(|e| match e {
+            CommandError::NotFound(m) => ApiError::not_found(m),
+            CommandError::Transition(t) => ApiError::conflict("invalid_transition", t.to_string()),
+            CommandError::Conflict(m) => ApiError::conflict("conflict", m),
+            CommandError::Db(d) => d.into(),
+        })?;
+    st.store
+        .audit(
+            &caller.name,
+            &format!("order_{cmd:?}").to_ascii_lowercase(),
+            &id,
+            "{}",
+        )
+        .await?;
+    st.events
+        .publish(json!({"type": "order_status", "order": order.id, "to": order.status}));
+    if let (true, Some(wc)) = (made_current, order.work_center.as_deref()) {
+        if let Some(addr) = st.router.work_center(wc) {
+            if addr.send(SetOrder(Some(order.id.clone()))).await.is_err() {
+                tracing::error!(work_center = wc, "work center actor unavailable");
+            }
+        }
+        if let (Some(m), Some(w)) = (&st.mqtt, st.store.work_center(wc).await?) {
+            if w.device_kind == "mqtt" {
+                let msg = json!({"cmd": "set_order", "order": order.id, "target": order.quantity, "id": new_id("CMD")});
+                if let Err(e) = m.command(&w.device_id, &msg).await {
+                    tracing::warn!(work_center = wc, error = %e, "set_order not sent");
+                }
+            }
+        }
+    }
+    Ok(HttpResponse::Ok().json(order_json(&st, &order).await?))
+}
+
+async fn release_order(req: HttpRequest, st: State, id: web::Path<String>) -> Res {
+    order_command(req, st, id.into_inner(), OrderCommand::Release).await
+}
+async fn close_order(req: HttpRequest, st: State, id: web::Path<String>) -> Res {
+    order_command(req, st, id.into_inner(), OrderCommand::Close).await
+}
+async fn cancel_order(req: HttpRequest, st: State, id: web::Path<String>) -> Res {
+    order_command(req, st, id.into_inner(), OrderCommand::Cancel).await
+}
+
+async fn list_buffers(req: HttpRequest, st: State) -> Res {
+    st.auth.check(&req, Role::Viewer)?;
+    Ok(HttpResponse::Ok().json(st.store.buffers().await?))
+}
+
+async fn inventory_rows(st: &AppState) -> Result<Vec<Value>, ApiError> {
+    let mut by_sku: BTreeMap<String, (i64, i64, Vec<Value>)> = BTreeMap::new();
+    for b in st.store.buffers().await? {
+        let e = by_sku.entry(b.sku.clone()).or_default();
+        e.0 += b.on_hand;
+        e.1 += b.reserved;
+        e.2.push(json!({"buffer": b.id, "on_hand": b.on_hand, "reserved": b.reserved, "available": b.available}));
+    }
+    Ok(by_sku
+        .into_iter()
+        .map(|(sku, (on_hand, reserved, buffers))| {
+            json!({"sku": sku, "on_hand": on_hand, "reserved": reserved, "available": on_hand - reserved, "buffers": buffers})
+        })
+        .collect())
+}
+
+async fn list_inventory(req: HttpRequest, st: State) -> Res {
+    st.auth.check(&req, Role::Viewer)?;
+    Ok(HttpResponse::Ok().json(inventory_rows(&st).await?))
+}
+
+async fn get_inventory(req: HttpRequest, st: State, sku: web::Path<String>) -> Res {
+    st.auth.check(&req, Role::Viewer)?;
+    let rows = inventory_rows(&st).await?;
+    let row = rows
+        .into_iter()
+        .find(|r| r["sku"] == sku.as_str())
+        .ok_or_else(|| ApiError::not_found(format!("sku `{sku}` has no buffer")))?;
+    Ok(HttpResponse::Ok().json(row))
+}
+
+#[derive(Deserialize)]
+struct LimitQuery {
+    limit: Option<i64>,
+}
+
+async fn dead_letters(req: HttpRequest, st: State, q: web::Query<LimitQuery>) -> Res {
+    st.auth.check(&req, Role::Viewer)?;
+    let rows = st
+        .store
+        .dead_letters(q.limit.unwrap_or(1000).clamp(1, 10_000))
+        .await?;
+    let out: Vec<Value> = rows
+        .iter()
+        .map(|d| json!({"id": d.id, "received_at": rfc3339(d.received_ms), "topic": d.topic, "reason": d.reason, "payload": d.payload}))
+        .collect();
+    Ok(HttpResponse::Ok().json(out))
+}
+
+async fn events(req: HttpRequest, st: State) -> Res {
+    st.auth.check(&req, Role::Viewer)?;
+    let rx = st.events.subscribe();
+    let stream = futures_util::stream::unfold(rx, |mut rx| async move {
+        use tokio::sync::broadcast::error::RecvError;
+        let chunk = match tokio::time::timeout(std::time::Duration::from_secs(15), rx.recv()).await
+        {
+            Ok(Ok(ev)) => format!("data: {ev}\n\n"),
+            Ok(Err(RecvError::Lagged(n))) => {
+                format!("event: lagged\ndata: {{\"missed\": {n}}}\n\n")
+            }
+            Ok(Err(RecvError::Closed)) => return None,
+            Err(_) => ": keep-alive\n\n".to_string(),
+        };
+        Some((Ok::<_, actix_web::Error>(web::Bytes::from(chunk)), rx))
+    });
+    Ok(HttpResponse::Ok()
+        .content_type("text/event-stream")
+        .insert_header(("cache-control", "no-cache"))
+        .streaming(stream))
+}

@@ -1,0 +1,23 @@
+//! The MES server: configuration, start-up wiring, adapters, storage and the HTTP API.
+//!
+//! See `docs/ARCHITECTURE.md` for the bird's-eye view. The domain lives in the
+//! `mes-actors` crate; this crate moves bytes in and out of it.
+
+pub mod app;
+pub mod broker;
+pub mod config;
+pub mod dashboard;
+pub mod db;
+pub mod demo;
+pub mod events;
+pub mod http;
+pub mod ingest;
+pub mod metrics;
+pub mod openapi;
+pub mod plant;
+
+/// Milliseconds since the Unix epoch, from the wall clock.
+pub fn now_ms() -> i64 {
+    use mes_actors::Clock;
+    mes_actors::SystemClock.now_ms()
+}

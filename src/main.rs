@@ -1,0 +1,199 @@
+//! The `mes` binary: `serve`, `migrate`, `check-map`, `demo`.
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use mes::config::{parse_duration, Config};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+#[derive(Parser)]
+#[command(
+    name = "mes",
+    version,
+    about = "Manufacturing execution system: exact MQTT/Modbus ingest settled against inventory and cost"
+)]
+struct Cli {
+    /// Log as JSON lines.
+    #[arg(long, global = true)]
+    log_json: bool,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the MES server (migrates the database on start).
+    Serve {
+        /// TOML config file; without it the embedded defaults apply.
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// Only migrate the database.
+    Migrate {
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// Validate a PLC register map.
+    CheckMap {
+        /// The map file.
+        file: PathBuf,
+    },
+    /// The main job on embedded defaults: MES, embedded broker, SQLite and a line under a
+    /// promo surge; prints the dashboard URL and a reconciliation at the end.
+    Demo {
+        /// How long the line runs, e.g. 60s, 10m.
+        #[arg(long, default_value = "60s")]
+        duration: String,
+        /// Seed of the line's randomness.
+        #[arg(long, default_value_t = 42)]
+        seed: u64,
+        /// Keep serving the dashboard after the run until Ctrl-C.
+        #[arg(long)]
+        keep: bool,
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+}
+
+fn init_logging(cfg: Option<&Config>, json: bool) {
+    use tracing_subscriber::EnvFilter;
+    let base = cfg
+        .map(|c| c.log.filter.clone())
+        .unwrap_or_else(|| "info".into());
+    let filter = std::env::var("RUST_LOG").unwrap_or(format!(
+        "{base},rumqttd=warn,rumqttd::server::broker=off,sqlx=warn,actix_server=warn"
+    ));
+    let filter = EnvFilter::try_new(filter).unwrap_or_else(|_| EnvFilter::new("info"));
+    let json = json || cfg.is_some_and(|c| c.log.json);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+fn runtime() -> std::io::Result<actix_rt::SystemRunner> {
+    Ok(actix_rt::System::with_tokio_rt(|| {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("tokio runtime builds")
+    }))
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match real_main(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.cmd {
+        Cmd::Serve { config } => {
+            let cfg = Config::load(config.as_deref())?;
+            init_logging(Some(&cfg), cli.log_json);
+            runtime()?.block_on(mes::app::run(cfg, mes::app::signal(), |h| {
+                println!(
+                    "MES listening on http://{}/ (dashboard), API at http://{}/api/v1",
+                    h.http_addr, h.http_addr
+                );
+            }))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Migrate { config } => {
+            let cfg = Config::load(config.as_deref())?;
+            init_logging(Some(&cfg), cli.log_json);
+            runtime()?.block_on(async {
+                mes::app::prepare(&cfg).await?;
+                println!("database migrated and master data loaded");
+                anyhow::Ok(())
+            })?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::CheckMap { file } => match mes_plc_maps::check_file(&file) {
+            Ok(summary) => {
+                println!("{summary}");
+                Ok(ExitCode::SUCCESS)
+            }
+            Err(errors) => {
+                eprintln!("{errors}");
+                Ok(ExitCode::from(1))
+            }
+        },
+        Cmd::Demo {
+            duration,
+            seed,
+            keep,
+            config,
+        } => {
+            let run_for = parse_duration(&duration)
+                .with_context(|| format!("--duration `{duration}` is not like 60s or 10m"))?;
+            let mut cfg = Config::load(config.as_deref())?;
+            if config.is_none() {
+                // A fresh database per demo, so the reconciliation covers this run only.
+                let path = std::path::Path::new("mes-data/demo.db");
+                for suffix in ["", "-wal", "-shm"] {
+                    let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
+                }
+                cfg.database.url = format!("sqlite://{}", path.display());
+            }
+            init_logging(Some(&cfg), cli.log_json);
+            let plant = mes::plant::Plant::load(cfg.plant.file.as_deref())?;
+            let prefix = cfg.mqtt.topic_prefix.clone();
+            let ok = runtime()?.block_on(async move {
+                let (tx, rx) = tokio::sync::oneshot::channel::<mes::app::Handle>();
+                let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+                let driver = actix_rt::spawn(async move {
+                    let handle = rx.await.context("MES did not start")?;
+                    println!(
+                        "Dashboard: http://{}/   (metrics: http://{}/metrics)",
+                        handle.http_addr, handle.http_addr
+                    );
+                    println!(
+                        "Running the demo line for {:?} under a promo surge (1x -> 10x)...",
+                        run_for
+                    );
+                    let truth =
+                        mes::demo::run_line(&plant, &handle, run_for, seed, &prefix).await?;
+                    let ok = mes::demo::reconcile(&handle, &truth).await?;
+                    if keep {
+                        println!("Serving the dashboard until Ctrl-C.");
+                        mes::app::signal().await;
+                    }
+                    let _ = stop_tx.send(());
+                    anyhow::Ok(ok)
+                });
+                let stop = async move {
+                    tokio::select! {
+                        _ = stop_rx => {}
+                        _ = mes::app::signal() => {}
+                    }
+                };
+                mes::app::run(cfg, stop, move |h| {
+                    let _ = tx.send(h);
+                })
+                .await?;
+                match tokio::time::timeout(Duration::from_secs(5), driver).await {
+                    Ok(Ok(r)) => r,
+                    Ok(Err(e)) => Err(anyhow::anyhow!("demo line failed: {e}")),
+                    Err(_) => Ok(false),
+                }
+            })?;
+            Ok(if ok {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            })
+        }
+    }
+}
