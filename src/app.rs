@@ -95,22 +95,16 @@ where
     let writer = Writer::new(
         store.clone(),
         writer_rx,
-        Some(ack_tx),
+        Some(ack_tx.clone()),
         metrics.clone(),
         events.clone(),
         cfg.ingest.batch_max,
     );
     let writer_task = tokio::spawn(writer.run());
-    let pipeline = Pipeline::new(
-        router.clone(),
-        writer_tx,
-        metrics.clone(),
-        cfg.ingest.max_in_flight,
-    );
+    let pipeline = Pipeline::new(router.clone(), writer_tx, metrics.clone(), cfg.ingest.max_in_flight);
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let (mqtt_handle, mqtt_task) =
-        mqtt::start(&cfg.mqtt, &cfg.ingest, pipeline, ack_rx, shutdown_rx)
-            .map_err(anyhow::Error::msg)?;
+        mqtt::start(&cfg.mqtt, &cfg.ingest, pipeline, ack_tx, ack_rx, shutdown_rx).map_err(anyhow::Error::msg)?;
 
     // HTTP.
     let state = web::Data::new(AppState {
@@ -128,10 +122,10 @@ where
     let json_cfg = web::JsonConfig::default()
         .limit(256 * 1024)
         .error_handler(|e, _| ApiError::bad_request("invalid_json", e.to_string()).into());
-    let path_cfg = web::PathConfig::default()
-        .error_handler(|e, _| ApiError::bad_request("invalid_path", e.to_string()).into());
-    let query_cfg = web::QueryConfig::default()
-        .error_handler(|e, _| ApiError::bad_request("invalid_query", e.to_string()).into());
+    let path_cfg =
+        web::PathConfig::default().error_handler(|e, _| ApiError::bad_request("invalid_path", e.to_string()).into());
+    let query_cfg =
+        web::QueryConfig::default().error_handler(|e, _| ApiError::bad_request("invalid_query", e.to_string()).into());
     let server = HttpServer::new(move || {
         actix_web::App::new()
             .app_data(state.clone())
@@ -146,37 +140,22 @@ where
     .shutdown_timeout(3)
     .bind(&cfg.http.listen)
     .with_context(|| format!("binding http.listen `{}`", cfg.http.listen))?;
-    let http_addr = server
-        .addrs()
-        .first()
-        .copied()
-        .context("no HTTP address bound")?;
+    let http_addr = server.addrs().first().copied().context("no HTTP address bound")?;
     let server = server.run();
     let server_handle = server.handle();
     let server_task = actix_rt::spawn(server);
     tracing::info!(%http_addr, mqtt = %cfg.mqtt.url, database = %redact(&cfg.database.url), "MES ready");
-    on_ready(Handle {
-        store: store.clone(),
-        metrics: metrics.clone(),
-        http_addr,
-        mqtt_url: cfg.mqtt.url.clone(),
-    });
+    on_ready(Handle { store: store.clone(), metrics: metrics.clone(), http_addr, mqtt_url: cfg.mqtt.url.clone() });
 
     stop.await;
     tracing::info!("shutting down: stopping intake, committing what is in flight");
     server_handle.stop(true).await;
     let _ = server_task.await;
     let _ = shutdown_tx.send(true);
-    if tokio::time::timeout(Duration::from_secs(6), mqtt_task)
-        .await
-        .is_err()
-    {
+    if tokio::time::timeout(Duration::from_secs(6), mqtt_task).await.is_err() {
         tracing::warn!("MQTT intake did not stop in time");
     }
-    if tokio::time::timeout(Duration::from_secs(3), writer_task)
-        .await
-        .is_err()
-    {
+    if tokio::time::timeout(Duration::from_secs(3), writer_task).await.is_err() {
         tracing::warn!("writer did not drain in time; uncommitted inputs stay unacknowledged and will be redelivered");
     }
     tracing::info!("stopped");

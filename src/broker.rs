@@ -52,7 +52,5 @@ pub fn start(listen: SocketAddr, max_payload: usize) -> Result<(), String> {
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    Err(format!(
-        "embedded MQTT broker did not start listening on {listen}"
-    ))
+    Err(format!("embedded MQTT broker did not start listening on {listen}"))
 }

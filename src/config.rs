@@ -13,10 +13,7 @@ pub const DEFAULT_EMBEDDED_BROKER: &str = "127.0.0.1:11883";
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("config file {path}: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Read { path: PathBuf, source: std::io::Error },
     #[error("config {origin}: {message}")]
     Invalid { origin: String, message: String },
     #[error("config key `{key}`: {message}")]
@@ -24,10 +21,7 @@ pub enum ConfigError {
 }
 
 fn key_err(key: &str, message: impl Into<String>) -> ConfigError {
-    ConfigError::Key {
-        key: key.to_string(),
-        message: message.into(),
-    }
+    ConfigError::Key { key: key.to_string(), message: message.into() }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -70,9 +64,7 @@ pub struct HttpConfig {
 
 impl Default for HttpConfig {
     fn default() -> Self {
-        Self {
-            listen: "127.0.0.1:8080".into(),
-        }
+        Self { listen: "127.0.0.1:8080".into() }
     }
 }
 
@@ -86,10 +78,7 @@ pub struct DatabaseConfig {
 
 impl Default for DatabaseConfig {
     fn default() -> Self {
-        Self {
-            url: "sqlite://mes-data/mes.db".into(),
-            max_connections: 8,
-        }
+        Self { url: "sqlite://mes-data/mes.db".into(), max_connections: 8 }
     }
 }
 
@@ -147,18 +136,11 @@ impl MqttConfig {
             .url
             .strip_prefix("mqtt://")
             .or_else(|| self.url.strip_prefix("tcp://"))
-            .ok_or_else(|| {
-                key_err(
-                    "mqtt.url",
-                    format!("`{}` must start with mqtt://", self.url),
-                )
-            })?;
+            .ok_or_else(|| key_err("mqtt.url", format!("`{}` must start with mqtt://", self.url)))?;
         let rest = rest.trim_end_matches('/');
         let (host, port) = match rest.rsplit_once(':') {
             Some((h, p)) => {
-                let port = p
-                    .parse::<u16>()
-                    .map_err(|_| key_err("mqtt.url", format!("bad port in `{}`", self.url)))?;
+                let port = p.parse::<u16>().map_err(|_| key_err("mqtt.url", format!("bad port in `{}`", self.url)))?;
                 (h.to_string(), port)
             }
             None => (rest.to_string(), 1883),
@@ -256,12 +238,7 @@ pub struct IngestConfig {
 
 impl Default for IngestConfig {
     fn default() -> Self {
-        Self {
-            batch_max: 2000,
-            max_in_flight: 8192,
-            queue: 8192,
-            max_payload: 64 * 1024,
-        }
+        Self { batch_max: 2000, max_in_flight: 8192, queue: 8192, max_payload: 64 * 1024 }
     }
 }
 
@@ -276,10 +253,7 @@ pub struct LogConfig {
 
 impl Default for LogConfig {
     fn default() -> Self {
-        Self {
-            filter: "info".into(),
-            json: false,
-        }
+        Self { filter: "info".into(), json: false }
     }
 }
 
@@ -310,16 +284,11 @@ impl Config {
         Self::load_with_env(path, &env)
     }
 
-    pub fn load_with_env(
-        path: Option<&Path>,
-        env: &[(String, String)],
-    ) -> Result<Config, ConfigError> {
+    pub fn load_with_env(path: Option<&Path>, env: &[(String, String)]) -> Result<Config, ConfigError> {
         let (mut table, origin) = match path {
             Some(p) => {
-                let text = std::fs::read_to_string(p).map_err(|source| ConfigError::Read {
-                    path: p.to_path_buf(),
-                    source,
-                })?;
+                let text =
+                    std::fs::read_to_string(p).map_err(|source| ConfigError::Read { path: p.to_path_buf(), source })?;
                 let t: toml::Table = toml::from_str(&text).map_err(|e| ConfigError::Invalid {
                     origin: p.display().to_string(),
                     message: toml_message(&e, &text),
@@ -341,20 +310,16 @@ impl Config {
         // the environment overrides single MQTT keys; `MES_MQTT__EMBEDDED_BROKER=""` turns it off.
         if !had_mqtt {
             if let Some(toml::Value::Table(m)) = table.get_mut("mqtt") {
-                m.entry("embedded_broker")
-                    .or_insert_with(|| toml::Value::String(DEFAULT_EMBEDDED_BROKER.into()));
+                m.entry("embedded_broker").or_insert_with(|| toml::Value::String(DEFAULT_EMBEDDED_BROKER.into()));
             }
         }
         if let Some(toml::Value::Table(m)) = table.get_mut("mqtt") {
-            if matches!(m.get("embedded_broker"), Some(toml::Value::String(s)) if s.is_empty() || s == "off")
-            {
+            if matches!(m.get("embedded_broker"), Some(toml::Value::String(s)) if s.is_empty() || s == "off") {
                 m.remove("embedded_broker");
             }
         }
-        let text = toml::to_string(&table).map_err(|e| ConfigError::Invalid {
-            origin: origin.clone(),
-            message: e.to_string(),
-        })?;
+        let text = toml::to_string(&table)
+            .map_err(|e| ConfigError::Invalid { origin: origin.clone(), message: e.to_string() })?;
         let mut cfg: Config = toml::from_str(&text).map_err(|e| ConfigError::Invalid {
             origin: format!("{origin} with MES_* environment overrides"),
             message: toml_message(&e, &text),
@@ -374,23 +339,11 @@ impl Config {
     /// Checks values that parse but make no sense.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let listen: SocketAddr = self.http.listen.parse().map_err(|_| {
-            key_err(
-                "http.listen",
-                format!(
-                    "`{}` is not an address like 127.0.0.1:8080",
-                    self.http.listen
-                ),
-            )
+            key_err("http.listen", format!("`{}` is not an address like 127.0.0.1:8080", self.http.listen))
         })?;
         let url = &self.database.url;
-        if !(url.starts_with("sqlite:")
-            || url.starts_with("postgres://")
-            || url.starts_with("postgresql://"))
-        {
-            return Err(key_err(
-                "database.url",
-                format!("`{url}` must start with sqlite: or postgres://"),
-            ));
+        if !(url.starts_with("sqlite:") || url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+            return Err(key_err("database.url", format!("`{url}` must start with sqlite: or postgres://")));
         }
         if self.database.max_connections == 0 {
             return Err(key_err("database.max_connections", "must be at least 1"));
@@ -398,10 +351,7 @@ impl Config {
         self.mqtt.host_port()?;
         if let Some(b) = &self.mqtt.embedded_broker {
             b.parse::<SocketAddr>().map_err(|_| {
-                key_err(
-                    "mqtt.embedded_broker",
-                    format!("`{b}` is not an address like 127.0.0.1:11883"),
-                )
+                key_err("mqtt.embedded_broker", format!("`{b}` is not an address like 127.0.0.1:11883"))
             })?;
         }
         let p = &self.mqtt.topic_prefix;
@@ -421,25 +371,10 @@ impl Config {
             let key = format!("auth.tokens[{i}]");
             match (&t.token, &t.token_sha256) {
                 (Some(tok), None) if tok.len() >= 8 => {}
-                (Some(_), None) => {
-                    return Err(key_err(
-                        &format!("{key}.token"),
-                        "must be at least 8 characters",
-                    ))
-                }
+                (Some(_), None) => return Err(key_err(&format!("{key}.token"), "must be at least 8 characters")),
                 (None, Some(h)) if h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit()) => {}
-                (None, Some(_)) => {
-                    return Err(key_err(
-                        &format!("{key}.token_sha256"),
-                        "must be 64 hex digits",
-                    ))
-                }
-                _ => {
-                    return Err(key_err(
-                        &key,
-                        "needs exactly one of `token` or `token_sha256`",
-                    ))
-                }
+                (None, Some(_)) => return Err(key_err(&format!("{key}.token_sha256"), "must be 64 hex digits")),
+                _ => return Err(key_err(&key, "needs exactly one of `token` or `token_sha256`")),
             }
         }
         if self.auth.tokens.is_empty() && !listen.ip().is_loopback() {
@@ -458,10 +393,7 @@ impl Config {
         }
         if let Some(e) = &self.erp {
             if !e.webhook_url.starts_with("http://") && !e.webhook_url.starts_with("https://") {
-                return Err(key_err(
-                    "erp.webhook_url",
-                    "must start with http:// or https://",
-                ));
+                return Err(key_err("erp.webhook_url", "must start with http:// or https://"));
             }
         }
         if let Some(i) = &self.influx {
@@ -511,18 +443,13 @@ fn apply_env(table: &mut toml::Table, env: &[(String, String)]) -> Result<(), Co
             .and_then(|mut t| t.remove("v"))
             .filter(|v| !matches!(v, toml::Value::Table(_)))
             .unwrap_or_else(|| toml::Value::String(raw.clone()));
-        let entry = table
-            .entry(section.clone())
-            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        let entry = table.entry(section.clone()).or_insert_with(|| toml::Value::Table(toml::Table::new()));
         match entry {
             toml::Value::Table(t) => {
                 t.insert(key, value);
             }
             _ => {
-                return Err(key_err(
-                    &section,
-                    format!("{name} overrides a key of `{section}`, which is not a section"),
-                ))
+                return Err(key_err(&section, format!("{name} overrides a key of `{section}`, which is not a section")))
             }
         }
     }
@@ -535,10 +462,7 @@ mod tests {
     use std::io::Write;
 
     fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
-        pairs
-            .iter()
-            .map(|(a, b)| (a.to_string(), b.to_string()))
-            .collect()
+        pairs.iter().map(|(a, b)| (a.to_string(), b.to_string())).collect()
     }
 
     fn file(text: &str) -> tempfile_lite::Temp {
@@ -570,10 +494,7 @@ mod tests {
         assert_eq!(c.http.listen, "127.0.0.1:8080");
         assert_eq!(c.database.url, "sqlite://mes-data/mes.db");
         assert_eq!(c.mqtt.embedded_broker.as_deref(), Some("127.0.0.1:11883"));
-        assert_eq!(
-            c.mqtt.host_port().expect("url"),
-            ("127.0.0.1".to_string(), 11883)
-        );
+        assert_eq!(c.mqtt.host_port().expect("url"), ("127.0.0.1".to_string(), 11883));
     }
 
     #[test]
@@ -604,39 +525,27 @@ mod tests {
     #[test]
     fn unknown_key_is_named() {
         let f = file("[http]\nlisen = \"127.0.0.1:1\"\n");
-        let e = Config::load_with_env(Some(&f.0), &[])
-            .expect_err("must fail")
-            .to_string();
+        let e = Config::load_with_env(Some(&f.0), &[]).expect_err("must fail").to_string();
         assert!(e.contains("lisen"), "{e}");
-        let e = Config::load_with_env(None, &env(&[("MES_DATABASE__URLL", "x")]))
-            .expect_err("must fail")
-            .to_string();
+        let e = Config::load_with_env(None, &env(&[("MES_DATABASE__URLL", "x")])).expect_err("must fail").to_string();
         assert!(e.contains("urll"), "{e}");
     }
 
     #[test]
     fn bad_values_are_named() {
-        let e = Config::load_with_env(None, &env(&[("MES_HTTP__LISTEN", "nowhere")]))
-            .expect_err("fails")
-            .to_string();
+        let e = Config::load_with_env(None, &env(&[("MES_HTTP__LISTEN", "nowhere")])).expect_err("fails").to_string();
         assert!(e.contains("http.listen"), "{e}");
-        let e = Config::load_with_env(None, &env(&[("MES_DATABASE__URL", "mysql://x")]))
-            .expect_err("fails")
-            .to_string();
+        let e =
+            Config::load_with_env(None, &env(&[("MES_DATABASE__URL", "mysql://x")])).expect_err("fails").to_string();
         assert!(e.contains("database.url"), "{e}");
-        let e = Config::load_with_env(None, &env(&[("MES_HTTP__LISTEN", "0.0.0.0:8080")]))
-            .expect_err("fails")
-            .to_string();
+        let e =
+            Config::load_with_env(None, &env(&[("MES_HTTP__LISTEN", "0.0.0.0:8080")])).expect_err("fails").to_string();
         assert!(e.contains("auth.tokens"), "{e}");
         let f = file("[http]\nlisten = 5\n");
-        let e = Config::load_with_env(Some(&f.0), &[])
-            .expect_err("fails")
-            .to_string();
+        let e = Config::load_with_env(Some(&f.0), &[]).expect_err("fails").to_string();
         assert!(e.contains("listen"), "{e}");
         let f = file("[http\nlisten = 5\n");
-        let e = Config::load_with_env(Some(&f.0), &[])
-            .expect_err("fails")
-            .to_string();
+        let e = Config::load_with_env(Some(&f.0), &[]).expect_err("fails").to_string();
         assert!(e.contains("line 1"), "{e}");
     }
 

@@ -36,10 +36,7 @@ struct Station {
 struct Lcg(u64);
 impl Lcg {
     fn next_f64(&mut self) -> f64 {
-        self.0 = self
-            .0
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
+        self.0 = self.0.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
         (self.0 >> 11) as f64 / (1u64 << 53) as f64
     }
 }
@@ -52,16 +49,12 @@ pub async fn run_line(
     seed: u64,
     prefix: &str,
 ) -> anyhow::Result<BTreeMap<String, Truth>> {
-    let (host, port) = crate::config::MqttConfig {
-        url: handle.mqtt_url.clone(),
-        ..crate::config::MqttConfig::embedded()
-    }
-    .host_port()
-    .map_err(anyhow::Error::msg)?;
+    let (host, port) =
+        crate::config::MqttConfig { url: handle.mqtt_url.clone(), ..crate::config::MqttConfig::embedded() }
+            .host_port()
+            .map_err(anyhow::Error::msg)?;
     let mut opts = MqttOptions::new(format!("demo-line-{seed}"), host, port);
-    opts.set_keep_alive(Duration::from_secs(15))
-        .set_clean_session(true)
-        .set_inflight(500);
+    opts.set_keep_alive(Duration::from_secs(15)).set_clean_session(true).set_inflight(500);
     let (client, mut eventloop) = AsyncClient::new(opts, 4096);
     let acked = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
     let acked2 = acked.clone();
@@ -96,10 +89,7 @@ pub async fn run_line(
             priority: 0,
             work_center: Some(w.id.clone()),
         };
-        handle
-            .store
-            .create_order(&new, None, |_| String::new())
-            .await?;
+        handle.store.create_order(&new, None, |_| String::new()).await?;
         handle
             .store
             .order_command(&order, mes_actors::OrderCommand::Release)
@@ -143,9 +133,7 @@ pub async fn run_line(
                                  "order": s.order, "ts": crate::http::rfc3339(crate::now_ms()),
                                  "metrics": {"surge": (surge * 100.0).round() / 100.0}});
             let topic = format!("{prefix}/devices/{}/telemetry", s.device);
-            client
-                .publish(topic, QoS::AtLeastOnce, false, payload.to_string())
-                .await?;
+            client.publish(topic, QoS::AtLeastOnce, false, payload.to_string()).await?;
             let t = truth.entry(s.wc.clone()).or_default();
             t.good = s.good;
             t.scrap = s.scrap;
@@ -215,13 +203,6 @@ pub async fn reconcile(handle: &Handle, truth: &BTreeMap<String, Truth>) -> anyh
         m.dead_letters.load(Relaxed),
         m.commits.load(Relaxed)
     );
-    println!(
-        "{}",
-        if all_ok {
-            "All counts exact."
-        } else {
-            "Counts differ!"
-        }
-    );
+    println!("{}", if all_ok { "All counts exact." } else { "Counts differ!" });
     Ok(all_ok)
 }

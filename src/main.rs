@@ -58,17 +58,12 @@ enum Cmd {
 
 fn init_logging(cfg: Option<&Config>, json: bool) {
     use tracing_subscriber::EnvFilter;
-    let base = cfg
-        .map(|c| c.log.filter.clone())
-        .unwrap_or_else(|| "info".into());
-    let filter = std::env::var("RUST_LOG").unwrap_or(format!(
-        "{base},rumqttd=warn,rumqttd::server::broker=off,sqlx=warn,actix_server=warn"
-    ));
+    let base = cfg.map(|c| c.log.filter.clone()).unwrap_or_else(|| "info".into());
+    let filter = std::env::var("RUST_LOG")
+        .unwrap_or(format!("{base},rumqttd=warn,rumqttd::server::broker=off,sqlx=warn,actix_server=warn"));
     let filter = EnvFilter::try_new(filter).unwrap_or_else(|_| EnvFilter::new("info"));
     let json = json || cfg.is_some_and(|c| c.log.json);
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     if json {
         builder.json().init();
     } else {
@@ -103,10 +98,7 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
             let cfg = Config::load(config.as_deref())?;
             init_logging(Some(&cfg), cli.log_json);
             runtime()?.block_on(mes::app::run(cfg, mes::app::signal(), |h| {
-                println!(
-                    "MES listening on http://{}/ (dashboard), API at http://{}/api/v1",
-                    h.http_addr, h.http_addr
-                );
+                println!("MES listening on http://{}/ (dashboard), API at http://{}/api/v1", h.http_addr, h.http_addr);
             }))?;
             Ok(ExitCode::SUCCESS)
         }
@@ -130,14 +122,9 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
                 Ok(ExitCode::from(1))
             }
         },
-        Cmd::Demo {
-            duration,
-            seed,
-            keep,
-            config,
-        } => {
-            let run_for = parse_duration(&duration)
-                .with_context(|| format!("--duration `{duration}` is not like 60s or 10m"))?;
+        Cmd::Demo { duration, seed, keep, config } => {
+            let run_for =
+                parse_duration(&duration).with_context(|| format!("--duration `{duration}` is not like 60s or 10m"))?;
             let mut cfg = Config::load(config.as_deref())?;
             if config.is_none() {
                 // A fresh database per demo, so the reconciliation covers this run only.
@@ -159,12 +146,8 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
                         "Dashboard: http://{}/   (metrics: http://{}/metrics)",
                         handle.http_addr, handle.http_addr
                     );
-                    println!(
-                        "Running the demo line for {:?} under a promo surge (1x -> 10x)...",
-                        run_for
-                    );
-                    let truth =
-                        mes::demo::run_line(&plant, &handle, run_for, seed, &prefix).await?;
+                    println!("Running the demo line for {:?} under a promo surge (1x -> 10x)...", run_for);
+                    let truth = mes::demo::run_line(&plant, &handle, run_for, seed, &prefix).await?;
                     let ok = mes::demo::reconcile(&handle, &truth).await?;
                     if keep {
                         println!("Serving the dashboard until Ctrl-C.");
@@ -189,11 +172,7 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
                     Err(_) => Ok(false),
                 }
             })?;
-            Ok(if ok {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::from(1)
-            })
+            Ok(if ok { ExitCode::SUCCESS } else { ExitCode::from(1) })
         }
     }
 }

@@ -5,9 +5,7 @@ use std::fmt::Write;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering::Relaxed};
 
 /// Upper bounds (seconds) of the commit-latency histogram buckets.
-const BUCKETS: [f64; 12] = [
-    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0,
-];
+const BUCKETS: [f64; 12] = [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0];
 
 #[derive(Default)]
 pub struct Histogram {
@@ -30,11 +28,7 @@ impl Histogram {
     fn render(&self, out: &mut String, name: &str, help: &str) {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
         for (i, b) in BUCKETS.iter().enumerate() {
-            let _ = writeln!(
-                out,
-                "{name}_bucket{{le=\"{b}\"}} {}",
-                self.counts[i].load(Relaxed)
-            );
+            let _ = writeln!(out, "{name}_bucket{{le=\"{b}\"}} {}", self.counts[i].load(Relaxed));
         }
         let n = self.count.load(Relaxed);
         let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {n}");
@@ -73,10 +67,7 @@ impl Metrics {
     pub fn render(&self) -> String {
         let mut out = String::with_capacity(4096);
         let counter = |out: &mut String, name: &str, help: &str, v: u64| {
-            let _ = writeln!(
-                out,
-                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}"
-            );
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}");
         };
         let gauge = |out: &mut String, name: &str, help: &str, v: i64| {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
@@ -105,24 +96,9 @@ impl Metrics {
             "Invalid inputs kept as dead letters.",
             self.dead_letters.load(Relaxed),
         );
-        counter(
-            &mut out,
-            "mes_good_units_total",
-            "Good units committed.",
-            self.good_units.load(Relaxed),
-        );
-        counter(
-            &mut out,
-            "mes_scrap_units_total",
-            "Scrap units committed.",
-            self.scrap_units.load(Relaxed),
-        );
-        counter(
-            &mut out,
-            "mes_commits_total",
-            "Group commits of the ingest writer.",
-            self.commits.load(Relaxed),
-        );
+        counter(&mut out, "mes_good_units_total", "Good units committed.", self.good_units.load(Relaxed));
+        counter(&mut out, "mes_scrap_units_total", "Scrap units committed.", self.scrap_units.load(Relaxed));
+        counter(&mut out, "mes_commits_total", "Group commits of the ingest writer.", self.commits.load(Relaxed));
         counter(
             &mut out,
             "mes_committed_jobs_total",
@@ -147,30 +123,15 @@ impl Metrics {
             "Times an actor mailbox was full (back-pressure).",
             self.mailbox_full.load(Relaxed),
         );
-        counter(
-            &mut out,
-            "mes_mqtt_reconnects_total",
-            "MQTT connection losses.",
-            self.mqtt_reconnects.load(Relaxed),
-        );
-        counter(
-            &mut out,
-            "mes_http_requests_total",
-            "HTTP requests served.",
-            self.http_requests.load(Relaxed),
-        );
+        counter(&mut out, "mes_mqtt_reconnects_total", "MQTT connection losses.", self.mqtt_reconnects.load(Relaxed));
+        counter(&mut out, "mes_http_requests_total", "HTTP requests served.", self.http_requests.load(Relaxed));
         gauge(
             &mut out,
             "mes_ingest_in_flight",
             "Inputs received but not yet committed and acknowledged.",
             self.in_flight.load(Relaxed),
         );
-        gauge(
-            &mut out,
-            "mes_writer_queue_depth",
-            "Jobs waiting in the writer queue.",
-            self.writer_queue.load(Relaxed),
-        );
+        gauge(&mut out, "mes_writer_queue_depth", "Jobs waiting in the writer queue.", self.writer_queue.load(Relaxed));
         gauge(
             &mut out,
             "mes_mqtt_connected",
@@ -183,8 +144,7 @@ impl Metrics {
             "1 when the last commit succeeded.",
             i64::from(self.writer_healthy.load(Relaxed)),
         );
-        self.commit_latency
-            .render(&mut out, "mes_commit_seconds", "Group commit latency.");
+        self.commit_latency.render(&mut out, "mes_commit_seconds", "Group commit latency.");
         out
     }
 }

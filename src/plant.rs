@@ -15,10 +15,7 @@ pub const DEMO_PLANT: &str = include_str!("../plants/demo.toml");
 #[derive(Debug, thiserror::Error)]
 pub enum PlantError {
     #[error("plant file {path}: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Read { path: PathBuf, source: std::io::Error },
     #[error("plant file {origin}: {message}")]
     Invalid { origin: String, message: String },
 }
@@ -77,10 +74,9 @@ impl TryFrom<toml::Value> for Quantity {
     fn try_from(v: toml::Value) -> Result<Self, Self::Error> {
         let n = match &v {
             toml::Value::Integer(i) => *i,
-            toml::Value::String(s) => s
-                .trim()
-                .parse::<i64>()
-                .map_err(|_| format!("quantity `{s}` is not a whole number"))?,
+            toml::Value::String(s) => {
+                s.trim().parse::<i64>().map_err(|_| format!("quantity `{s}` is not a whole number"))?
+            }
             other => return Err(format!("quantity `{other}` is not a whole number")),
         };
         if n <= 0 {
@@ -175,10 +171,7 @@ impl WorkCenter {
 }
 
 fn valid_id(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 64
-        && s.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+    !s.is_empty() && s.len() <= 64 && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
 }
 
 impl Plant {
@@ -186,33 +179,22 @@ impl Plant {
         match path {
             None => Self::parse(DEMO_PLANT, "<demo plant>", None),
             Some(p) => {
-                let text = std::fs::read_to_string(p).map_err(|source| PlantError::Read {
-                    path: p.to_path_buf(),
-                    source,
-                })?;
-                Self::parse(
-                    &text,
-                    &p.display().to_string(),
-                    p.parent().map(Path::to_path_buf),
-                )
+                let text =
+                    std::fs::read_to_string(p).map_err(|source| PlantError::Read { path: p.to_path_buf(), source })?;
+                Self::parse(&text, &p.display().to_string(), p.parent().map(Path::to_path_buf))
             }
         }
     }
 
     pub fn parse(text: &str, origin: &str, base_dir: Option<PathBuf>) -> Result<Plant, PlantError> {
-        let mut plant: Plant = toml::from_str(text).map_err(|e| PlantError::Invalid {
-            origin: origin.to_string(),
-            message: toml_message(&e, text),
-        })?;
+        let mut plant: Plant = toml::from_str(text)
+            .map_err(|e| PlantError::Invalid { origin: origin.to_string(), message: toml_message(&e, text) })?;
         plant.base_dir = base_dir;
         let problems = plant.problems();
         if problems.is_empty() {
             Ok(plant)
         } else {
-            Err(PlantError::Invalid {
-                origin: origin.to_string(),
-                message: problems.join("; "),
-            })
+            Err(PlantError::Invalid { origin: origin.to_string(), message: problems.join("; ") })
         }
     }
 
@@ -222,19 +204,13 @@ impl Plant {
         let mut skus = BTreeSet::new();
         for m in &self.materials {
             if !valid_id(&m.sku) {
-                out.push(format!(
-                    "materials: sku `{}` must be 1-64 letters, digits, '-', '_' or '.'",
-                    m.sku
-                ));
+                out.push(format!("materials: sku `{}` must be 1-64 letters, digits, '-', '_' or '.'", m.sku));
             }
             if !skus.insert(m.sku.as_str()) {
                 out.push(format!("materials: duplicate sku `{}`", m.sku));
             }
             if m.standard_cost.minor() < 0 {
-                out.push(format!(
-                    "materials `{}`: standard_cost must not be negative",
-                    m.sku
-                ));
+                out.push(format!("materials `{}`: standard_cost must not be negative", m.sku));
             }
         }
         let mut bom_skus = BTreeSet::new();
@@ -248,38 +224,26 @@ impl Plant {
             let mut seen = BTreeSet::new();
             for c in &b.components {
                 if !skus.contains(c.sku.as_str()) {
-                    out.push(format!(
-                        "boms `{}`: component sku `{}` is not a material",
-                        b.sku, c.sku
-                    ));
+                    out.push(format!("boms `{}`: component sku `{}` is not a material", b.sku, c.sku));
                 }
                 if c.sku == b.sku {
                     out.push(format!("boms `{}`: consumes itself", b.sku));
                 }
                 if !seen.insert(c.sku.as_str()) {
-                    out.push(format!(
-                        "boms `{}`: component `{}` listed twice",
-                        b.sku, c.sku
-                    ));
+                    out.push(format!("boms `{}`: component `{}` listed twice", b.sku, c.sku));
                 }
             }
         }
         let mut buffers = BTreeMap::new();
         for b in &self.buffers {
             if !valid_id(&b.id) {
-                out.push(format!(
-                    "buffers: id `{}` must be 1-64 letters, digits, '-', '_' or '.'",
-                    b.id
-                ));
+                out.push(format!("buffers: id `{}` must be 1-64 letters, digits, '-', '_' or '.'", b.id));
             }
             if buffers.insert(b.id.as_str(), b).is_some() {
                 out.push(format!("buffers: duplicate id `{}`", b.id));
             }
             if !skus.contains(b.sku.as_str()) {
-                out.push(format!(
-                    "buffers `{}`: sku `{}` is not a material",
-                    b.id, b.sku
-                ));
+                out.push(format!("buffers `{}`: sku `{}` is not a material", b.id, b.sku));
             }
             if b.capacity <= 0 {
                 out.push(format!("buffers `{}`: capacity must be positive", b.id));
@@ -295,64 +259,43 @@ impl Plant {
         let mut devices = BTreeSet::new();
         for w in &self.work_centers {
             if !valid_id(&w.id) {
-                out.push(format!(
-                    "work_centers: id `{}` must be 1-64 letters, digits, '-', '_' or '.'",
-                    w.id
-                ));
+                out.push(format!("work_centers: id `{}` must be 1-64 letters, digits, '-', '_' or '.'", w.id));
             }
             if !wcs.insert(w.id.as_str()) {
                 out.push(format!("work_centers: duplicate id `{}`", w.id));
             }
             let dev = w.device_id();
             if !valid_id(&dev) {
-                out.push(format!("work_centers `{}`: device id `{dev}` must be 1-64 letters, digits, '-', '_' or '.'", w.id));
+                out.push(format!(
+                    "work_centers `{}`: device id `{dev}` must be 1-64 letters, digits, '-', '_' or '.'",
+                    w.id
+                ));
             }
             if !devices.insert(dev.clone()) {
-                out.push(format!(
-                    "work_centers `{}`: device `{dev}` is used by another work center",
-                    w.id
-                ));
+                out.push(format!("work_centers `{}`: device `{dev}` is used by another work center", w.id));
             }
-            if !(w.ideal_cycle_s.is_finite()
-                && w.ideal_cycle_s > 0.0
-                && w.ideal_cycle_s <= 86_400.0)
-            {
-                out.push(format!(
-                    "work_centers `{}`: ideal_cycle_s must be a positive number of seconds",
-                    w.id
-                ));
+            if !(w.ideal_cycle_s.is_finite() && w.ideal_cycle_s > 0.0 && w.ideal_cycle_s <= 86_400.0) {
+                out.push(format!("work_centers `{}`: ideal_cycle_s must be a positive number of seconds", w.id));
             }
             if w.conversion_rate_per_hour.is_some_and(|m| m.minor() < 0) {
-                out.push(format!(
-                    "work_centers `{}`: conversion_rate_per_hour must not be negative",
-                    w.id
-                ));
+                out.push(format!("work_centers `{}`: conversion_rate_per_hour must not be negative", w.id));
             }
             let out_sku = match buffers.get(w.output.as_str()) {
                 Some(b) => Some(b.sku.as_str()),
                 None => {
-                    out.push(format!(
-                        "work_centers `{}`: output buffer `{}` does not exist",
-                        w.id, w.output
-                    ));
+                    out.push(format!("work_centers `{}`: output buffer `{}` does not exist", w.id, w.output));
                     None
                 }
             };
             for i in &w.inputs {
                 if !buffers.contains_key(i.as_str()) {
-                    out.push(format!(
-                        "work_centers `{}`: input buffer `{i}` does not exist",
-                        w.id
-                    ));
+                    out.push(format!("work_centers `{}`: input buffer `{i}` does not exist", w.id));
                 }
             }
             if let Some(sku) = out_sku {
                 if let Some(bom) = self.boms.iter().find(|b| b.sku == sku) {
                     for c in &bom.components {
-                        let fed = w
-                            .inputs
-                            .iter()
-                            .any(|i| buffers.get(i.as_str()).is_some_and(|b| b.sku == c.sku));
+                        let fed = w.inputs.iter().any(|i| buffers.get(i.as_str()).is_some_and(|b| b.sku == c.sku));
                         if !fed {
                             out.push(format!(
                                 "work_centers `{}`: BOM of `{sku}` needs `{}` but no input buffer holds it",
@@ -364,16 +307,10 @@ impl Plant {
             }
             if let Device::Modbus(m) = &w.device {
                 if m.address.parse::<std::net::SocketAddr>().is_err() {
-                    out.push(format!(
-                        "work_centers `{}`: modbus address `{}` is not host:port",
-                        w.id, m.address
-                    ));
+                    out.push(format!("work_centers `{}`: modbus address `{}` is not host:port", w.id, m.address));
                 }
                 if m.poll_ms < 10 {
-                    out.push(format!(
-                        "work_centers `{}`: poll_ms must be at least 10",
-                        w.id
-                    ));
+                    out.push(format!("work_centers `{}`: poll_ms must be at least 10", w.id));
                 }
             }
         }
@@ -469,9 +406,7 @@ id = "W"
 output = "MISSING"
 device = { mqtt = { id = "d" } }
 "#;
-        let e = Plant::parse(text, "t", None)
-            .expect_err("invalid")
-            .to_string();
+        let e = Plant::parse(text, "t", None).expect_err("invalid").to_string();
         assert!(e.contains("component sku `NOPE`"), "{e}");
         assert!(e.contains("duplicate id `B`"), "{e}");
         assert!(e.contains("output buffer `MISSING`"), "{e}");
@@ -479,13 +414,9 @@ device = { mqtt = { id = "d" } }
 
     #[test]
     fn syntax_errors_have_lines() {
-        let e = Plant::parse(
-            "[[materials]]\nsku = \"A\"\nstandard_cost = 1.5\n",
-            "t",
-            None,
-        )
-        .expect_err("float money")
-        .to_string();
+        let e = Plant::parse("[[materials]]\nsku = \"A\"\nstandard_cost = 1.5\n", "t", None)
+            .expect_err("float money")
+            .to_string();
         assert!(e.contains("line 3"), "{e}");
     }
 }

@@ -18,10 +18,7 @@ pub struct WorkCenterActor {
 
 impl WorkCenterActor {
     pub fn new(state: WorkCenterState) -> Self {
-        Self {
-            state,
-            mailbox: MAILBOX_CAPACITY,
-        }
+        Self { state, mailbox: MAILBOX_CAPACITY }
     }
 }
 
@@ -43,6 +40,22 @@ impl Handler<Apply> for WorkCenterActor {
 
     fn handle(&mut self, msg: Apply, _ctx: &mut Self::Context) -> Self::Result {
         MessageResult(self.state.apply(&msg.0))
+    }
+}
+
+/// Apply a reading and hand the outcome to `then`. Sent with `try_send`, it keeps the
+/// order in which the caller received readings (a plain `send` that waits for mailbox room
+/// may overtake another), and the caller never waits on the actor's reply to go on.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct ApplyThen(pub Reading, pub Box<dyn FnOnce(Outcome) + Send>);
+
+impl Handler<ApplyThen> for WorkCenterActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: ApplyThen, _ctx: &mut Self::Context) {
+        let outcome = self.state.apply(&msg.0);
+        (msg.1)(outcome);
     }
 }
 

@@ -38,42 +38,17 @@ pub enum Advance {
 /// saw nothing of this boot before. A counter that falls within a boot is taken as an
 /// unannounced restart: its new value counts from zero.
 pub fn advance(cursor: Option<&Cursor>, boot: u64, seq: u64, good: u64, scrap: u64) -> Advance {
-    let next = Cursor {
-        boot,
-        seq,
-        good,
-        scrap,
-    };
+    let next = Cursor { boot, seq, good, scrap };
     match cursor {
-        None => Advance::Counted {
-            good,
-            scrap,
-            next,
-            restarted: false,
-        },
+        None => Advance::Counted { good, scrap, next, restarted: false },
         Some(c) if (boot, seq) <= (c.boot, c.seq) => Advance::Stale,
-        Some(c) if boot > c.boot => Advance::Counted {
-            good,
-            scrap,
-            next,
-            restarted: true,
-        },
+        Some(c) if boot > c.boot => Advance::Counted { good, scrap, next, restarted: true },
         Some(c) => {
             let fell = good < c.good || scrap < c.scrap;
             if fell {
-                Advance::Counted {
-                    good,
-                    scrap,
-                    next,
-                    restarted: true,
-                }
+                Advance::Counted { good, scrap, next, restarted: true }
             } else {
-                Advance::Counted {
-                    good: good - c.good,
-                    scrap: scrap - c.scrap,
-                    next,
-                    restarted: false,
-                }
+                Advance::Counted { good: good - c.good, scrap: scrap - c.scrap, next, restarted: false }
             }
         }
     }
@@ -114,24 +89,14 @@ mod tests {
     use super::*;
 
     fn c(boot: u64, seq: u64, good: u64, scrap: u64) -> Cursor {
-        Cursor {
-            boot,
-            seq,
-            good,
-            scrap,
-        }
+        Cursor { boot, seq, good, scrap }
     }
 
     #[test]
     fn first_reading_counts_its_totals() {
         assert_eq!(
             advance(None, 1, 5, 10, 2),
-            Advance::Counted {
-                good: 10,
-                scrap: 2,
-                next: c(1, 5, 10, 2),
-                restarted: false
-            }
+            Advance::Counted { good: 10, scrap: 2, next: c(1, 5, 10, 2), restarted: false }
         );
     }
 
@@ -148,12 +113,7 @@ mod tests {
         let cur = c(1, 5, 10, 2);
         assert_eq!(
             advance(Some(&cur), 1, 9, 17, 3),
-            Advance::Counted {
-                good: 7,
-                scrap: 1,
-                next: c(1, 9, 17, 3),
-                restarted: false
-            }
+            Advance::Counted { good: 7, scrap: 1, next: c(1, 9, 17, 3), restarted: false }
         );
     }
 
@@ -162,12 +122,7 @@ mod tests {
         let cur = c(1, 500, 1000, 20);
         assert_eq!(
             advance(Some(&cur), 2, 1, 3, 0),
-            Advance::Counted {
-                good: 3,
-                scrap: 0,
-                next: c(2, 1, 3, 0),
-                restarted: true
-            }
+            Advance::Counted { good: 3, scrap: 0, next: c(2, 1, 3, 0), restarted: true }
         );
     }
 
@@ -178,21 +133,13 @@ mod tests {
         let mut order: Vec<usize> = (0..readings.len()).chain(0..readings.len()).collect();
         let mut x: u64 = 42;
         for i in (1..order.len()).rev() {
-            x = x
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
+            x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
             order.swap(i, (x >> 33) as usize % (i + 1));
         }
         let (mut cur, mut good, mut scrap) = (None, 0, 0);
         for i in order {
             let (seq, g, s) = readings[i];
-            if let Advance::Counted {
-                good: dg,
-                scrap: ds,
-                next,
-                ..
-            } = advance(cur.as_ref(), 1, seq, g, s)
-            {
+            if let Advance::Counted { good: dg, scrap: ds, next, .. } = advance(cur.as_ref(), 1, seq, g, s) {
                 good += dg;
                 scrap += ds;
                 cur = Some(next);

@@ -12,9 +12,7 @@ pub const SCALE: i64 = 10_000;
 const DECIMALS: usize = 4;
 
 /// An amount of money in 1/10_000 units.
-#[derive(
-    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Serialize, Deserialize,
-)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Serialize, Deserialize)]
 #[serde(try_from = "String", into = "String")]
 pub struct Money(pub i64);
 
@@ -55,11 +53,7 @@ impl FromStr for Money {
             None => (body, ""),
         };
         let digits = |x: &str| x.bytes().all(|b| b.is_ascii_digit());
-        if int.is_empty()
-            || !digits(int)
-            || !digits(frac)
-            || (body.contains('.') && frac.is_empty())
-        {
+        if int.is_empty() || !digits(int) || !digits(frac) || (body.contains('.') && frac.is_empty()) {
             return Err(MoneyError::Syntax(s.to_string()));
         }
         if frac.len() > DECIMALS {
@@ -68,11 +62,7 @@ impl FromStr for Money {
         let int_v: i64 = int.parse().map_err(|_| MoneyError::Range(s.to_string()))?;
         let mut frac_v: i64 = 0;
         for i in 0..DECIMALS {
-            let d = frac
-                .as_bytes()
-                .get(i)
-                .map(|b| i64::from(b - b'0'))
-                .unwrap_or(0);
+            let d = frac.as_bytes().get(i).map(|b| i64::from(b - b'0')).unwrap_or(0);
             frac_v = frac_v * 10 + d;
         }
         let v = int_v
@@ -129,19 +119,10 @@ mod tests {
 
     #[test]
     fn rejects_floats_in_disguise() {
-        assert!(matches!(
-            "1.2e3".parse::<Money>(),
-            Err(MoneyError::Syntax(_))
-        ));
+        assert!(matches!("1.2e3".parse::<Money>(), Err(MoneyError::Syntax(_))));
         assert!(matches!("1.".parse::<Money>(), Err(MoneyError::Syntax(_))));
         assert!(matches!("".parse::<Money>(), Err(MoneyError::Syntax(_))));
-        assert!(matches!(
-            "0.00001".parse::<Money>(),
-            Err(MoneyError::TooPrecise(_))
-        ));
-        assert!(matches!(
-            "99999999999999999".parse::<Money>(),
-            Err(MoneyError::Range(_))
-        ));
+        assert!(matches!("0.00001".parse::<Money>(), Err(MoneyError::TooPrecise(_))));
+        assert!(matches!("99999999999999999".parse::<Money>(), Err(MoneyError::Range(_))));
     }
 }

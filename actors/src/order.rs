@@ -50,24 +50,9 @@ impl OrderStatus {
             (OrderCommand::Release, Planned) => ("release", Released),
             (OrderCommand::Close, Running | Completed) => ("close", Closed),
             (OrderCommand::Cancel, Planned | Released) => ("cancel", Cancelled),
-            (OrderCommand::Release, _) => {
-                return Err(TransitionError {
-                    command: "release",
-                    from: self,
-                })
-            }
-            (OrderCommand::Close, _) => {
-                return Err(TransitionError {
-                    command: "close",
-                    from: self,
-                })
-            }
-            (OrderCommand::Cancel, _) => {
-                return Err(TransitionError {
-                    command: "cancel",
-                    from: self,
-                })
-            }
+            (OrderCommand::Release, _) => return Err(TransitionError { command: "release", from: self }),
+            (OrderCommand::Close, _) => return Err(TransitionError { command: "close", from: self }),
+            (OrderCommand::Cancel, _) => return Err(TransitionError { command: "cancel", from: self }),
         };
         debug_assert!(!name.is_empty());
         Ok(to)
@@ -86,10 +71,7 @@ impl OrderStatus {
 
     /// Statuses that accept output (the line may run on a completed order too).
     pub fn is_open(self) -> bool {
-        matches!(
-            self,
-            OrderStatus::Released | OrderStatus::Running | OrderStatus::Completed
-        )
+        matches!(self, OrderStatus::Released | OrderStatus::Running | OrderStatus::Completed)
     }
 }
 

@@ -85,12 +85,8 @@ impl Reading {
     /// Checks the limits that keep one reading bounded in size.
     pub fn validate(&self) -> Result<(), ReadingError> {
         let check = |name: &'static str, v: &Option<String>| match v {
-            Some(s) if s.chars().count() > MAX_ID_LEN => {
-                Err(ReadingError::TooLong(name, MAX_ID_LEN))
-            }
-            Some(s) if s.is_empty() => {
-                Err(ReadingError::Invalid(format!("field `{name}` is empty")))
-            }
+            Some(s) if s.chars().count() > MAX_ID_LEN => Err(ReadingError::TooLong(name, MAX_ID_LEN)),
+            Some(s) if s.is_empty() => Err(ReadingError::Invalid(format!("field `{name}` is empty"))),
             _ => Ok(()),
         };
         check("order", &self.order)?;
@@ -117,9 +113,6 @@ mod tests {
         for s in ["running", "idle", "setup", "down", "stopped"] {
             assert_eq!(s.parse::<MachineState>().map(|m| m.as_str()), Ok(s));
         }
-        assert!(matches!(
-            "exploded".parse::<MachineState>(),
-            Err(ReadingError::UnknownState(_))
-        ));
+        assert!(matches!("exploded".parse::<MachineState>(), Err(ReadingError::UnknownState(_))));
     }
 }

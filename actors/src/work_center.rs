@@ -68,20 +68,11 @@ impl WorkCenterState {
     /// Output is attributed to the order the reading names, else to the current order; a
     /// reading that names an order makes it the current one.
     pub fn apply(&mut self, r: &Reading) -> Outcome {
-        debug_assert_eq!(
-            r.device, self.device,
-            "reading routed to the wrong work center"
-        );
-        let (good, scrap, next, restarted) =
-            match advance(self.cursor.as_ref(), r.boot, r.seq, r.good, r.scrap) {
-                Advance::Stale => return Outcome::Duplicate,
-                Advance::Counted {
-                    good,
-                    scrap,
-                    next,
-                    restarted,
-                } => (good, scrap, next, restarted),
-            };
+        debug_assert_eq!(r.device, self.device, "reading routed to the wrong work center");
+        let (good, scrap, next, restarted) = match advance(self.cursor.as_ref(), r.boot, r.seq, r.good, r.scrap) {
+            Advance::Stale => return Outcome::Duplicate,
+            Advance::Counted { good, scrap, next, restarted } => (good, scrap, next, restarted),
+        };
         if let Some(o) = &r.order {
             if self.current_order.as_deref() != Some(o) {
                 self.current_order = Some(o.clone());
@@ -144,16 +135,9 @@ mod tests {
     fn attributes_to_named_then_current_order() {
         let mut wc = WorkCenterState::new("PRESS-1", "press-01");
         wc.set_order(Some("PO-1".into()));
-        let Outcome::Counted(d) = wc.apply(&r(1, 1, 5, 0, None)) else {
-            panic!("expected a count")
-        };
-        assert_eq!(
-            (d.good, d.order.as_deref(), d.state_changed),
-            (5, Some("PO-1"), true)
-        );
-        let Outcome::Counted(d) = wc.apply(&r(1, 2, 8, 1, Some("PO-2"))) else {
-            panic!("expected a count")
-        };
+        let Outcome::Counted(d) = wc.apply(&r(1, 1, 5, 0, None)) else { panic!("expected a count") };
+        assert_eq!((d.good, d.order.as_deref(), d.state_changed), (5, Some("PO-1"), true));
+        let Outcome::Counted(d) = wc.apply(&r(1, 2, 8, 1, Some("PO-2"))) else { panic!("expected a count") };
         assert_eq!((d.good, d.scrap, d.order.as_deref()), (3, 1, Some("PO-2")));
         assert_eq!(wc.current_order.as_deref(), Some("PO-2"));
         assert_eq!(wc.apply(&r(1, 2, 8, 1, None)), Outcome::Duplicate);

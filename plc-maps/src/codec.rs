@@ -91,12 +91,7 @@ impl fmt::Display for Value {
 pub fn decode(point: &Point, words: &[u16]) -> Result<Value, MapError> {
     let needed = usize::from(point.width());
     let Some(words) = words.get(..needed) else {
-        return Err(MapError::ShortData {
-            point: point.name.clone(),
-            needed,
-            got: words.len(),
-            unit: "registers",
-        });
+        return Err(MapError::ShortData { point: point.name.clone(), needed, got: words.len(), unit: "registers" });
     };
     if point.kind.is_bit() {
         return Ok(Value::Bool(words[0] != 0));
@@ -105,9 +100,7 @@ pub fn decode(point: &Point, words: &[u16]) -> Result<Value, MapError> {
     if canonical.len() > 1 {
         point.word_order.reorder(&mut canonical);
     }
-    let raw = canonical
-        .iter()
-        .fold(0u64, |acc, w| (acc << 16) | u64::from(*w));
+    let raw = canonical.iter().fold(0u64, |acc, w| (acc << 16) | u64::from(*w));
     Ok(interpret(point, raw))
 }
 
@@ -115,20 +108,11 @@ pub fn decode(point: &Point, words: &[u16]) -> Result<Value, MapError> {
 /// (`bits[0]` is the bit at `point.address`).
 pub fn decode_bits(point: &Point, bits: &[bool]) -> Result<Value, MapError> {
     if !point.kind.is_bit() {
-        return Err(MapError::DataKind {
-            point: point.name.clone(),
-            kind: point.kind,
-            expected: "registers",
-        });
+        return Err(MapError::DataKind { point: point.name.clone(), kind: point.kind, expected: "registers" });
     }
     match bits.first() {
         Some(b) => Ok(Value::Bool(*b)),
-        None => Err(MapError::ShortData {
-            point: point.name.clone(),
-            needed: 1,
-            got: 0,
-            unit: "bits",
-        }),
+        None => Err(MapError::ShortData { point: point.name.clone(), needed: 1, got: 0, unit: "bits" }),
     }
 }
 
@@ -149,10 +133,7 @@ fn interpret(point: &Point, raw: u64) -> Value {
             _ => None,
         };
         if let Some((code, label)) = code.and_then(|c| point.enum_values.get_key_value(&c)) {
-            return Value::Enum {
-                code: *code,
-                label: label.clone(),
-            };
+            return Value::Enum { code: *code, label: label.clone() };
         }
     }
     match point.scale {
@@ -222,11 +203,7 @@ pub fn encode(point: &Point, value: &Value) -> Result<Vec<u16>, MapError> {
 /// Encode a value for a bit point (coil or discrete input).
 pub fn encode_bits(point: &Point, value: &Value) -> Result<bool, MapError> {
     if !point.kind.is_bit() {
-        return Err(MapError::DataKind {
-            point: point.name.clone(),
-            kind: point.kind,
-            expected: "registers",
-        });
+        return Err(MapError::DataKind { point: point.name.clone(), kind: point.kind, expected: "registers" });
     }
     encode_bool(value).ok_or_else(|| MapError::Encode {
         point: point.name.clone(),
@@ -285,10 +262,7 @@ mod tests {
     struct Lcg(u64);
     impl Lcg {
         fn next(&mut self) -> u64 {
-            self.0 = self
-                .0
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
+            self.0 = self.0.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
             self.0 ^ (self.0 >> 29)
         }
     }
@@ -326,9 +300,7 @@ mod tests {
         }
         // 123.456f32 = 0x42F6E979
         let p = reg(DataType::F32, WordOrder::CDAB);
-        let Ok(Value::F64(v)) = decode(&p, &[0xE979, 0x42F6]) else {
-            panic!("not a float")
-        };
+        let Ok(Value::F64(v)) = decode(&p, &[0xE979, 0x42F6]) else { panic!("not a float") };
         assert!((v - 123.456).abs() < 1e-4);
     }
 
@@ -355,10 +327,7 @@ mod tests {
         assert_eq!(encode(&p, &Value::I64(-32768)), Ok(vec![0x8000]));
         let p = reg(DataType::I32, WordOrder::CDAB);
         assert_eq!(encode(&p, &Value::I64(-2)), Ok(vec![0xFFFE, 0xFFFF]));
-        assert_eq!(
-            decode(&p, &[0x0000, 0x8000]),
-            Ok(Value::I64(i64::from(i32::MIN)))
-        );
+        assert_eq!(decode(&p, &[0x0000, 0x8000]), Ok(Value::I64(i64::from(i32::MIN))));
         // Word order never touches single-register values.
         let p = reg(DataType::U16, WordOrder::DCBA);
         assert_eq!(decode(&p, &[0x1234]), Ok(Value::U64(0x1234)));
@@ -385,12 +354,7 @@ mod tests {
         let p = reg(DataType::U64, WordOrder::ABCD);
         assert_eq!(
             decode(&p, &[1, 2, 3]),
-            Err(MapError::ShortData {
-                point: "p".into(),
-                needed: 4,
-                got: 3,
-                unit: "registers"
-            })
+            Err(MapError::ShortData { point: "p".into(), needed: 4, got: 3, unit: "registers" })
         );
         assert!(decode(&reg(DataType::U16, WordOrder::ABCD), &[]).is_err());
     }
@@ -407,10 +371,7 @@ mod tests {
         let mut e = reg(DataType::U16, WordOrder::ABCD);
         e.enum_values.insert(0, "stopped".into());
         e.enum_values.insert(1, "running".into());
-        let running = Value::Enum {
-            code: 1,
-            label: "running".into(),
-        };
+        let running = Value::Enum { code: 1, label: "running".into() };
         assert_eq!(decode(&e, &[1]), Ok(running.clone()));
         assert_eq!(decode(&e, &[9]), Ok(Value::U64(9)));
         assert_eq!(encode(&e, &running), Ok(vec![1]));
@@ -442,8 +403,7 @@ mod tests {
             for order in WordOrder::ALL {
                 let p = reg(ty, order);
                 for _ in 0..2000 {
-                    let mut words: Vec<u16> =
-                        (0..ty.registers()).map(|_| rng.next() as u16).collect();
+                    let mut words: Vec<u16> = (0..ty.registers()).map(|_| rng.next() as u16).collect();
                     if ty == DataType::Bool {
                         words[0] &= 1;
                     }
@@ -462,14 +422,7 @@ mod tests {
     #[test]
     fn property_values_round_trip() {
         let mut rng = Lcg(42);
-        let scales = [
-            None,
-            Some(0.1),
-            Some(0.01),
-            Some(0.5),
-            Some(2.0),
-            Some(10.0),
-        ];
+        let scales = [None, Some(0.1), Some(0.01), Some(0.5), Some(2.0), Some(10.0)];
         for ty in DataType::ALL {
             for order in WordOrder::ALL {
                 for scale in scales {

@@ -91,7 +91,9 @@ pub enum MapError {
     },
 
     /// A data type that the point's kind cannot carry (e.g. `u32` on a coil).
-    #[error("point `{point}`: key `type`: `{ty}` does not fit a {kind} point; coils and discrete inputs carry only `bool`")]
+    #[error(
+        "point `{point}`: key `type`: `{ty}` does not fit a {kind} point; coils and discrete inputs carry only `bool`"
+    )]
     TypeNotAllowed {
         /// The point.
         point: String,
@@ -160,7 +162,9 @@ pub enum MapError {
     },
 
     /// A role that requires an unsigned integer type (every role does).
-    #[error("point `{point}`: key `type`: role `{role}` needs an unsigned integer type (u16, u32 or u64), found `{ty}`")]
+    #[error(
+        "point `{point}`: key `type`: role `{role}` needs an unsigned integer type (u16, u32 or u64), found `{ty}`"
+    )]
     RoleType {
         /// The point.
         point: String,
@@ -350,10 +354,7 @@ pub struct MapErrors {
 impl MapErrors {
     /// A list with a single problem.
     pub fn single(source: impl Into<String>, line: usize, error: MapError) -> Self {
-        MapErrors {
-            source: source.into(),
-            problems: vec![Problem { line, error }],
-        }
+        MapErrors { source: source.into(), problems: vec![Problem { line, error }] }
     }
 
     /// Number of problems.

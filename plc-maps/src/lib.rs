@@ -27,28 +27,23 @@ pub use check::{check_file, check_str, Summary};
 pub use codec::{decode, decode_bits, encode, encode_bits, Value};
 pub use error::{MapError, MapErrors, Problem};
 pub use plan::{
-    extract, plan, plan_with, Counters, PlanOptions, RawData, ReadRequest, Reading, Snapshot,
-    WriteRequest, DEFAULT_BIT_GAP, DEFAULT_REGISTER_GAP, MAX_READ_BITS, MAX_READ_REGISTERS,
+    extract, plan, plan_with, Counters, PlanOptions, RawData, ReadRequest, Reading, Snapshot, WriteRequest,
+    DEFAULT_BIT_GAP, DEFAULT_REGISTER_GAP, MAX_READ_BITS, MAX_READ_REGISTERS,
 };
 pub use schema::{
-    wrapping_delta, DataType, Kind, Point, RegisterMap, Role, WordOrder, COMMAND_START,
-    COMMAND_STOP, MAX_ADDRESS, STATE_LABELS,
+    wrapping_delta, DataType, Kind, Point, RegisterMap, Role, WordOrder, COMMAND_START, COMMAND_STOP, MAX_ADDRESS,
+    STATE_LABELS,
 };
 
 /// The maps shipped in `plc-maps/maps/`, as `(name, TOML text)`; the name is the file
 /// name without `.toml` and equals the map's `name` key.
-pub const SHIPPED_MAPS: &[(&str, &str)] = &[
-    ("press-v1", include_str!("../maps/press-v1.toml")),
-    ("former-v2", include_str!("../maps/former-v2.toml")),
-];
+pub const SHIPPED_MAPS: &[(&str, &str)] =
+    &[("press-v1", include_str!("../maps/press-v1.toml")), ("former-v2", include_str!("../maps/former-v2.toml"))];
 
 /// The TOML text of the shipped map called `name` (e.g. `"press-v1"`), so a map can be
 /// chosen by name without any file on disk.
 pub fn shipped_map(name: &str) -> Option<&'static str> {
-    SHIPPED_MAPS
-        .iter()
-        .find(|(n, _)| *n == name)
-        .map(|(_, text)| *text)
+    SHIPPED_MAPS.iter().find(|(n, _)| *n == name).map(|(_, text)| *text)
 }
 
 impl RegisterMap {

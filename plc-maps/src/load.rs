@@ -27,10 +27,7 @@ impl RegisterMap {
         problems.sort_by_key(|p| p.line);
         match map {
             Some(map) if problems.is_empty() => Ok(map),
-            _ => Err(MapErrors {
-                source: source_name.to_owned(),
-                problems,
-            }),
+            _ => Err(MapErrors { source: source_name.to_owned(), problems }),
         }
     }
 
@@ -38,8 +35,8 @@ impl RegisterMap {
     pub fn load(path: impl AsRef<Path>) -> Result<RegisterMap, MapErrors> {
         let path = path.as_ref();
         let source = path.display().to_string();
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| MapErrors::single(&source, 0, MapError::Io(e.to_string())))?;
+        let text =
+            std::fs::read_to_string(path).map_err(|e| MapErrors::single(&source, 0, MapError::Io(e.to_string())))?;
         RegisterMap::from_str(&text, &source)
     }
 }
@@ -52,12 +49,7 @@ struct Lines {
 impl Lines {
     fn new(text: &str) -> Self {
         let mut starts = vec![0];
-        starts.extend(
-            text.bytes()
-                .enumerate()
-                .filter(|(_, b)| *b == b'\n')
-                .map(|(i, _)| i + 1),
-        );
+        starts.extend(text.bytes().enumerate().filter(|(_, b)| *b == b'\n').map(|(i, _)| i + 1));
         Lines { starts }
     }
 
@@ -105,10 +97,7 @@ struct Loader {
 
 impl Loader {
     fn new(text: &str) -> Self {
-        Loader {
-            lines: Lines::new(text),
-            problems: Vec::new(),
-        }
+        Loader { lines: Lines::new(text), problems: Vec::new() }
     }
 
     fn report(&mut self, line: usize, error: MapError) {
@@ -116,39 +105,18 @@ impl Loader {
     }
 
     fn line_of(&self, l: &Located, fallback: usize) -> usize {
-        l.span
-            .as_ref()
-            .map_or(fallback, |s| self.lines.line(s.start))
+        l.span.as_ref().map_or(fallback, |s| self.lines.line(s.start))
     }
 
-    fn wrong_type(
-        &mut self,
-        line: usize,
-        at: &str,
-        key: &str,
-        expected: &'static str,
-        found: &Node,
-    ) {
+    fn wrong_type(&mut self, line: usize, at: &str, key: &str, expected: &'static str, found: &Node) {
         self.report(
             line,
-            MapError::WrongType {
-                at: at.to_owned(),
-                key: key.to_owned(),
-                expected,
-                found: found.type_name(),
-            },
+            MapError::WrongType { at: at.to_owned(), key: key.to_owned(), expected, found: found.type_name() },
         );
     }
 
     fn invalid(&mut self, line: usize, at: &str, key: &'static str, message: impl Into<String>) {
-        self.report(
-            line,
-            MapError::InvalidValue {
-                at: at.to_owned(),
-                key,
-                message: message.into(),
-            },
-        );
+        self.report(line, MapError::InvalidValue { at: at.to_owned(), key, message: message.into() });
     }
 
     fn string(&mut self, v: &Located, at: &str, key: &'static str, line: usize) -> Option<String> {
@@ -184,15 +152,7 @@ impl Loader {
         let s = self.string(v, at, key, line)?;
         let parsed = parse(&s);
         if parsed.is_none() {
-            self.report(
-                line,
-                MapError::UnknownValue {
-                    at: at.to_owned(),
-                    key,
-                    value: s,
-                    expected,
-                },
-            );
+            self.report(line, MapError::UnknownValue { at: at.to_owned(), key, value: s, expected });
         }
         parsed
     }
@@ -238,37 +198,18 @@ impl Loader {
                         }
                     }
                 }
-                "word_order" => {
-                    word_order = self.word(
-                        value,
-                        "map",
-                        "word_order",
-                        line,
-                        WORD_ORDERS,
-                        WordOrder::parse,
-                    )
-                }
+                "word_order" => word_order = self.word(value, "map", "word_order", line, WORD_ORDERS, WordOrder::parse),
                 "points" => points = Some((value, key_line)),
                 other => self.report(
                     key_line,
-                    MapError::UnknownKey {
-                        at: "map".to_owned(),
-                        key: other.to_owned(),
-                        allowed: MAP_KEYS,
-                    },
+                    MapError::UnknownKey { at: "map".to_owned(), key: other.to_owned(), allowed: MAP_KEYS },
                 ),
             }
         }
         let has_key = |k: &str| entries.iter().any(|(key, _)| key.key_str() == k);
         for key in ["name", "version", "points"] {
             if !has_key(key) {
-                self.report(
-                    1,
-                    MapError::MissingKey {
-                        at: "map".to_owned(),
-                        key,
-                    },
-                );
+                self.report(1, MapError::MissingKey { at: "map".to_owned(), key });
             }
         }
         let default_order = word_order.unwrap_or_default();
@@ -287,23 +228,13 @@ impl Loader {
                             Node::Table(fields) => {
                                 drafts.push(self.point(i + 1, item_line, fields));
                             }
-                            other => self.wrong_type(
-                                item_line,
-                                &format!("point `#{}`", i + 1),
-                                "points",
-                                "a table",
-                                other,
-                            ),
+                            other => {
+                                self.wrong_type(item_line, &format!("point `#{}`", i + 1), "points", "a table", other)
+                            }
                         }
                     }
                 }
-                other => self.wrong_type(
-                    line,
-                    "map",
-                    "points",
-                    "an array of tables ([[points]])",
-                    other,
-                ),
+                other => self.wrong_type(line, "map", "points", "an array of tables ([[points]])", other),
             }
         }
 
@@ -313,16 +244,8 @@ impl Loader {
         self.check_unique(&drafts);
         self.check_overlaps(&drafts);
 
-        let points = drafts
-            .into_iter()
-            .filter_map(|d| build_point(d, default_order))
-            .collect();
-        Some(RegisterMap {
-            name: name?,
-            version: version?,
-            word_order: default_order,
-            points,
-        })
+        let points = drafts.into_iter().filter_map(|d| build_point(d, default_order)).collect();
+        Some(RegisterMap { name: name?, version: version?, word_order: default_order, points })
     }
 
     /// Parse one point table's keys, reporting type and vocabulary problems.
@@ -334,11 +257,7 @@ impl Loader {
         let id = named.map_or_else(|| format!("#{index}"), str::to_owned);
         let label = format!("point `{id}`");
         let at = label.as_str();
-        let mut d = Draft {
-            line,
-            id: id.clone(),
-            ..Draft::default()
-        };
+        let mut d = Draft { line, id: id.clone(), ..Draft::default() };
 
         for (key, value) in fields {
             let key_line = self.line_of(key, line);
@@ -348,10 +267,7 @@ impl Loader {
                     if let Some(n) = self.string(value, at, "name", vline) {
                         if n.is_empty() {
                             self.invalid(vline, at, "name", "must not be empty");
-                        } else if let Some(c) = n
-                            .chars()
-                            .find(|c| !(c.is_ascii_alphanumeric() || "_-.".contains(*c)))
-                        {
+                        } else if let Some(c) = n.chars().find(|c| !(c.is_ascii_alphanumeric() || "_-.".contains(*c))) {
                             self.invalid(
                                 vline,
                                 at,
@@ -367,31 +283,17 @@ impl Loader {
                     }
                 }
                 "kind" => {
-                    d.kind = self
-                        .word(value, at, "kind", vline, KINDS, Kind::parse)
-                        .map(|k| (k, vline));
+                    d.kind = self.word(value, at, "kind", vline, KINDS, Kind::parse).map(|k| (k, vline));
                 }
                 "type" => {
-                    d.ty = self
-                        .word(value, at, "type", vline, TYPES, DataType::parse)
-                        .map(|t| (t, vline));
+                    d.ty = self.word(value, at, "type", vline, TYPES, DataType::parse).map(|t| (t, vline));
                 }
                 "role" => {
-                    d.role = self
-                        .word(value, at, "role", vline, ROLES, Role::parse)
-                        .map(|r| (r, vline));
+                    d.role = self.word(value, at, "role", vline, ROLES, Role::parse).map(|r| (r, vline));
                 }
                 "word_order" => {
-                    d.word_order = self
-                        .word(
-                            value,
-                            at,
-                            "word_order",
-                            vline,
-                            WORD_ORDERS,
-                            WordOrder::parse,
-                        )
-                        .map(|w| (w, vline));
+                    d.word_order =
+                        self.word(value, at, "word_order", vline, WORD_ORDERS, WordOrder::parse).map(|w| (w, vline));
                 }
                 "address" => {
                     if let Some(a) = self.integer(value, at, "address", vline) {
@@ -434,36 +336,20 @@ impl Loader {
                 }
                 other => self.report(
                     key_line,
-                    MapError::UnknownKey {
-                        at: at.to_owned(),
-                        key: other.to_owned(),
-                        allowed: POINT_KEYS,
-                    },
+                    MapError::UnknownKey { at: at.to_owned(), key: other.to_owned(), allowed: POINT_KEYS },
                 ),
             }
         }
 
         for key in ["name", "kind", "address", "type"] {
             if !fields.iter().any(|(k, _)| k.key_str() == key) {
-                self.report(
-                    line,
-                    MapError::MissingKey {
-                        at: label.clone(),
-                        key,
-                    },
-                );
+                self.report(line, MapError::MissingKey { at: label.clone(), key });
             }
         }
         d
     }
 
-    fn enum_table(
-        &mut self,
-        value: &Located,
-        point: &str,
-        line: usize,
-        out: &mut Vec<(u16, String, usize)>,
-    ) {
+    fn enum_table(&mut self, value: &Located, point: &str, line: usize, out: &mut Vec<(u16, String, usize)>) {
         let Node::Table(entries) = &value.node else {
             self.wrong_type(
                 line,
@@ -479,31 +365,16 @@ impl Loader {
         for (key, label) in entries {
             let key_line = self.line_of(key, line);
             let text = key.key_str().to_owned();
-            let code = text
-                .parse::<u16>()
-                .ok()
-                .filter(|_| !text.is_empty() && text.bytes().all(|b| b.is_ascii_digit()));
+            let code =
+                text.parse::<u16>().ok().filter(|_| !text.is_empty() && text.bytes().all(|b| b.is_ascii_digit()));
             let Some(code) = code else {
-                self.report(
-                    key_line,
-                    MapError::EnumKey {
-                        point: point.clone(),
-                        key: text,
-                        max: u16::MAX,
-                    },
-                );
+                self.report(key_line, MapError::EnumKey { point: point.clone(), key: text, max: u16::MAX });
                 continue;
             };
             let label_text = match &label.node {
                 Node::Str(s) if !s.trim().is_empty() => s.clone(),
                 _ => {
-                    self.report(
-                        self.line_of(label, key_line),
-                        MapError::EnumLabel {
-                            point: point.clone(),
-                            key: text,
-                        },
-                    );
+                    self.report(self.line_of(label, key_line), MapError::EnumLabel { point: point.clone(), key: text });
                     continue;
                 }
             };
@@ -528,14 +399,7 @@ impl Loader {
 
         if let (Some((kind, _)), Some((ty, ty_line))) = (d.kind, d.ty) {
             if kind.is_bit() && ty != DataType::Bool {
-                self.report(
-                    ty_line,
-                    MapError::TypeNotAllowed {
-                        point: point.clone(),
-                        ty,
-                        kind,
-                    },
-                );
+                self.report(ty_line, MapError::TypeNotAllowed { point: point.clone(), ty, kind });
             }
         }
         if let (Some((kind, _)), Some((ty, _)), Some((address, a_line)), Some(width)) =
@@ -543,61 +407,27 @@ impl Loader {
         {
             let last = u32::from(address) + u32::from(width) - 1;
             if last > u32::from(u16::MAX) {
-                self.report(
-                    a_line,
-                    MapError::AddressOverflow {
-                        point: point.clone(),
-                        kind,
-                        ty,
-                        address,
-                        last,
-                    },
-                );
+                self.report(a_line, MapError::AddressOverflow { point: point.clone(), kind, ty, address, last });
             }
         }
         if let (Some((true, w_line)), Some((kind, _))) = (d.writable, d.kind) {
             if !kind.is_writable() {
-                self.report(
-                    w_line,
-                    MapError::NotWritableKind {
-                        point: point.clone(),
-                        kind,
-                    },
-                );
+                self.report(w_line, MapError::NotWritableKind { point: point.clone(), kind });
             }
         }
         if let (Some((_, wo_line)), Some((ty, _))) = (d.word_order, d.ty) {
             if ty.registers() == 1 {
-                self.report(
-                    wo_line,
-                    MapError::WordOrderUnused {
-                        point: point.clone(),
-                        ty,
-                    },
-                );
+                self.report(wo_line, MapError::WordOrderUnused { point: point.clone(), ty });
             }
         }
         if let (Some(enum_line), Some((ty, _))) = (d.enum_line, d.ty) {
             if !ty.is_integer() {
-                self.report(
-                    enum_line,
-                    MapError::EnumOnNonInteger {
-                        point: point.clone(),
-                        ty,
-                    },
-                );
+                self.report(enum_line, MapError::EnumOnNonInteger { point: point.clone(), ty });
             } else if ty == DataType::I16 {
                 let max = i16::MAX as u16;
                 for (code, _, line) in &d.enum_entries {
                     if *code > max {
-                        self.report(
-                            *line,
-                            MapError::EnumKey {
-                                point: point.clone(),
-                                key: code.to_string(),
-                                max,
-                            },
-                        );
+                        self.report(*line, MapError::EnumKey { point: point.clone(), key: code.to_string(), max });
                     }
                 }
             }
@@ -607,83 +437,39 @@ impl Loader {
             Some((role, role_line)) => {
                 if let Some((ty, ty_line)) = d.ty {
                     if !ty.is_unsigned_int() {
-                        self.report(
-                            ty_line,
-                            MapError::RoleType {
-                                point: point.clone(),
-                                role,
-                                ty,
-                            },
-                        );
+                        self.report(ty_line, MapError::RoleType { point: point.clone(), role, ty });
                     }
                 }
                 if let Some((_, s_line)) = d.scale {
-                    self.report(
-                        s_line,
-                        MapError::RoleScale {
-                            point: point.clone(),
-                            role,
-                        },
-                    );
+                    self.report(s_line, MapError::RoleScale { point: point.clone(), role });
                 }
                 if let Some(enum_line) = d.enum_line {
                     if !role.allows_enum() {
-                        self.report(
-                            enum_line,
-                            MapError::RoleEnum {
-                                point: point.clone(),
-                                role,
-                            },
-                        );
+                        self.report(enum_line, MapError::RoleEnum { point: point.clone(), role });
                     }
                 } else if role == Role::State {
-                    self.report(
-                        role_line,
-                        MapError::StateWithoutEnum {
-                            point: point.clone(),
-                        },
-                    );
+                    self.report(role_line, MapError::StateWithoutEnum { point: point.clone() });
                 }
                 if role == Role::State {
                     for (_, label, line) in &d.enum_entries {
                         if !STATE_LABELS.contains(&label.as_str()) {
-                            self.report(
-                                *line,
-                                MapError::StateLabel {
-                                    point: point.clone(),
-                                    label: label.clone(),
-                                },
-                            );
+                            self.report(*line, MapError::StateLabel { point: point.clone(), label: label.clone() });
                         }
                     }
                 }
                 if role.requires_writable() && !matches!(d.writable, Some((true, _))) {
-                    self.report(
-                        role_line,
-                        MapError::RoleNotWritable {
-                            point: point.clone(),
-                            role,
-                        },
-                    );
+                    self.report(role_line, MapError::RoleNotWritable { point: point.clone(), role });
                 }
             }
             None => {
                 if let Some((_, s_line)) = d.scale {
                     let reason = match d.ty {
                         Some((DataType::Bool, _)) => Some("a bool cannot be scaled"),
-                        _ if has_enum => {
-                            Some("an enum point decodes to labels and cannot be scaled")
-                        }
+                        _ if has_enum => Some("an enum point decodes to labels and cannot be scaled"),
                         _ => None,
                     };
                     if let Some(reason) = reason {
-                        self.report(
-                            s_line,
-                            MapError::ScaleNotAllowed {
-                                point: point.clone(),
-                                reason,
-                            },
-                        );
+                        self.report(s_line, MapError::ScaleNotAllowed { point: point.clone(), reason });
                     }
                 }
             }
@@ -697,13 +483,7 @@ impl Loader {
         for d in drafts {
             if let Some((name, line)) = &d.name {
                 if let Some(first) = names.get(name.as_str()) {
-                    self.report(
-                        *line,
-                        MapError::DuplicateName {
-                            point: name.clone(),
-                            first_line: *first,
-                        },
-                    );
+                    self.report(*line, MapError::DuplicateName { point: name.clone(), first_line: *first });
                 } else {
                     names.insert(name, d.line);
                 }
@@ -765,11 +545,7 @@ impl Loader {
             if let Some(a) = active {
                 let (prev, cur) = (&spans[a], &spans[i]);
                 if prev.kind == cur.kind && cur.start <= prev.end {
-                    let (later, earlier) = if cur.index > prev.index {
-                        (cur, prev)
-                    } else {
-                        (prev, cur)
-                    };
+                    let (later, earlier) = if cur.index > prev.index { (cur, prev) } else { (prev, cur) };
                     let error = MapError::Overlap {
                         point: later.name.to_owned(),
                         kind: later.kind,
@@ -797,11 +573,7 @@ fn clamp16(v: u32) -> u16 {
 }
 
 fn build_point(d: Draft, default_order: WordOrder) -> Option<Point> {
-    let enum_values: BTreeMap<u16, String> = d
-        .enum_entries
-        .into_iter()
-        .map(|(code, label, _)| (code, label))
-        .collect();
+    let enum_values: BTreeMap<u16, String> = d.enum_entries.into_iter().map(|(code, label, _)| (code, label)).collect();
     Some(Point {
         name: d.name?.0,
         kind: d.kind?.0,

@@ -51,14 +51,7 @@ impl std::fmt::Display for ReadRequest {
             (false, 1) => "register",
             (false, _) => "registers",
         };
-        write!(
-            f,
-            "{} {}..={} ({} {unit})",
-            self.kind,
-            self.start,
-            self.end().saturating_sub(1),
-            self.count
-        )
+        write!(f, "{} {}..={} ({} {unit})", self.kind, self.start, self.end().saturating_sub(1), self.count)
     }
 }
 
@@ -104,10 +97,7 @@ pub fn plan_with(map: &RegisterMap, options: &PlanOptions) -> Vec<ReadRequest> {
         let (limit, gap) = if kind.is_bit() {
             (options.max_bits.clamp(1, MAX_READ_BITS), options.bit_gap)
         } else {
-            (
-                options.max_registers.clamp(1, MAX_READ_REGISTERS),
-                options.register_gap,
-            )
+            (options.max_registers.clamp(1, MAX_READ_REGISTERS), options.register_gap)
         };
         let mut ranges: Vec<(u32, u32)> = map
             .points
@@ -120,9 +110,7 @@ pub fn plan_with(map: &RegisterMap, options: &PlanOptions) -> Vec<ReadRequest> {
         let mut current: Option<(u32, u32)> = None;
         for (start, end) in ranges {
             current = match current {
-                Some((s, e))
-                    if start <= e + u32::from(gap) && end.max(e) - s <= u32::from(limit) =>
-                {
+                Some((s, e)) if start <= e + u32::from(gap) && end.max(e) - s <= u32::from(limit) => {
                     Some((s, end.max(e)))
                 }
                 Some(done) => {
@@ -140,11 +128,7 @@ pub fn plan_with(map: &RegisterMap, options: &PlanOptions) -> Vec<ReadRequest> {
 }
 
 fn to_request(kind: Kind, (start, end): (u32, u32)) -> Option<ReadRequest> {
-    Some(ReadRequest {
-        kind,
-        start: u16::try_from(start).ok()?,
-        count: u16::try_from(end - start).ok()?,
-    })
+    Some(ReadRequest { kind, start: u16::try_from(start).ok()?, count: u16::try_from(end - start).ok()? })
 }
 
 /// The data a read returned.
@@ -226,21 +210,13 @@ impl Snapshot {
                     return None;
                 }
                 match data {
-                    RawData::Registers(words) if !point.kind.is_bit() => {
-                        decode(point, words.get(offset..)?).ok()
-                    }
-                    RawData::Bits(bits) if point.kind.is_bit() => {
-                        decode_bits(point, bits.get(offset..)?).ok()
-                    }
+                    RawData::Registers(words) if !point.kind.is_bit() => decode(point, words.get(offset..)?).ok(),
+                    RawData::Bits(bits) if point.kind.is_bit() => decode_bits(point, bits.get(offset..)?).ok(),
                     _ => None,
                 }
             });
             match value {
-                Some(value) => snapshot.readings.push(Reading {
-                    name: point.name.clone(),
-                    role: point.role,
-                    value,
-                }),
+                Some(value) => snapshot.readings.push(Reading { name: point.name.clone(), role: point.role, value }),
                 None => snapshot.missing.push(point.name.clone()),
             }
         }
@@ -259,26 +235,17 @@ impl Snapshot {
 
     /// The value of the point called `name`.
     pub fn get(&self, name: &str) -> Option<&Value> {
-        self.readings
-            .iter()
-            .find(|r| r.name == name)
-            .map(|r| &r.value)
+        self.readings.iter().find(|r| r.name == name).map(|r| &r.value)
     }
 
     /// The value of the point with `role`.
     pub fn by_role(&self, role: Role) -> Option<&Value> {
-        self.readings
-            .iter()
-            .find(|r| r.role == Some(role))
-            .map(|r| &r.value)
+        self.readings.iter().find(|r| r.role == Some(role)).map(|r| &r.value)
     }
 
     /// `(name, value)` pairs, in map order.
     pub fn into_pairs(self) -> Vec<(String, Value)> {
-        self.readings
-            .into_iter()
-            .map(|r| (r.name, r.value))
-            .collect()
+        self.readings.into_iter().map(|r| (r.name, r.value)).collect()
     }
 
     /// The counter, state and order readings.
@@ -288,10 +255,7 @@ impl Snapshot {
             good: num(Role::Good),
             scrap: num(Role::Scrap),
             boot: num(Role::Boot),
-            state: self
-                .by_role(Role::State)
-                .and_then(Value::label)
-                .map(str::to_owned),
+            state: self.by_role(Role::State).and_then(Value::label).map(str::to_owned),
             state_code: num(Role::State),
             reason: num(Role::Reason),
             target: num(Role::Target),
@@ -323,9 +287,7 @@ impl RegisterMap {
     /// Build the write that sets point `name` to `value`. Fails if there is no such
     /// point, it is not `writable`, or the value does not fit its type.
     pub fn write_request(&self, name: &str, value: &Value) -> Result<WriteRequest, MapError> {
-        let point = self
-            .point(name)
-            .ok_or_else(|| MapError::UnknownPoint(name.to_owned()))?;
+        let point = self.point(name).ok_or_else(|| MapError::UnknownPoint(name.to_owned()))?;
         if !point.writable {
             return Err(MapError::NotWritable(name.to_owned()));
         }
@@ -334,12 +296,7 @@ impl RegisterMap {
         } else {
             RawData::Registers(encode(point, value)?)
         };
-        Ok(WriteRequest {
-            point: point.name.clone(),
-            kind: point.kind,
-            address: point.address,
-            data,
-        })
+        Ok(WriteRequest { point: point.name.clone(), kind: point.kind, address: point.address, data })
     }
 }
 
@@ -353,18 +310,10 @@ mod tests {
     }
 
     fn u16_points(kind: &str, addresses: impl IntoIterator<Item = u32>) -> String {
-        let ty = if kind == "coil" || kind == "discrete" {
-            "bool"
-        } else {
-            "u16"
-        };
+        let ty = if kind == "coil" || kind == "discrete" { "bool" } else { "u16" };
         addresses
             .into_iter()
-            .map(|a| {
-                format!(
-                    "[[points]]\nname = \"{kind}{a}\"\nkind = \"{kind}\"\naddress = {a}\ntype = \"{ty}\"\n"
-                )
-            })
+            .map(|a| format!("[[points]]\nname = \"{kind}{a}\"\nkind = \"{kind}\"\naddress = {a}\ntype = \"{ty}\"\n"))
             .collect()
     }
 
@@ -377,11 +326,7 @@ mod tests {
         let map = map_from(&u16_points("holding", 0..300));
         assert_eq!(
             plan(&map),
-            vec![
-                req(Kind::Holding, 0, 125),
-                req(Kind::Holding, 125, 125),
-                req(Kind::Holding, 250, 50),
-            ]
+            vec![req(Kind::Holding, 0, 125), req(Kind::Holding, 125, 125), req(Kind::Holding, 250, 50),]
         );
     }
 
@@ -390,11 +335,7 @@ mod tests {
         let map = map_from(&u16_points("coil", 0..4500));
         assert_eq!(
             plan(&map),
-            vec![
-                req(Kind::Coil, 0, 2000),
-                req(Kind::Coil, 2000, 2000),
-                req(Kind::Coil, 4000, 500),
-            ]
+            vec![req(Kind::Coil, 0, 2000), req(Kind::Coil, 2000, 2000), req(Kind::Coil, 4000, 500),]
         );
     }
 
@@ -402,21 +343,11 @@ mod tests {
     fn small_gaps_are_read_through_large_gaps_split() {
         // 0..=1, then a hole of 8 (2..=9) → merged; then a hole of 9 (12..=20) → split.
         let map = map_from(&u16_points("input", [0, 1, 10, 11, 21]));
-        assert_eq!(
-            plan(&map),
-            vec![req(Kind::Input, 0, 12), req(Kind::Input, 21, 1)]
-        );
-        let options = PlanOptions {
-            register_gap: 0,
-            ..PlanOptions::default()
-        };
+        assert_eq!(plan(&map), vec![req(Kind::Input, 0, 12), req(Kind::Input, 21, 1)]);
+        let options = PlanOptions { register_gap: 0, ..PlanOptions::default() };
         assert_eq!(
             plan_with(&map, &options),
-            vec![
-                req(Kind::Input, 0, 2),
-                req(Kind::Input, 10, 2),
-                req(Kind::Input, 21, 1)
-            ]
+            vec![req(Kind::Input, 0, 2), req(Kind::Input, 10, 2), req(Kind::Input, 21, 1)]
         );
     }
 
@@ -448,9 +379,7 @@ mod tests {
     fn greedy_plan_covers_every_point_exactly_once_on_random_maps() {
         let mut seed = 7u64;
         let mut next = || {
-            seed = seed
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
+            seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
             seed >> 33
         };
         for _ in 0..30 {
@@ -476,11 +405,8 @@ mod tests {
 
     #[test]
     fn snapshot_decodes_points_and_counters() {
-        let map = crate::RegisterMap::from_str(
-            crate::shipped_map("press-v1").expect("shipped"),
-            "press-v1.toml",
-        )
-        .unwrap_or_else(|e| panic!("{e}"));
+        let map = crate::RegisterMap::from_str(crate::shipped_map("press-v1").expect("shipped"), "press-v1.toml")
+            .unwrap_or_else(|e| panic!("{e}"));
         let requests = plan(&map);
         // Build the device image by encoding values, like the simulator does.
         let values = [
@@ -498,27 +424,16 @@ mod tests {
         for (name, v) in &values {
             let p = map.point(name).expect("point");
             let words = encode(p, v).expect("encode");
-            let image = if p.kind == Kind::Holding {
-                &mut holding
-            } else {
-                &mut input
-            };
+            let image = if p.kind == Kind::Holding { &mut holding } else { &mut input };
             let at = usize::from(p.address);
             image[at..at + words.len()].copy_from_slice(&words);
         }
         let replies: Vec<(ReadRequest, RawData)> = requests
             .iter()
             .map(|r| {
-                let image = if r.kind == Kind::Holding {
-                    &holding
-                } else {
-                    &input
-                };
+                let image = if r.kind == Kind::Holding { &holding } else { &input };
                 let s = usize::from(r.start);
-                (
-                    *r,
-                    RawData::Registers(image[s..s + usize::from(r.count)].to_vec()),
-                )
+                (*r, RawData::Registers(image[s..s + usize::from(r.count)].to_vec()))
             })
             .collect();
         let snap = Snapshot::extract(&map, &replies);
@@ -536,10 +451,7 @@ mod tests {
                 order: None,
             }
         );
-        assert_eq!(
-            snap.get("temperature"),
-            Some(&Value::F64(f64::from(41.5f32) * 0.1))
-        );
+        assert_eq!(snap.get("temperature"), Some(&Value::F64(f64::from(41.5f32) * 0.1)));
         // good_count is CDAB: low word first.
         assert_eq!(&holding[2..4], &[(70_000u32 & 0xFFFF) as u16, 1]);
         assert_eq!(extract(&map, &replies).len(), map.points.len());
@@ -552,10 +464,7 @@ mod tests {
         // Only two of four words came back.
         let snap = Snapshot::extract(&map, &[(r, RawData::Registers(vec![5, 6]))]);
         assert_eq!(snap.get("holding1"), Some(&Value::U64(6)));
-        assert_eq!(
-            snap.missing(),
-            &["holding2".to_string(), "holding3".to_string()]
-        );
+        assert_eq!(snap.missing(), &["holding2".to_string(), "holding3".to_string()]);
         // Bits for a register request, and no replies at all.
         let snap = Snapshot::extract(&map, &[(r, RawData::Bits(vec![true; 4]))]);
         assert_eq!(snap.missing().len(), 4);
@@ -566,11 +475,8 @@ mod tests {
 
     #[test]
     fn write_requests_check_writability_and_encode() {
-        let map = crate::RegisterMap::from_str(
-            crate::shipped_map("press-v1").expect("shipped"),
-            "press-v1.toml",
-        )
-        .unwrap_or_else(|e| panic!("{e}"));
+        let map = crate::RegisterMap::from_str(crate::shipped_map("press-v1").expect("shipped"), "press-v1.toml")
+            .unwrap_or_else(|e| panic!("{e}"));
         // order_target is u32 in the map's default CDAB order.
         assert_eq!(
             map.write_request("order_target", &Value::U64(0x0001_0002)),
@@ -583,14 +489,8 @@ mod tests {
         );
         let start = Value::U64(u64::from(crate::COMMAND_START));
         assert!(map.write_request("command", &start).is_ok());
-        assert_eq!(
-            map.write_request("good_count", &Value::U64(0)),
-            Err(MapError::NotWritable("good_count".into()))
-        );
-        assert_eq!(
-            map.write_request("nope", &Value::U64(0)),
-            Err(MapError::UnknownPoint("nope".into()))
-        );
+        assert_eq!(map.write_request("good_count", &Value::U64(0)), Err(MapError::NotWritable("good_count".into())));
+        assert_eq!(map.write_request("nope", &Value::U64(0)), Err(MapError::UnknownPoint("nope".into())));
         assert!(map.write_request("command", &Value::I64(-1)).is_err());
     }
 
@@ -604,10 +504,7 @@ mod tests {
         let pairs = extract(&map, &[(requests[0], RawData::Bits(bits))]);
         assert_eq!(
             pairs,
-            vec![
-                ("discrete0".to_string(), Value::Bool(false)),
-                ("discrete5".to_string(), Value::Bool(true)),
-            ]
+            vec![("discrete0".to_string(), Value::Bool(false)), ("discrete5".to_string(), Value::Bool(true)),]
         );
     }
 }

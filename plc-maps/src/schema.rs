@@ -99,15 +99,8 @@ pub enum DataType {
 
 impl DataType {
     /// All types.
-    pub const ALL: [DataType; 7] = [
-        DataType::Bool,
-        DataType::U16,
-        DataType::I16,
-        DataType::U32,
-        DataType::I32,
-        DataType::F32,
-        DataType::U64,
-    ];
+    pub const ALL: [DataType; 7] =
+        [DataType::Bool, DataType::U16, DataType::I16, DataType::U32, DataType::I32, DataType::F32, DataType::U64];
 
     /// The spelling used in map files.
     pub fn as_str(self) -> &'static str {
@@ -151,10 +144,7 @@ impl DataType {
 
     /// True for every integer type (signed or unsigned, not bool or f32).
     pub fn is_integer(self) -> bool {
-        matches!(
-            self,
-            DataType::U16 | DataType::I16 | DataType::U32 | DataType::I32 | DataType::U64
-        )
+        matches!(self, DataType::U16 | DataType::I16 | DataType::U32 | DataType::I32 | DataType::U64)
     }
 
     /// True for the types that hold a number (everything but bool).
@@ -217,16 +207,8 @@ pub const COMMAND_START: u16 = 1;
 
 impl Role {
     /// All roles.
-    pub const ALL: [Role; 8] = [
-        Role::State,
-        Role::Good,
-        Role::Scrap,
-        Role::Boot,
-        Role::Reason,
-        Role::Target,
-        Role::Command,
-        Role::Order,
-    ];
+    pub const ALL: [Role; 8] =
+        [Role::State, Role::Good, Role::Scrap, Role::Boot, Role::Reason, Role::Target, Role::Command, Role::Order];
 
     /// The spelling used in map files.
     pub fn as_str(self) -> &'static str {
@@ -291,12 +273,7 @@ pub enum WordOrder {
 
 impl WordOrder {
     /// All word orders.
-    pub const ALL: [WordOrder; 4] = [
-        WordOrder::ABCD,
-        WordOrder::CDAB,
-        WordOrder::BADC,
-        WordOrder::DCBA,
-    ];
+    pub const ALL: [WordOrder; 4] = [WordOrder::ABCD, WordOrder::CDAB, WordOrder::BADC, WordOrder::DCBA];
 
     /// The spelling used in map files.
     pub fn as_str(self) -> &'static str {
@@ -404,10 +381,7 @@ impl Point {
 
     /// The lowest code whose enum label is `label`, if any.
     pub fn enum_code(&self, label: &str) -> Option<u16> {
-        self.enum_values
-            .iter()
-            .find(|(_, l)| l.as_str() == label)
-            .map(|(c, _)| *c)
+        self.enum_values.iter().find(|(_, l)| l.as_str() == label).map(|(c, _)| *c)
     }
 }
 
@@ -418,11 +392,7 @@ impl Point {
 /// A counter that went backwards because the device reset it (see the `boot` role) is
 /// indistinguishable from a wrap here; check the boot counter first.
 pub fn wrapping_delta(previous: u64, current: u64, bits: u32) -> u64 {
-    let mask = if bits == 0 || bits >= 64 {
-        u64::MAX
-    } else {
-        (1u64 << bits) - 1
-    };
+    let mask = if bits == 0 || bits >= 64 { u64::MAX } else { (1u64 << bits) - 1 };
     current.wrapping_sub(previous) & mask
 }
 

@@ -108,9 +108,7 @@ impl<'de> Deserializer<'de> for Probe<'_> {
 impl<'de> Deserialize<'de> for Located {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         match spanned_protocol() {
-            Some((name, fields)) => {
-                deserializer.deserialize_struct(name, fields, LocatedVisitor { fields })
-            }
+            Some((name, fields)) => deserializer.deserialize_struct(name, fields, LocatedVisitor { fields }),
             None => deserializer.deserialize_any(LocatedVisitor { fields: &[] }),
         }
     }
@@ -187,10 +185,7 @@ impl<'de> Visitor<'de> for LocatedVisitor {
             }
         }
         let node = node.ok_or_else(|| de::Error::custom("spanned value without a value"))?;
-        Ok(Located {
-            span: Some(start..end),
-            node,
-        })
+        Ok(Located { span: Some(start..end), node })
     }
 }
 
@@ -210,9 +205,7 @@ impl<'de> Visitor<'de> for NodeVisitor {
         Ok(Node::Int(v))
     }
     fn visit_u64<E: de::Error>(self, v: u64) -> Result<Node, E> {
-        i64::try_from(v)
-            .map(Node::Int)
-            .map_err(|_| E::custom("integer out of range"))
+        i64::try_from(v).map(Node::Int).map_err(|_| E::custom("integer out of range"))
     }
     fn visit_f64<E: de::Error>(self, v: f64) -> Result<Node, E> {
         Ok(Node::Float(v))
@@ -258,13 +251,7 @@ fn table_or_datetime<'de, A: MapAccess<'de>>(first: Located, mut map: A) -> Resu
 /// Parse `text` into a located tree, or return the syntax error's message and span.
 pub(crate) fn parse(text: &str) -> Result<Located, (String, Option<Range<usize>>)> {
     toml::from_str::<Located>(text).map_err(|e| {
-        let message = e
-            .message()
-            .lines()
-            .map(str::trim)
-            .filter(|l| !l.is_empty())
-            .collect::<Vec<_>>()
-            .join("; ");
+        let message = e.message().lines().map(str::trim).filter(|l| !l.is_empty()).collect::<Vec<_>>().join("; ");
         (message, e.span())
     })
 }
@@ -295,9 +282,7 @@ mod tests {
         assert_eq!(top[0].0.key_str(), "a");
         assert_eq!(top[0].0.span, Some(0..1));
         assert_eq!(top[0].1.span, Some(4..5));
-        let Node::Array(points) = &top[1].1.node else {
-            panic!("points not an array")
-        };
+        let Node::Array(points) = &top[1].1.node else { panic!("points not an array") };
         // The table of an array-of-tables starts at its `[[points]]` header.
         assert_eq!(points[0].span.as_ref().map(|s| s.start), Some(6));
         let name = &table(&points[0])[0];
@@ -307,9 +292,7 @@ mod tests {
     #[test]
     fn dotted_keys_and_dates_do_not_break_parsing() {
         let root = parse("[[points]]\nenum.0 = \"a\"\nwhen = 1979-05-27\n").expect("parse");
-        let Node::Array(points) = &table(&root)[0].1.node else {
-            panic!("points not an array")
-        };
+        let Node::Array(points) = &table(&root)[0].1.node else { panic!("points not an array") };
         let p = table(&points[0]);
         assert!(matches!(p[0].1.node, Node::Table(_)));
         assert_eq!(p[1].1.node, Node::Datetime("1979-05-27".into()));

@@ -18,17 +18,10 @@ fn every_map_file_loads_clean_and_is_shipped() {
         }
         seen += 1;
         let map = RegisterMap::load(&path).unwrap_or_else(|e| panic!("{e}"));
-        let stem = path
-            .file_stem()
-            .and_then(|s| s.to_str())
-            .expect("utf-8 name");
+        let stem = path.file_stem().and_then(|s| s.to_str()).expect("utf-8 name");
         assert_eq!(map.name, stem, "file name and `name` key differ");
         let text = std::fs::read_to_string(&path).expect("read");
-        assert_eq!(
-            shipped_map(stem),
-            Some(text.as_str()),
-            "{stem} not in SHIPPED_MAPS"
-        );
+        assert_eq!(shipped_map(stem), Some(text.as_str()), "{stem} not in SHIPPED_MAPS");
         let summary = check_file(&path).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(summary.points, map.points.len());
     }
@@ -38,9 +31,7 @@ fn every_map_file_loads_clean_and_is_shipped() {
 
 #[test]
 fn press_v1_matches_the_contract() {
-    let map = RegisterMap::shipped("press-v1")
-        .expect("shipped")
-        .unwrap_or_else(|e| panic!("{e}"));
+    let map = RegisterMap::shipped("press-v1").expect("shipped").unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(map.version, 1);
     assert_eq!(map.wrap_bits(Role::Good), Some(32));
     assert_eq!(map.wrap_bits(Role::Scrap), Some(16));
@@ -55,9 +46,7 @@ fn press_v1_matches_the_contract() {
 
 #[test]
 fn former_v2_loads() {
-    let map = RegisterMap::shipped("former-v2")
-        .expect("shipped")
-        .unwrap_or_else(|e| panic!("{e}"));
+    let map = RegisterMap::shipped("former-v2").expect("shipped").unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(map.wrap_bits(Role::Good), Some(32));
     assert_eq!(map.wrap_bits(Role::Boot), Some(16));
     assert!(map.point_by_role(Role::Order).is_some_and(|p| p.writable));
@@ -68,7 +57,5 @@ fn former_v2_loads() {
 fn missing_file_is_reported_without_a_line() {
     let err = check_file("/nonexistent/dir/x.toml").expect_err("missing file");
     assert_eq!(err.problems[0].line, 0);
-    assert!(err
-        .to_string()
-        .starts_with("/nonexistent/dir/x.toml: cannot read map file"));
+    assert!(err.to_string().starts_with("/nonexistent/dir/x.toml: cannot read map file"));
 }

@@ -49,11 +49,7 @@ fn unterminated_string_and_duplicate_key_are_syntax_errors_with_lines() {
     let (line, e) = one_error(&doc(&["name = \"t", "version = 1"]));
     assert_eq!(line, 1);
     assert!(matches!(e, MapError::Syntax(_)));
-    let (line, e) = one_error(&with_header(&[
-        "[[points]]",
-        "name = \"a\"",
-        "name = \"b\"",
-    ]));
+    let (line, e) = one_error(&with_header(&["[[points]]", "name = \"a\"", "name = \"b\""]));
     assert_eq!(line, 5);
     assert!(matches!(e, MapError::Syntax(_)));
 }
@@ -72,9 +68,7 @@ fn unknown_top_level_key() {
     ]);
     let (line, e) = one_error(&text);
     assert_eq!(line, 3);
-    assert!(
-        matches!(e, MapError::UnknownKey { ref at, ref key, .. } if at == "map" && key == "wordorder")
-    );
+    assert!(matches!(e, MapError::UnknownKey { ref at, ref key, .. } if at == "map" && key == "wordorder"));
 }
 
 #[test]
@@ -91,9 +85,7 @@ fn unknown_map_word_order() {
     ]);
     let (line, e) = one_error(&text);
     assert_eq!(line, 3);
-    assert!(
-        matches!(e, MapError::UnknownValue { key: "word_order", ref value, .. } if value == "ACBD")
-    );
+    assert!(matches!(e, MapError::UnknownValue { key: "word_order", ref value, .. } if value == "ACBD"));
 }
 
 #[test]
@@ -110,20 +102,8 @@ fn missing_map_keys_and_bad_version() {
                     message: "0 is not a version number in 1..=4294967295".into()
                 }
             ),
-            (
-                1,
-                MapError::MissingKey {
-                    at: "map".into(),
-                    key: "name"
-                }
-            ),
-            (
-                1,
-                MapError::MissingKey {
-                    at: "map".into(),
-                    key: "points"
-                }
-            ),
+            (1, MapError::MissingKey { at: "map".into(), key: "name" }),
+            (1, MapError::MissingKey { at: "map".into(), key: "points" }),
         ]
     );
 }
@@ -141,31 +121,18 @@ fn empty_points_and_points_as_a_single_table() {
 
 #[test]
 fn unknown_point_key_and_the_missing_key_it_hides_are_both_reported() {
-    let text = with_header(&[
-        "[[points]]",
-        "name = \"a\"",
-        "kind = \"holding\"",
-        "adress = 0",
-        "type = \"u16\"",
-    ]);
+    let text = with_header(&["[[points]]", "name = \"a\"", "kind = \"holding\"", "adress = 0", "type = \"u16\""]);
     let all = errors(&text);
     assert_eq!(
         all,
         vec![
-            (
-                3,
-                MapError::MissingKey {
-                    at: at("a"),
-                    key: "address"
-                }
-            ),
+            (3, MapError::MissingKey { at: at("a"), key: "address" }),
             (
                 6,
                 MapError::UnknownKey {
                     at: at("a"),
                     key: "adress".into(),
-                    allowed:
-                        "name, kind, address, type, role, scale, word_order, writable, enum, unit"
+                    allowed: "name, kind, address, type, role, scale, word_order, writable, enum, unit"
                 }
             ),
         ]
@@ -217,15 +184,7 @@ fn wrong_toml_types_name_point_and_key() {
     assert_eq!(
         all,
         vec![
-            (
-                6,
-                MapError::WrongType {
-                    at: at("a"),
-                    key: "address".into(),
-                    expected: "an integer",
-                    found: "a string"
-                }
-            ),
+            (6, MapError::WrongType { at: at("a"), key: "address".into(), expected: "an integer", found: "a string" }),
             (
                 8,
                 MapError::WrongType {
@@ -235,49 +194,22 @@ fn wrong_toml_types_name_point_and_key() {
                     found: "a string"
                 }
             ),
-            (
-                9,
-                MapError::WrongType {
-                    at: at("a"),
-                    key: "unit".into(),
-                    expected: "a string",
-                    found: "a date/time"
-                }
-            ),
+            (9, MapError::WrongType { at: at("a"), key: "unit".into(), expected: "a string", found: "a date/time" }),
         ]
     );
 }
 
 #[test]
 fn bad_point_names() {
-    let text = with_header(&[
-        "[[points]]",
-        "name = \"good count\"",
-        "kind = \"holding\"",
-        "address = 0",
-        "type = \"u16\"",
-    ]);
+    let text =
+        with_header(&["[[points]]", "name = \"good count\"", "kind = \"holding\"", "address = 0", "type = \"u16\""]);
     let (line, e) = one_error(&text);
     assert_eq!(line, 4);
     assert!(matches!(e, MapError::InvalidValue { key: "name", .. }));
     // A point without a usable name is identified by its position.
-    let text = with_header(&[
-        "[[points]]",
-        "kind = \"holding\"",
-        "address = 0",
-        "type = \"u16\"",
-    ]);
+    let text = with_header(&["[[points]]", "kind = \"holding\"", "address = 0", "type = \"u16\""]);
     let (line, e) = one_error(&text);
-    assert_eq!(
-        (line, e),
-        (
-            3,
-            MapError::MissingKey {
-                at: "point `#1`".into(),
-                key: "name"
-            }
-        )
-    );
+    assert_eq!((line, e), (3, MapError::MissingKey { at: "point `#1`".into(), key: "name" }));
 }
 
 // ------------------------------------------------------------------ addresses and kinds
@@ -334,9 +266,7 @@ fn overlap_is_reported_on_the_later_point_even_when_it_has_the_lower_address() {
     ]);
     let (line, e) = one_error(&text);
     assert_eq!(line, 11);
-    assert!(
-        matches!(e, MapError::Overlap { ref point, ref other, .. } if point == "a" && other == "b")
-    );
+    assert!(matches!(e, MapError::Overlap { ref point, ref other, .. } if point == "a" && other == "b"));
 }
 
 #[test]
@@ -360,30 +290,15 @@ fn coils_overlap_on_equal_addresses_only() {
     ]);
     let (line, e) = one_error(&text);
     assert_eq!(line, 16);
-    assert!(
-        matches!(e, MapError::Overlap { ref point, ref other, .. } if point == "c" && other == "a")
-    );
+    assert!(matches!(e, MapError::Overlap { ref point, ref other, .. } if point == "c" && other == "a"));
 }
 
 #[test]
 fn type_too_wide_for_a_bit_kind() {
-    let text = with_header(&[
-        "[[points]]",
-        "name = \"lamp\"",
-        "kind = \"coil\"",
-        "address = 0",
-        "type = \"u32\"",
-    ]);
+    let text = with_header(&["[[points]]", "name = \"lamp\"", "kind = \"coil\"", "address = 0", "type = \"u32\""]);
     assert_eq!(
         one_error(&text),
-        (
-            7,
-            MapError::TypeNotAllowed {
-                point: "lamp".into(),
-                ty: DataType::U32,
-                kind: Kind::Coil
-            }
-        )
+        (7, MapError::TypeNotAllowed { point: "lamp".into(), ty: DataType::U32, kind: Kind::Coil })
     );
 }
 
@@ -426,14 +341,8 @@ fn reads_past_the_last_address() {
             }
         )
     );
-    assert!(matches!(
-        all[1],
-        (16, MapError::InvalidValue { key: "address", .. })
-    ));
-    assert!(matches!(
-        all[2],
-        (21, MapError::InvalidValue { key: "address", .. })
-    ));
+    assert!(matches!(all[1], (16, MapError::InvalidValue { key: "address", .. })));
+    assert!(matches!(all[2], (21, MapError::InvalidValue { key: "address", .. })));
 }
 
 #[test]
@@ -473,20 +382,8 @@ fn writable_only_on_holding_and_coil() {
     assert_eq!(
         errors(&text),
         vec![
-            (
-                8,
-                MapError::NotWritableKind {
-                    point: "a".into(),
-                    kind: Kind::Input
-                }
-            ),
-            (
-                14,
-                MapError::NotWritableKind {
-                    point: "b".into(),
-                    kind: Kind::Discrete
-                }
-            ),
+            (8, MapError::NotWritableKind { point: "a".into(), kind: Kind::Input }),
+            (14, MapError::NotWritableKind { point: "b".into(), kind: Kind::Discrete }),
         ]
     );
 }
@@ -507,16 +404,7 @@ fn duplicate_point_names() {
         "address = 1",
         "type = \"u16\"",
     ]);
-    assert_eq!(
-        one_error(&text),
-        (
-            9,
-            MapError::DuplicateName {
-                point: "a".into(),
-                first_line: 3
-            }
-        )
-    );
+    assert_eq!(one_error(&text), (9, MapError::DuplicateName { point: "a".into(), first_line: 3 }));
 }
 
 #[test]
@@ -537,15 +425,7 @@ fn a_role_used_twice() {
     ]);
     assert_eq!(
         one_error(&text),
-        (
-            14,
-            MapError::DuplicateRole {
-                point: "b".into(),
-                role: Role::Good,
-                other: "a".into(),
-                other_line: 3
-            }
-        )
+        (14, MapError::DuplicateRole { point: "b".into(), role: Role::Good, other: "a".into(), other_line: 3 })
     );
 }
 
@@ -576,43 +456,11 @@ fn counters_need_unsigned_types_and_no_scale_or_enum() {
     assert_eq!(
         errors(&text),
         vec![
-            (
-                7,
-                MapError::RoleType {
-                    point: "good".into(),
-                    role: Role::Good,
-                    ty: DataType::I32
-                }
-            ),
-            (
-                15,
-                MapError::RoleScale {
-                    point: "scrap".into(),
-                    role: Role::Scrap
-                }
-            ),
-            (
-                20,
-                MapError::RoleType {
-                    point: "boot".into(),
-                    role: Role::Boot,
-                    ty: DataType::F32
-                }
-            ),
-            (
-                22,
-                MapError::EnumOnNonInteger {
-                    point: "boot".into(),
-                    ty: DataType::F32
-                }
-            ),
-            (
-                22,
-                MapError::RoleEnum {
-                    point: "boot".into(),
-                    role: Role::Boot
-                }
-            ),
+            (7, MapError::RoleType { point: "good".into(), role: Role::Good, ty: DataType::I32 }),
+            (15, MapError::RoleScale { point: "scrap".into(), role: Role::Scrap }),
+            (20, MapError::RoleType { point: "boot".into(), role: Role::Boot, ty: DataType::F32 }),
+            (22, MapError::EnumOnNonInteger { point: "boot".into(), ty: DataType::F32 }),
+            (22, MapError::RoleEnum { point: "boot".into(), role: Role::Boot }),
         ]
     );
 }
@@ -627,10 +475,7 @@ fn state_without_enum() {
         "type = \"u16\"",
         "role = \"state\"",
     ]);
-    assert_eq!(
-        one_error(&text),
-        (8, MapError::StateWithoutEnum { point: "s".into() })
-    );
+    assert_eq!(one_error(&text), (8, MapError::StateWithoutEnum { point: "s".into() }));
 }
 
 #[test]
@@ -647,16 +492,7 @@ fn state_labels_must_be_mes_states() {
         "1 = \"runing\"",
         "2 = \"running\"",
     ]);
-    assert_eq!(
-        one_error(&text),
-        (
-            11,
-            MapError::StateLabel {
-                point: "s".into(),
-                label: "runing".into()
-            }
-        )
-    );
+    assert_eq!(one_error(&text), (11, MapError::StateLabel { point: "s".into(), label: "runing".into() }));
 }
 
 #[test]
@@ -678,20 +514,8 @@ fn target_and_command_must_be_writable() {
     assert_eq!(
         errors(&text),
         vec![
-            (
-                8,
-                MapError::RoleNotWritable {
-                    point: "target".into(),
-                    role: Role::Target
-                }
-            ),
-            (
-                14,
-                MapError::RoleNotWritable {
-                    point: "cmd".into(),
-                    role: Role::Command
-                }
-            ),
+            (8, MapError::RoleNotWritable { point: "target".into(), role: Role::Target }),
+            (14, MapError::RoleNotWritable { point: "cmd".into(), role: Role::Command }),
         ]
     );
 }
@@ -709,14 +533,7 @@ fn roles_on_bit_points_are_rejected_by_type() {
     ]);
     assert_eq!(
         one_error(&text),
-        (
-            7,
-            MapError::RoleType {
-                point: "run".into(),
-                role: Role::Command,
-                ty: DataType::Bool
-            }
-        )
+        (7, MapError::RoleType { point: "run".into(), role: Role::Command, ty: DataType::Bool })
     );
 }
 
@@ -740,20 +557,11 @@ fn enum_keys_must_be_integers() {
     let keys: Vec<(usize, String)> = all
         .into_iter()
         .map(|(line, e)| match e {
-            MapError::EnumKey {
-                key, max: 65535, ..
-            } => (line, key),
+            MapError::EnumKey { key, max: 65535, .. } => (line, key),
             other => panic!("unexpected {other:?}"),
         })
         .collect();
-    assert_eq!(
-        keys,
-        vec![
-            (10, "auto".to_string()),
-            (11, "70000".to_string()),
-            (12, "-1".to_string()),
-        ]
-    );
+    assert_eq!(keys, vec![(10, "auto".to_string()), (11, "70000".to_string()), (12, "-1".to_string()),]);
 }
 
 #[test]
@@ -769,15 +577,9 @@ fn enum_keys_must_fit_a_signed_type_and_must_not_repeat() {
     let all = errors(&text);
     assert_eq!(all.len(), 3, "{all:#?}");
     assert!(all.iter().all(|(line, _)| *line == 8));
-    assert!(all
-        .iter()
-        .any(|(_, e)| matches!(e, MapError::EnumDuplicate { .. })));
-    assert!(all
-        .iter()
-        .any(|(_, e)| matches!(e, MapError::EnumKey { key, max: 32767, .. } if key == "40000")));
-    assert!(all
-        .iter()
-        .any(|(_, e)| matches!(e, MapError::EnumLabel { key, .. } if key == "2")));
+    assert!(all.iter().any(|(_, e)| matches!(e, MapError::EnumDuplicate { .. })));
+    assert!(all.iter().any(|(_, e)| matches!(e, MapError::EnumKey { key, max: 32767, .. } if key == "40000")));
+    assert!(all.iter().any(|(_, e)| matches!(e, MapError::EnumLabel { key, .. } if key == "2")));
 }
 
 #[test]
@@ -790,16 +592,7 @@ fn enum_on_a_non_integer_type() {
         "type = \"bool\"",
         "enum = { 0 = \"off\", 1 = \"on\" }",
     ]);
-    assert_eq!(
-        one_error(&text),
-        (
-            8,
-            MapError::EnumOnNonInteger {
-                point: "flag".into(),
-                ty: DataType::Bool
-            }
-        )
-    );
+    assert_eq!(one_error(&text), (8, MapError::EnumOnNonInteger { point: "flag".into(), ty: DataType::Bool }));
     let text = with_header(&[
         "[[points]]",
         "name = \"t\"",
@@ -848,10 +641,7 @@ fn scale_rules() {
     assert_eq!(all.len(), 4, "{all:#?}");
     assert!(matches!(all[0], (8, MapError::ScaleNotAllowed { .. })));
     assert!(matches!(all[1], (15, MapError::ScaleNotAllowed { .. })));
-    assert!(matches!(
-        all[2],
-        (21, MapError::InvalidValue { key: "scale", .. })
-    ));
+    assert!(matches!(all[2], (21, MapError::InvalidValue { key: "scale", .. })));
     assert!(matches!(all[3], (27, MapError::WrongType { .. })));
 }
 
@@ -865,16 +655,7 @@ fn word_order_on_a_single_register_type() {
         "type = \"i16\"",
         "word_order = \"CDAB\"",
     ]);
-    assert_eq!(
-        one_error(&text),
-        (
-            8,
-            MapError::WordOrderUnused {
-                point: "a".into(),
-                ty: DataType::I16
-            }
-        )
-    );
+    assert_eq!(one_error(&text), (8, MapError::WordOrderUnused { point: "a".into(), ty: DataType::I16 }));
 }
 
 // ------------------------------------------------------- whole-file behaviour, formats
@@ -910,10 +691,7 @@ fn all_problems_are_collected_sorted_and_displayed_with_file_and_line() {
         "maps/bad.toml:8: point `a`: key `type`: `u16` does not fit a coil point; \
          coils and discrete inputs carry only `bool`"
     );
-    assert_eq!(
-        shown[2],
-        "maps/bad.toml:10: point `a`: duplicate point name (first defined on line 4)"
-    );
+    assert_eq!(shown[2], "maps/bad.toml:10: point `a`: duplicate point name (first defined on line 4)");
     assert_eq!(
         shown[3],
         "maps/bad.toml:14: point `a`: key `role`: role `state` needs an `enum` table \
@@ -964,10 +742,7 @@ fn inline_points_dotted_enum_keys_and_defaults_work() {
         "enum.1 = \"running\"",
     ]));
     let state = &map.points[0];
-    assert_eq!(
-        state.enum_values.get(&1).map(String::as_str),
-        Some("running")
-    );
+    assert_eq!(state.enum_values.get(&1).map(String::as_str), Some("running"));
     assert_eq!(state.wrap_bits(), Some(16));
 }
 

@@ -41,9 +41,7 @@ pub struct Store {
 
 /// Normalizes a SQLite URL so the file (and its directory) is created on first use.
 fn sqlite_url(url: &str) -> Result<String, DbError> {
-    let rest = url
-        .trim_start_matches("sqlite://")
-        .trim_start_matches("sqlite:");
+    let rest = url.trim_start_matches("sqlite://").trim_start_matches("sqlite:");
     let (path, query) = rest.split_once('?').unwrap_or((rest, ""));
     if path != ":memory:" && !path.is_empty() {
         if let Some(dir) = std::path::Path::new(path).parent() {
@@ -64,18 +62,13 @@ impl Store {
     /// Connects (with a bounded wait) and returns the store; does not migrate.
     pub async fn connect(url: &str, max_connections: u32) -> Result<Store, DbError> {
         sqlx::any::install_default_drivers();
-        let backend = if url.starts_with("sqlite:") {
-            Backend::Sqlite
-        } else {
-            Backend::Postgres
-        };
+        let backend = if url.starts_with("sqlite:") { Backend::Sqlite } else { Backend::Postgres };
         let url = match backend {
             Backend::Sqlite => sqlite_url(url)?,
             Backend::Postgres => url.to_string(),
         };
-        let opts = AnyPoolOptions::new()
-            .max_connections(max_connections.max(2))
-            .acquire_timeout(Duration::from_secs(10));
+        let opts =
+            AnyPoolOptions::new().max_connections(max_connections.max(2)).acquire_timeout(Duration::from_secs(10));
         let opts = match backend {
             Backend::Sqlite => opts.after_connect(|conn, _meta| {
                 Box::pin(async move {
@@ -101,13 +94,10 @@ impl Store {
     }
 
     pub async fn ping(&self) -> bool {
-        tokio::time::timeout(
-            Duration::from_secs(2),
-            sqlx::query("SELECT 1").execute(&self.pool),
-        )
-        .await
-        .map(|r| r.is_ok())
-        .unwrap_or(false)
+        tokio::time::timeout(Duration::from_secs(2), sqlx::query("SELECT 1").execute(&self.pool))
+            .await
+            .map(|r| r.is_ok())
+            .unwrap_or(false)
     }
 
     /// Upserts the plant's master data in one transaction. Buffers keep their balances:
@@ -126,10 +116,7 @@ impl Store {
             .await?;
         }
         for b in &plant.boms {
-            sqlx::query("DELETE FROM bom_lines WHERE sku = $1")
-                .bind(&b.sku)
-                .execute(&mut *tx)
-                .await?;
+            sqlx::query("DELETE FROM bom_lines WHERE sku = $1").bind(&b.sku).execute(&mut *tx).await?;
             for c in &b.components {
                 sqlx::query("INSERT INTO bom_lines (sku, component, quantity) VALUES ($1, $2, $3)")
                     .bind(&b.sku)
@@ -168,10 +155,7 @@ impl Store {
             .bind(w.conversion_rate_per_hour.map(|m| m.minor()).unwrap_or(0))
             .execute(&mut *tx)
             .await?;
-            sqlx::query("DELETE FROM work_center_inputs WHERE work_center = $1")
-                .bind(&w.id)
-                .execute(&mut *tx)
-                .await?;
+            sqlx::query("DELETE FROM work_center_inputs WHERE work_center = $1").bind(&w.id).execute(&mut *tx).await?;
             for i in &w.inputs {
                 sqlx::query("INSERT INTO work_center_inputs (work_center, buffer) VALUES ($1, $2)")
                     .bind(&w.id)

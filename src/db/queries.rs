@@ -86,8 +86,7 @@ impl From<sqlx::Error> for CommandError {
     }
 }
 
-const ORDER_COLS: &str =
-    "id, sku, quantity, work_center, status, good, scrap, due, priority, created_ms, updated_ms";
+const ORDER_COLS: &str = "id, sku, quantity, work_center, status, good, scrap, due, priority, created_ms, updated_ms";
 const WC_COLS: &str =
     "id, name, device_id, device_kind, output_buffer, ideal_cycle_ms, state, reason, current_order, good_total, scrap_total, last_seen_ms";
 
@@ -127,38 +126,26 @@ fn wc_row(r: &AnyRow) -> Result<WorkCenterRow, sqlx::Error> {
 impl Store {
     pub async fn work_centers(&self) -> Result<Vec<WorkCenterRow>, DbError> {
         let sql = format!("SELECT {WC_COLS} FROM work_centers ORDER BY id");
-        let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
-            .fetch_all(&self.pool)
-            .await?;
+        let rows = sqlx::query(sqlx::AssertSqlSafe(sql)).fetch_all(&self.pool).await?;
         Ok(rows.iter().map(wc_row).collect::<Result<_, _>>()?)
     }
 
     pub async fn work_center(&self, id: &str) -> Result<Option<WorkCenterRow>, DbError> {
         let sql = format!("SELECT {WC_COLS} FROM work_centers WHERE id = $1");
-        let row = sqlx::query(sqlx::AssertSqlSafe(sql))
-            .bind(id)
-            .fetch_optional(&self.pool)
-            .await?;
+        let row = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(id).fetch_optional(&self.pool).await?;
         Ok(row.as_ref().map(wc_row).transpose()?)
     }
 
     /// Device cursors, to rebuild the work-center actors.
     pub async fn cursors(&self) -> Result<BTreeMap<String, Cursor>, DbError> {
-        let rows = sqlx::query("SELECT device, boot, seq, good, scrap FROM device_cursors")
-            .fetch_all(&self.pool)
-            .await?;
+        let rows =
+            sqlx::query("SELECT device, boot, seq, good, scrap FROM device_cursors").fetch_all(&self.pool).await?;
         let mut out = BTreeMap::new();
         for r in rows {
-            let get =
-                |c: &str| -> Result<u64, sqlx::Error> { Ok(r.try_get::<i64, _>(c)?.max(0) as u64) };
+            let get = |c: &str| -> Result<u64, sqlx::Error> { Ok(r.try_get::<i64, _>(c)?.max(0) as u64) };
             out.insert(
                 r.try_get::<String, _>("device")?,
-                Cursor {
-                    boot: get("boot")?,
-                    seq: get("seq")?,
-                    good: get("good")?,
-                    scrap: get("scrap")?,
-                },
+                Cursor { boot: get("boot")?, seq: get("seq")?, good: get("good")?, scrap: get("scrap")? },
             );
         }
         Ok(out)
@@ -168,19 +155,11 @@ impl Store {
         let rows = match status {
             Some(s) => {
                 let sql = format!("SELECT {ORDER_COLS} FROM orders WHERE status = $1 ORDER BY created_ms, id LIMIT $2");
-                sqlx::query(sqlx::AssertSqlSafe(sql))
-                    .bind(s)
-                    .bind(limit)
-                    .fetch_all(&self.pool)
-                    .await?
+                sqlx::query(sqlx::AssertSqlSafe(sql)).bind(s).bind(limit).fetch_all(&self.pool).await?
             }
             None => {
-                let sql =
-                    format!("SELECT {ORDER_COLS} FROM orders ORDER BY created_ms, id LIMIT $1");
-                sqlx::query(sqlx::AssertSqlSafe(sql))
-                    .bind(limit)
-                    .fetch_all(&self.pool)
-                    .await?
+                let sql = format!("SELECT {ORDER_COLS} FROM orders ORDER BY created_ms, id LIMIT $1");
+                sqlx::query(sqlx::AssertSqlSafe(sql)).bind(limit).fetch_all(&self.pool).await?
             }
         };
         Ok(rows.iter().map(order_row).collect::<Result<_, _>>()?)
@@ -188,24 +167,16 @@ impl Store {
 
     pub async fn order(&self, id: &str) -> Result<Option<OrderRow>, DbError> {
         let sql = format!("SELECT {ORDER_COLS} FROM orders WHERE id = $1");
-        let row = sqlx::query(sqlx::AssertSqlSafe(sql))
-            .bind(id)
-            .fetch_optional(&self.pool)
-            .await?;
+        let row = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(id).fetch_optional(&self.pool).await?;
         Ok(row.as_ref().map(order_row).transpose()?)
     }
 
     /// Material consumed by an order: BOM × (good + scrap) per component.
-    pub async fn order_consumption(
-        &self,
-        order: &OrderRow,
-    ) -> Result<BTreeMap<String, i64>, DbError> {
-        let rows = sqlx::query(
-            "SELECT component, quantity FROM bom_lines WHERE sku = $1 ORDER BY component",
-        )
-        .bind(&order.sku)
-        .fetch_all(&self.pool)
-        .await?;
+    pub async fn order_consumption(&self, order: &OrderRow) -> Result<BTreeMap<String, i64>, DbError> {
+        let rows = sqlx::query("SELECT component, quantity FROM bom_lines WHERE sku = $1 ORDER BY component")
+            .bind(&order.sku)
+            .fetch_all(&self.pool)
+            .await?;
         let mut out = BTreeMap::new();
         for r in rows {
             let q: i64 = r.try_get("quantity")?;
@@ -215,28 +186,18 @@ impl Store {
     }
 
     pub async fn sku_exists(&self, sku: &str) -> Result<bool, DbError> {
-        let r = sqlx::query("SELECT sku FROM materials WHERE sku = $1")
-            .bind(sku)
-            .fetch_optional(&self.pool)
-            .await?;
+        let r = sqlx::query("SELECT sku FROM materials WHERE sku = $1").bind(sku).fetch_optional(&self.pool).await?;
         Ok(r.is_some())
     }
 
     /// A stored response for an idempotency key, if the key was used before.
-    pub async fn idempotent_response(
-        &self,
-        key: &str,
-    ) -> Result<Option<(String, i64, String)>, DbError> {
+    pub async fn idempotent_response(&self, key: &str) -> Result<Option<(String, i64, String)>, DbError> {
         let r = sqlx::query("SELECT scope, status, body FROM idempotency WHERE key = $1")
             .bind(key)
             .fetch_optional(&self.pool)
             .await?;
         Ok(match r {
-            Some(r) => Some((
-                r.try_get("scope")?,
-                r.try_get("status")?,
-                r.try_get("body")?,
-            )),
+            Some(r) => Some((r.try_get("scope")?, r.try_get("status")?, r.try_get("body")?)),
             None => None,
         })
     }
@@ -295,33 +256,22 @@ impl Store {
 
     /// Applies a planner command with a conditional update: the database decides races.
     /// Releasing an order for a work center that has no open current order makes it current.
-    pub async fn order_command(
-        &self,
-        id: &str,
-        cmd: OrderCommand,
-    ) -> Result<(OrderRow, bool), CommandError> {
+    pub async fn order_command(&self, id: &str, cmd: OrderCommand) -> Result<(OrderRow, bool), CommandError> {
         for _ in 0..5 {
             let Some(order) = self.order(id).await? else {
-                return Err(CommandError::NotFound(format!(
-                    "order `{id}` does not exist"
-                )));
+                return Err(CommandError::NotFound(format!("order `{id}` does not exist")));
             };
-            let from: OrderStatus = order
-                .status
-                .parse()
-                .map_err(|e: String| CommandError::Conflict(e))?;
+            let from: OrderStatus = order.status.parse().map_err(|e: String| CommandError::Conflict(e))?;
             let to = from.apply(cmd)?;
             let now = crate::now_ms();
             let mut tx = self.pool.begin().await?;
-            let res = sqlx::query(
-                "UPDATE orders SET status = $1, updated_ms = $2 WHERE id = $3 AND status = $4",
-            )
-            .bind(to.as_str())
-            .bind(now)
-            .bind(id)
-            .bind(from.as_str())
-            .execute(&mut *tx)
-            .await?;
+            let res = sqlx::query("UPDATE orders SET status = $1, updated_ms = $2 WHERE id = $3 AND status = $4")
+                .bind(to.as_str())
+                .bind(now)
+                .bind(id)
+                .bind(from.as_str())
+                .execute(&mut *tx)
+                .await?;
             if res.rows_affected() == 0 {
                 continue; // raced with another change: look again
             }
@@ -338,22 +288,17 @@ impl Store {
                 made_current = r.rows_affected() > 0;
             }
             tx.commit().await?;
-            let order = self
-                .order(id)
-                .await?
-                .ok_or_else(|| CommandError::NotFound(format!("order `{id}` vanished")))?;
+            let order =
+                self.order(id).await?.ok_or_else(|| CommandError::NotFound(format!("order `{id}` vanished")))?;
             return Ok((order, made_current));
         }
-        Err(CommandError::Conflict(format!(
-            "order `{id}` is changing too fast; try again"
-        )))
+        Err(CommandError::Conflict(format!("order `{id}` is changing too fast; try again")))
     }
 
     pub async fn buffers(&self) -> Result<Vec<BufferRow>, DbError> {
-        let rows =
-            sqlx::query("SELECT id, sku, capacity, on_hand, reserved FROM buffers ORDER BY id")
-                .fetch_all(&self.pool)
-                .await?;
+        let rows = sqlx::query("SELECT id, sku, capacity, on_hand, reserved FROM buffers ORDER BY id")
+            .fetch_all(&self.pool)
+            .await?;
         let mut out = Vec::with_capacity(rows.len());
         for r in rows {
             let on_hand: i64 = r.try_get("on_hand")?;
@@ -371,10 +316,11 @@ impl Store {
     }
 
     pub async fn dead_letters(&self, limit: i64) -> Result<Vec<DeadLetterRow>, DbError> {
-        let rows = sqlx::query("SELECT id, received_ms, topic, reason, payload FROM dead_letters ORDER BY id DESC LIMIT $1")
-            .bind(limit)
-            .fetch_all(&self.pool)
-            .await?;
+        let rows =
+            sqlx::query("SELECT id, received_ms, topic, reason, payload FROM dead_letters ORDER BY id DESC LIMIT $1")
+                .bind(limit)
+                .fetch_all(&self.pool)
+                .await?;
         let mut out = Vec::with_capacity(rows.len());
         for r in rows {
             out.push(DeadLetterRow {
@@ -388,23 +334,15 @@ impl Store {
         Ok(out)
     }
 
-    pub async fn audit(
-        &self,
-        actor: &str,
-        action: &str,
-        target: &str,
-        detail: &str,
-    ) -> Result<(), DbError> {
-        sqlx::query(
-            "INSERT INTO audit (ts_ms, actor, action, target, detail) VALUES ($1, $2, $3, $4, $5)",
-        )
-        .bind(crate::now_ms())
-        .bind(actor)
-        .bind(action)
-        .bind(target)
-        .bind(detail)
-        .execute(&self.pool)
-        .await?;
+    pub async fn audit(&self, actor: &str, action: &str, target: &str, detail: &str) -> Result<(), DbError> {
+        sqlx::query("INSERT INTO audit (ts_ms, actor, action, target, detail) VALUES ($1, $2, $3, $4, $5)")
+            .bind(crate::now_ms())
+            .bind(actor)
+            .bind(action)
+            .bind(target)
+            .bind(detail)
+            .execute(&self.pool)
+            .await?;
         Ok(())
     }
 }

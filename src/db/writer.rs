@@ -30,10 +30,12 @@ pub enum Work {
     Counted(Box<Delta>),
     /// Nothing to commit, but the acknowledgement must still wait its turn.
     Duplicate,
+    /// `redelivered`: the source flagged it as a redelivery; kept once only.
     DeadLetter {
         topic: String,
         reason: String,
         payload: String,
+        redelivered: bool,
     },
 }
 
@@ -41,8 +43,8 @@ pub enum Work {
 #[derive(Debug)]
 pub enum Completion {
     None,
-    /// Acknowledge this MQTT publish to the broker.
-    Mqtt(rumqttc::Publish),
+    /// Acknowledge this MQTT publish to the broker (in receive order, see `ingest::mqtt`).
+    Mqtt(MqttAck),
     /// Tell a waiting task (Modbus poller, tests).
     Notify(oneshot::Sender<()>),
 }
@@ -56,8 +58,20 @@ pub struct Job {
     pub slot: Option<crate::ingest::InFlight>,
 }
 
-/// Sends MQTT acknowledgements after commit, in commit order.
-pub type AckSender = mpsc::Sender<Vec<rumqttc::Publish>>;
+/// A committed (or abandoned) MQTT publish, tagged with its place in the connection's
+/// receive order so that acknowledgements go out in that order, as MQTT requires.
+#[derive(Debug)]
+pub struct MqttAck {
+    /// Connection generation (bumped at every ConnAck).
+    pub generation: u64,
+    /// Position among the QoS 1 publishes received on that connection.
+    pub n: u64,
+    /// `None`: not committed (abandoned); let later acknowledgements pass.
+    pub publish: Option<rumqttc::Publish>,
+}
+
+/// Sends MQTT acknowledgements after commit.
+pub type AckSender = mpsc::Sender<Vec<MqttAck>>;
 
 pub struct Writer {
     store: Store,
@@ -77,14 +91,7 @@ impl Writer {
         events: Events,
         batch_max: usize,
     ) -> Self {
-        Self {
-            store,
-            rx,
-            acks,
-            metrics,
-            events,
-            batch_max,
-        }
+        Self { store, rx, acks, metrics, events, batch_max }
     }
 
     /// Runs until every sender is gone and the queue is drained.
@@ -102,9 +109,7 @@ impl Writer {
                     Err(_) => break,
                 }
             }
-            self.metrics
-                .writer_queue
-                .store(self.rx.len() as i64, Relaxed);
+            self.metrics.writer_queue.store(self.rx.len() as i64, Relaxed);
             self.commit_with_retry(&mut batch).await;
         }
         tracing::info!("writer drained and stopped");
@@ -116,15 +121,12 @@ impl Writer {
             let started = Instant::now();
             match commit(&self.store, batch).await {
                 Ok(summary) => {
-                    self.metrics
-                        .commit_latency
-                        .observe(started.elapsed().as_secs_f64());
+                    self.metrics.commit_latency.observe(started.elapsed().as_secs_f64());
                     self.metrics.commits.fetch_add(1, Relaxed);
-                    self.metrics
-                        .committed_jobs
-                        .fetch_add(batch.len() as u64, Relaxed);
+                    self.metrics.committed_jobs.fetch_add(batch.len() as u64, Relaxed);
                     self.metrics.good_units.fetch_add(summary.good, Relaxed);
                     self.metrics.scrap_units.fetch_add(summary.scrap, Relaxed);
+                    self.metrics.dead_letters.fetch_add(summary.dead_letters, Relaxed);
                     self.metrics.writer_healthy.store(true, Relaxed);
                     for e in summary.events {
                         self.events.publish(e);
@@ -167,6 +169,7 @@ impl Writer {
 
 #[derive(Default)]
 struct Summary {
+    dead_letters: u64,
     good: u64,
     scrap: u64,
     events: Vec<serde_json::Value>,
@@ -236,11 +239,7 @@ async fn commit(store: &Store, batch: &[Job]) -> Result<Summary, DbError> {
                 .bind(d.state.as_str());
         }
         for row in q.fetch_all(&mut *tx).await? {
-            inserted.insert((
-                row.try_get("device")?,
-                row.try_get("boot")?,
-                row.try_get("seq")?,
-            ));
+            inserted.insert((row.try_get("device")?, row.try_get("boot")?, row.try_get("seq")?));
         }
     }
 
@@ -334,48 +333,53 @@ async fn commit(store: &Store, batch: &[Job]) -> Result<Summary, DbError> {
         } else {
             from
         };
-        sqlx::query("UPDATE orders SET good = good + $1, scrap = scrap + $2, status = $3, updated_ms = $4 WHERE id = $5")
-            .bind(*good)
-            .bind(*scrap)
-            .bind(to.as_str())
-            .bind(now)
-            .bind(*order)
-            .execute(&mut *tx)
-            .await?;
+        sqlx::query(
+            "UPDATE orders SET good = good + $1, scrap = scrap + $2, status = $3, updated_ms = $4 WHERE id = $5",
+        )
+        .bind(*good)
+        .bind(*scrap)
+        .bind(to.as_str())
+        .bind(now)
+        .bind(*order)
+        .execute(&mut *tx)
+        .await?;
         if to != from {
-            summary.events.push(serde_json::json!({"type": "order_status", "order": order, "from": from.as_str(), "to": to.as_str()}));
+            summary.events.push(
+                serde_json::json!({"type": "order_status", "order": order, "from": from.as_str(), "to": to.as_str()}),
+            );
         }
     }
 
     // 6. State changes, for availability and the six big losses.
     for (d, ts) in &state_changes {
-        sqlx::query(
-            "INSERT INTO state_changes (work_center, state, reason, ts_ms) VALUES ($1, $2, $3, $4)",
-        )
-        .bind(d.work_center.as_str())
-        .bind(d.state.as_str())
-        .bind(d.reason.as_deref())
-        .bind(*ts)
-        .execute(&mut *tx)
-        .await?;
+        sqlx::query("INSERT INTO state_changes (work_center, state, reason, ts_ms) VALUES ($1, $2, $3, $4)")
+            .bind(d.work_center.as_str())
+            .bind(d.state.as_str())
+            .bind(d.reason.as_deref())
+            .bind(*ts)
+            .execute(&mut *tx)
+            .await?;
         summary.events.push(serde_json::json!({"type": "state", "work_center": d.work_center, "state": d.state.as_str(), "reason": d.reason}));
     }
 
     // 7. Dead letters.
     for j in batch {
-        if let Work::DeadLetter {
-            topic,
-            reason,
-            payload,
-        } = &j.work
-        {
-            sqlx::query("INSERT INTO dead_letters (received_ms, topic, reason, payload) VALUES ($1, $2, $3, $4)")
+        if let Work::DeadLetter { topic, reason, payload, redelivered } = &j.work {
+            // A redelivery of a dead letter already kept is not kept twice.
+            let sql = if *redelivered {
+                "INSERT INTO dead_letters (received_ms, topic, reason, payload) SELECT $1, $2, $3, $4
+                 WHERE NOT EXISTS (SELECT 1 FROM dead_letters WHERE topic = $2 AND payload = $4)"
+            } else {
+                "INSERT INTO dead_letters (received_ms, topic, reason, payload) VALUES ($1, $2, $3, $4)"
+            };
+            let r = sqlx::query(sql)
                 .bind(j.received_ms)
                 .bind(topic.as_str())
                 .bind(reason.as_str())
                 .bind(payload.as_str())
                 .execute(&mut *tx)
                 .await?;
+            summary.dead_letters += r.rows_affected();
         }
     }
 

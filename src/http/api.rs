@@ -62,11 +62,7 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
 }
 
 pub async fn not_found(req: HttpRequest) -> Res {
-    Err(ApiError::not_found(format!(
-        "no route for {} {}",
-        req.method(),
-        req.path()
-    )))
+    Err(ApiError::not_found(format!("no route for {} {}", req.method(), req.path())))
 }
 
 async fn healthz() -> HttpResponse {
@@ -87,21 +83,15 @@ async fn readyz(st: State) -> HttpResponse {
 }
 
 async fn metrics(st: State) -> HttpResponse {
-    HttpResponse::Ok()
-        .content_type("text/plain; version=0.0.4")
-        .body(st.metrics.render())
+    HttpResponse::Ok().content_type("text/plain; version=0.0.4").body(st.metrics.render())
 }
 
 async fn openapi() -> HttpResponse {
-    HttpResponse::Ok()
-        .content_type("application/json")
-        .body(crate::openapi::DOCUMENT)
+    HttpResponse::Ok().content_type("application/json").body(crate::openapi::DOCUMENT)
 }
 
 async fn dashboard() -> HttpResponse {
-    HttpResponse::Ok()
-        .content_type("text/html; charset=utf-8")
-        .body(crate::dashboard::PAGE)
+    HttpResponse::Ok().content_type("text/html; charset=utf-8").body(crate::dashboard::PAGE)
 }
 
 fn wc_json(w: &WorkCenterRow, now: i64) -> Value {
@@ -143,12 +133,7 @@ struct CommandBody {
     cmd: String,
 }
 
-async fn post_command(
-    req: HttpRequest,
-    st: State,
-    id: web::Path<String>,
-    body: web::Json<CommandBody>,
-) -> Res {
+async fn post_command(req: HttpRequest, st: State, id: web::Path<String>, body: web::Json<CommandBody>) -> Res {
     let caller = st.auth.check(&req, Role::Operator)?;
     if !matches!(body.cmd.as_str(), "start" | "stop") {
         return Err(ApiError::unprocessable(
@@ -167,14 +152,12 @@ async fn post_command(
         (Some(m), "mqtt") => m.command(&w.device_id, &msg).await,
         (_, kind) => Err(format!("commands to {kind} devices are not available")),
     };
-    let detail = json!({"cmd": body.cmd, "id": cmd_id, "device": w.device_id, "result": result.as_ref().err()}).to_string();
-    st.store
-        .audit(&caller.name, "command", &w.id, &detail)
-        .await?;
+    let detail =
+        json!({"cmd": body.cmd, "id": cmd_id, "device": w.device_id, "result": result.as_ref().err()}).to_string();
+    st.store.audit(&caller.name, "command", &w.id, &detail).await?;
     match result {
-        Ok(()) => Ok(HttpResponse::Accepted().json(
-            json!({"id": cmd_id, "cmd": body.cmd, "work_center": w.id, "device": w.device_id}),
-        )),
+        Ok(()) => Ok(HttpResponse::Accepted()
+            .json(json!({"id": cmd_id, "cmd": body.cmd, "work_center": w.id, "device": w.device_id}))),
         Err(e) => Err(ApiError::unavailable(e)),
     }
 }
@@ -214,27 +197,17 @@ async fn list_orders(req: HttpRequest, st: State, q: web::Query<OrdersQuery>) ->
 
 async fn get_order(req: HttpRequest, st: State, id: web::Path<String>) -> Res {
     st.auth.check(&req, Role::Viewer)?;
-    let o = st
-        .store
-        .order(&id)
-        .await?
-        .ok_or_else(|| ApiError::not_found(format!("order `{id}` does not exist")))?;
+    let o = st.store.order(&id).await?.ok_or_else(|| ApiError::not_found(format!("order `{id}` does not exist")))?;
     Ok(HttpResponse::Ok().json(order_json(&st, &o).await?))
 }
 
 fn valid_id(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 64
-        && s.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+    !s.is_empty() && s.len() <= 64 && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
 }
 
 async fn create_order(req: HttpRequest, st: State, body: web::Json<Value>) -> Res {
     st.auth.check(&req, Role::Planner)?;
-    let idem = req
-        .headers()
-        .get("idempotency-key")
-        .map(|v| v.to_str().map(str::to_string));
+    let idem = req.headers().get("idempotency-key").map(|v| v.to_str().map(str::to_string));
     let idem = match idem {
         None => None,
         Some(Ok(k)) if !k.is_empty() && k.len() <= 200 => Some(k),
@@ -254,24 +227,16 @@ async fn create_order(req: HttpRequest, st: State, body: web::Json<Value>) -> Re
                 ));
             }
             let status = StatusCode::from_u16(status as u16).unwrap_or(StatusCode::CREATED);
-            return Ok(HttpResponse::build(status)
-                .content_type("application/json")
-                .body(body));
+            return Ok(HttpResponse::build(status).content_type("application/json").body(body));
         }
     }
     let o = parse_new_order(&body)?;
     if !st.store.sku_exists(&o.sku).await? {
-        return Err(ApiError::unprocessable(
-            "unknown_sku",
-            format!("sku `{}` is not a material of this plant", o.sku),
-        ));
+        return Err(ApiError::unprocessable("unknown_sku", format!("sku `{}` is not a material of this plant", o.sku)));
     }
     if let Some(wc) = &o.work_center {
         if st.store.work_center(wc).await?.is_none() {
-            return Err(ApiError::unprocessable(
-                "unknown_work_center",
-                format!("work center `{wc}` does not exist"),
-            ));
+            return Err(ApiError::unprocessable("unknown_work_center", format!("work center `{wc}` does not exist")));
         }
     }
     let consumed_zero: BTreeMap<String, i64> = BTreeMap::new();
@@ -281,57 +246,39 @@ async fn create_order(req: HttpRequest, st: State, body: web::Json<Value>) -> Re
                "created_at": rfc3339(row.created_ms), "updated_at": rfc3339(row.updated_ms)})
         .to_string()
     };
-    let created = match st
-        .store
-        .create_order(&o, idem.as_deref().map(|k| (k, "POST /orders")), render)
-        .await
-    {
+    let created = match st.store.create_order(&o, idem.as_deref().map(|k| (k, "POST /orders")), render).await {
         Ok(c) => c,
         Err(e) => {
             // A concurrent request with the same key won the race: answer with its result.
             if let Some(k) = &idem {
                 if let Some((_, status, body)) = st.store.idempotent_response(k).await? {
                     let status = StatusCode::from_u16(status as u16).unwrap_or(StatusCode::CREATED);
-                    return Ok(HttpResponse::build(status)
-                        .content_type("application/json")
-                        .body(body));
+                    return Ok(HttpResponse::build(status).content_type("application/json").body(body));
                 }
             }
             return Err(e.into());
         }
     };
     let Some(row) = created else {
-        return Err(ApiError::conflict(
-            "order_exists",
-            format!("order `{}` already exists", o.id),
-        ));
+        return Err(ApiError::conflict("order_exists", format!("order `{}` already exists", o.id)));
     };
     tracing::info!(order = %row.id, sku = %row.sku, quantity = row.quantity, "order created");
-    st.events
-        .publish(json!({"type": "order_created", "order": row.id}));
+    st.events.publish(json!({"type": "order_created", "order": row.id}));
     Ok(HttpResponse::Created().json(order_json(&st, &row).await?))
 }
 
 fn parse_new_order(v: &Value) -> Result<NewOrder, ApiError> {
-    let obj = v
-        .as_object()
-        .ok_or_else(|| ApiError::bad_request("invalid_body", "the body must be a JSON object"))?;
+    let obj = v.as_object().ok_or_else(|| ApiError::bad_request("invalid_body", "the body must be a JSON object"))?;
     for k in obj.keys() {
         if !["id", "sku", "quantity", "due", "priority", "work_center"].contains(&k.as_str()) {
-            return Err(ApiError::unprocessable(
-                "unknown_field",
-                format!("unknown field `{k}`"),
-            ));
+            return Err(ApiError::unprocessable("unknown_field", format!("unknown field `{k}`")));
         }
     }
     let str_field = |k: &str| -> Result<Option<String>, ApiError> {
         match obj.get(k) {
             None | Some(Value::Null) => Ok(None),
             Some(Value::String(s)) => Ok(Some(s.clone())),
-            Some(_) => Err(ApiError::unprocessable(
-                "invalid_field",
-                format!("`{k}` must be a string"),
-            )),
+            Some(_) => Err(ApiError::unprocessable("invalid_field", format!("`{k}` must be a string"))),
         }
     };
     let id = match str_field("id")? {
@@ -344,31 +291,23 @@ fn parse_new_order(v: &Value) -> Result<NewOrder, ApiError> {
         }
         None => new_id("PO"),
     };
-    let sku = str_field("sku")?
-        .ok_or_else(|| ApiError::unprocessable("missing_field", "`sku` is required"))?;
+    let sku = str_field("sku")?.ok_or_else(|| ApiError::unprocessable("missing_field", "`sku` is required"))?;
     let quantity = match obj.get("quantity") {
         Some(Value::Number(n)) => n.as_i64().filter(|q| *q > 0 && *q <= 1_000_000_000),
         _ => None,
     }
-    .ok_or_else(|| {
-        ApiError::unprocessable("invalid_field", "`quantity` must be a positive integer")
-    })?;
+    .ok_or_else(|| ApiError::unprocessable("invalid_field", "`quantity` must be a positive integer"))?;
     let priority = match obj.get("priority") {
         None | Some(Value::Null) => 0,
-        Some(Value::Number(n)) => n.as_i64().ok_or_else(|| {
-            ApiError::unprocessable("invalid_field", "`priority` must be an integer")
-        })?,
-        Some(_) => {
-            return Err(ApiError::unprocessable(
-                "invalid_field",
-                "`priority` must be an integer",
-            ))
+        Some(Value::Number(n)) => {
+            n.as_i64().ok_or_else(|| ApiError::unprocessable("invalid_field", "`priority` must be an integer"))?
         }
+        Some(_) => return Err(ApiError::unprocessable("invalid_field", "`priority` must be an integer")),
     };
     let due = str_field("due")?;
     if let Some(d) = &due {
-        let ok = chrono::DateTime::parse_from_rfc3339(d).is_ok()
-            || chrono::NaiveDate::parse_from_str(d, "%Y-%m-%d").is_ok();
+        let ok =
+            chrono::DateTime::parse_from_rfc3339(d).is_ok() || chrono::NaiveDate::parse_from_str(d, "%Y-%m-%d").is_ok();
         if !ok {
             return Err(ApiError::unprocessable(
                 "invalid_field",
@@ -376,38 +315,19 @@ fn parse_new_order(v: &Value) -> Result<NewOrder, ApiError> {
             ));
         }
     }
-    Ok(NewOrder {
-        id,
-        sku,
-        quantity,
-        due,
-        priority,
-        work_center: str_field("work_center")?,
-    })
+    Ok(NewOrder { id, sku, quantity, due, priority, work_center: str_field("work_center")? })
 }
 
 async fn order_command(req: HttpRequest, st: State, id: String, cmd: OrderCommand) -> Res {
     let caller = st.auth.check(&req, Role::Planner)?;
-    let (order, made_current) = st
-        .store
-        .order_command(&id, cmd)
-        .await
-        .map_err(|e| match e {
-            CommandError::NotFound(m) => ApiError::not_found(m),
-            CommandError::Transition(t) => ApiError::conflict("invalid_transition", t.to_string()),
-            CommandError::Conflict(m) => ApiError::conflict("conflict", m),
-            CommandError::Db(d) => d.into(),
-        })?;
-    st.store
-        .audit(
-            &caller.name,
-            &format!("order_{cmd:?}").to_ascii_lowercase(),
-            &id,
-            "{}",
-        )
-        .await?;
-    st.events
-        .publish(json!({"type": "order_status", "order": order.id, "to": order.status}));
+    let (order, made_current) = st.store.order_command(&id, cmd).await.map_err(|e| match e {
+        CommandError::NotFound(m) => ApiError::not_found(m),
+        CommandError::Transition(t) => ApiError::conflict("invalid_transition", t.to_string()),
+        CommandError::Conflict(m) => ApiError::conflict("conflict", m),
+        CommandError::Db(d) => d.into(),
+    })?;
+    st.store.audit(&caller.name, &format!("order_{cmd:?}").to_ascii_lowercase(), &id, "{}").await?;
+    st.events.publish(json!({"type": "order_status", "order": order.id, "to": order.status}));
     if let (true, Some(wc)) = (made_current, order.work_center.as_deref()) {
         if let Some(addr) = st.router.work_center(wc) {
             if addr.send(SetOrder(Some(order.id.clone()))).await.is_err() {
@@ -479,10 +399,7 @@ struct LimitQuery {
 
 async fn dead_letters(req: HttpRequest, st: State, q: web::Query<LimitQuery>) -> Res {
     st.auth.check(&req, Role::Viewer)?;
-    let rows = st
-        .store
-        .dead_letters(q.limit.unwrap_or(1000).clamp(1, 10_000))
-        .await?;
+    let rows = st.store.dead_letters(q.limit.unwrap_or(1000).clamp(1, 10_000)).await?;
     let out: Vec<Value> = rows
         .iter()
         .map(|d| json!({"id": d.id, "received_at": rfc3339(d.received_ms), "topic": d.topic, "reason": d.reason, "payload": d.payload}))
@@ -495,8 +412,7 @@ async fn events(req: HttpRequest, st: State) -> Res {
     let rx = st.events.subscribe();
     let stream = futures_util::stream::unfold(rx, |mut rx| async move {
         use tokio::sync::broadcast::error::RecvError;
-        let chunk = match tokio::time::timeout(std::time::Duration::from_secs(15), rx.recv()).await
-        {
+        let chunk = match tokio::time::timeout(std::time::Duration::from_secs(15), rx.recv()).await {
             Ok(Ok(ev)) => format!("data: {ev}\n\n"),
             Ok(Err(RecvError::Lagged(n))) => {
                 format!("event: lagged\ndata: {{\"missed\": {n}}}\n\n")

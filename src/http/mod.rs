@@ -20,11 +20,7 @@ pub struct ApiError {
 
 impl ApiError {
     pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
-        Self {
-            status,
-            code,
-            message: message.into(),
-        }
+        Self { status, code, message: message.into() }
     }
     pub fn bad_request(code: &'static str, m: impl Into<String>) -> Self {
         Self::new(StatusCode::BAD_REQUEST, code, m)
@@ -54,8 +50,7 @@ impl ResponseError for ApiError {
         self.status
     }
     fn error_response(&self) -> HttpResponse {
-        HttpResponse::build(self.status)
-            .json(json!({"error": {"code": self.code, "message": self.message}}))
+        HttpResponse::build(self.status).json(json!({"error": {"code": self.code, "message": self.message}}))
     }
 }
 
@@ -113,16 +108,9 @@ impl Auth {
     /// The caller, if allowed at least `min`.
     pub fn check(&self, req: &HttpRequest, min: Role) -> Result<Caller, ApiError> {
         if self.open() {
-            return Ok(Caller {
-                name: "local".into(),
-                role: Role::Admin,
-            });
+            return Ok(Caller { name: "local".into(), role: Role::Admin });
         }
-        let header = req
-            .headers()
-            .get("authorization")
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("");
+        let header = req.headers().get("authorization").and_then(|v| v.to_str().ok()).unwrap_or("");
         let token = header.strip_prefix("Bearer ").map(str::trim).unwrap_or("");
         if token.is_empty() {
             return Err(ApiError::new(
@@ -133,30 +121,15 @@ impl Auth {
         }
         let d = digest(token);
         // Compare digests without early exit.
-        let found = self.tokens.iter().find(|(_, _, t)| {
-            t.iter()
-                .zip(d.iter())
-                .fold(0u8, |acc, (a, b)| acc | (a ^ b))
-                == 0
-        });
+        let found =
+            self.tokens.iter().find(|(_, _, t)| t.iter().zip(d.iter()).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0);
         match found {
-            None => Err(ApiError::new(
-                StatusCode::UNAUTHORIZED,
-                "unauthorized",
-                "unknown token",
-            )),
-            Some((name, role, _)) if *role >= min => Ok(Caller {
-                name: name.clone(),
-                role: *role,
-            }),
+            None => Err(ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "unknown token")),
+            Some((name, role, _)) if *role >= min => Ok(Caller { name: name.clone(), role: *role }),
             Some((name, role, _)) => Err(ApiError::new(
                 StatusCode::FORBIDDEN,
                 "forbidden",
-                format!(
-                    "`{name}` is {} but this needs {}",
-                    role.as_str(),
-                    min.as_str()
-                ),
+                format!("`{name}` is {} but this needs {}", role.as_str(), min.as_str()),
             )),
         }
     }
@@ -186,9 +159,7 @@ mod tests {
                 name: "p".into(),
                 role: Role::Planner,
                 token: None,
-                token_sha256: Some(
-                    "ab41ea9d8cbd0e1a4bb0e7a5a8b3cd2c33a1b7e0f8e4f2d56f0ae0f3f1f1d6a1".into(),
-                ),
+                token_sha256: Some("ab41ea9d8cbd0e1a4bb0e7a5a8b3cd2c33a1b7e0f8e4f2d56f0ae0f3f1f1d6a1".into()),
             },
         ]);
         let req = |tok: &str| {
@@ -196,22 +167,13 @@ mod tests {
                 .insert_header(("authorization", format!("Bearer {tok}")))
                 .to_http_request()
         };
+        assert_eq!(auth.check(&req("viewer-token"), Role::Viewer).map(|c| c.name).ok(), Some("v".to_string()));
         assert_eq!(
-            auth.check(&req("viewer-token"), Role::Viewer)
-                .map(|c| c.name)
-                .ok(),
-            Some("v".to_string())
-        );
-        assert_eq!(
-            auth.check(&req("viewer-token"), Role::Planner)
-                .map_err(|e| e.status)
-                .err(),
+            auth.check(&req("viewer-token"), Role::Planner).map_err(|e| e.status).err(),
             Some(StatusCode::FORBIDDEN)
         );
         assert_eq!(
-            auth.check(&req("nope-nope"), Role::Viewer)
-                .map_err(|e| e.status)
-                .err(),
+            auth.check(&req("nope-nope"), Role::Viewer).map_err(|e| e.status).err(),
             Some(StatusCode::UNAUTHORIZED)
         );
         let hashed = Auth::new(&[TokenConfig {

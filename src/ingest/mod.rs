@@ -9,8 +9,9 @@ pub mod parse;
 
 use crate::db::writer::{Completion, Job, Work};
 use crate::metrics::Metrics;
+use actix::prelude::SendError;
 use actix::Addr;
-use mes_actors::actor::{Apply, WorkCenterActor};
+use mes_actors::actor::{ApplyThen, WorkCenterActor};
 use mes_actors::{Outcome, Reading};
 use std::collections::HashMap;
 use std::sync::atomic::Ordering::Relaxed;
@@ -68,104 +69,99 @@ pub struct Pipeline {
 }
 
 impl Pipeline {
-    pub fn new(
-        router: Arc<Router>,
-        writer: mpsc::Sender<Job>,
-        metrics: Arc<Metrics>,
-        max_in_flight: usize,
-    ) -> Self {
-        Self {
-            router,
-            writer,
-            metrics,
-            in_flight: Arc::new(Semaphore::new(max_in_flight)),
-        }
+    pub fn new(router: Arc<Router>, writer: mpsc::Sender<Job>, metrics: Arc<Metrics>, max_in_flight: usize) -> Self {
+        Self { router, writer, metrics, in_flight: Arc::new(Semaphore::new(max_in_flight)) }
     }
 
     /// Waits for room for one more input in flight (back-pressure on the source).
     pub async fn admit(&self) -> Option<InFlight> {
         let permit = self.in_flight.clone().acquire_owned().await.ok()?;
         self.metrics.in_flight.fetch_add(1, Relaxed);
-        Some(InFlight {
-            _permit: permit,
-            metrics: self.metrics.clone(),
-        })
+        Some(InFlight { _permit: permit, metrics: self.metrics.clone() })
     }
 
-    /// Applies a reading through its work center and queues the outcome for commit.
-    /// Returns once the job is queued; `done` fires after its commit.
+    /// Applies a reading through its work center, in the order readings are offered, and
+    /// queues the outcome for commit; `done` fires after the commit. Waits only while the
+    /// actor's mailbox is full (back-pressure on the source). Returns the completion back
+    /// when the reading could not be applied (unknown device, actor gone): the caller
+    /// decides what that means for its source.
     pub async fn submit_reading(
         &self,
         reading: Reading,
-        topic: &str,
         received_ms: i64,
         done: Completion,
         slot: InFlight,
-    ) {
-        let Some(addr) = self.router.device(&reading.device).cloned() else {
-            let reason = format!("unknown device `{}`", reading.device);
-            let payload = format!("{reading:?}");
-            self.submit_dead_letter(topic.to_string(), reason, payload, received_ms, done, slot)
-                .await;
-            return;
+    ) -> Option<Completion> {
+        let Some(addr) = self.router.device(&reading.device) else {
+            return Some(done);
         };
-        let device = reading.device.clone();
-        let outcome = match addr.send(Apply(reading)).await {
-            Ok(o) => o,
-            Err(e) => {
-                // Not acknowledged: the source redelivers it (and dedupe makes that safe).
-                tracing::error!(%device, error = %e, "work center actor unavailable; input left unacknowledged");
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let mut msg = ApplyThen(
+            reading,
+            Box::new(move |o| {
+                let _ = tx.send(o);
+            }),
+        );
+        loop {
+            match addr.try_send(msg) {
+                Ok(()) => break,
+                Err(SendError::Full(m)) => {
+                    self.metrics.mailbox_full.fetch_add(1, Relaxed);
+                    msg = m;
+                    tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+                }
+                Err(SendError::Closed(m)) => {
+                    tracing::error!(device = %m.0.device, "work center actor gone; input left unacknowledged");
+                    return Some(done);
+                }
+            }
+        }
+        let this = self.clone();
+        tokio::spawn(async move {
+            let Ok(outcome) = rx.await else {
+                tracing::error!("work center actor stopped before applying a reading; left unacknowledged");
                 return;
-            }
-        };
-        let work = match outcome {
-            Outcome::Duplicate => {
-                self.metrics.telemetry_duplicates.fetch_add(1, Relaxed);
-                Work::Duplicate
-            }
-            Outcome::Counted(d) => {
-                self.metrics.telemetry_counted.fetch_add(1, Relaxed);
-                Work::Counted(d)
-            }
-        };
-        self.queue(Job {
-            work,
-            received_ms,
-            done,
-            slot: Some(slot),
-        })
-        .await;
+            };
+            let work = match outcome {
+                Outcome::Duplicate => {
+                    this.metrics.telemetry_duplicates.fetch_add(1, Relaxed);
+                    Work::Duplicate
+                }
+                Outcome::Counted(d) => {
+                    this.metrics.telemetry_counted.fetch_add(1, Relaxed);
+                    Work::Counted(d)
+                }
+            };
+            this.queue(Job { work, received_ms, done, slot: Some(slot) }).await;
+        });
+        None
     }
 
+    /// Whether a device is known (its readings have a work center).
+    pub fn knows(&self, device: &str) -> bool {
+        self.router.device(device).is_some()
+    }
+
+    /// Queues an invalid input to be kept as a dead letter; `redelivered` inputs already
+    /// kept are not kept twice.
+    #[allow(clippy::too_many_arguments)]
     pub async fn submit_dead_letter(
         &self,
         topic: String,
         reason: String,
         payload: String,
+        redelivered: bool,
         received_ms: i64,
         done: Completion,
         slot: InFlight,
     ) {
-        self.metrics.dead_letters.fetch_add(1, Relaxed);
         tracing::warn!(%topic, %reason, "dead letter");
-        let job = Job {
-            work: Work::DeadLetter {
-                topic,
-                reason,
-                payload,
-            },
-            received_ms,
-            done,
-            slot: Some(slot),
-        };
-        self.queue(job).await;
+        let work = Work::DeadLetter { topic, reason, payload, redelivered };
+        self.queue(Job { work, received_ms, done, slot: Some(slot) }).await;
     }
 
     async fn queue(&self, job: Job) {
-        self.metrics.writer_queue.store(
-            (self.writer.max_capacity() - self.writer.capacity()) as i64,
-            Relaxed,
-        );
+        self.metrics.writer_queue.store((self.writer.max_capacity() - self.writer.capacity()) as i64, Relaxed);
         if self.writer.send(job).await.is_err() {
             tracing::error!("writer stopped; input will be redelivered by its source");
         }

@@ -7,9 +7,11 @@
 
 use super::{parse, Pipeline};
 use crate::config::{IngestConfig, MqttConfig};
-use crate::db::writer::Completion;
+use crate::db::writer::{AckSender, Completion, MqttAck};
 use crate::metrics::Metrics;
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use std::collections::BTreeMap;
+use std::sync::atomic::AtomicU64;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::Duration;
@@ -36,12 +38,7 @@ impl MqttHandle {
     pub async fn command(&self, device: &str, body: &serde_json::Value) -> Result<(), String> {
         let topic = format!("{}/devices/{device}/cmd", self.prefix);
         let bytes = serde_json::to_vec(body).map_err(|e| e.to_string())?;
-        match tokio::time::timeout(
-            PUBLISH_TIMEOUT,
-            self.client.publish(topic, QoS::AtLeastOnce, false, bytes),
-        )
-        .await
-        {
+        match tokio::time::timeout(PUBLISH_TIMEOUT, self.client.publish(topic, QoS::AtLeastOnce, false, bytes)).await {
             Ok(Ok(())) => Ok(()),
             Ok(Err(e)) => Err(format!("MQTT client: {e}")),
             Err(_) => Err("MQTT client queue full (timed out)".into()),
@@ -69,22 +66,22 @@ pub fn start(
     cfg: &MqttConfig,
     ingest: &IngestConfig,
     pipeline: Pipeline,
-    ack_rx: mpsc::Receiver<Vec<rumqttc::Publish>>,
+    ack_tx: AckSender,
+    ack_rx: mpsc::Receiver<Vec<MqttAck>>,
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<(MqttHandle, tokio::task::JoinHandle<()>), String> {
     let opts = options(cfg, ingest)?;
     let (client, mut eventloop) = AsyncClient::new(opts, REQUEST_CAPACITY);
-    let handle = MqttHandle {
-        client: client.clone(),
-        prefix: cfg.topic_prefix.clone(),
-    };
-    tokio::spawn(acker(client.clone(), ack_rx, pipeline.metrics.clone()));
+    let handle = MqttHandle { client: client.clone(), prefix: cfg.topic_prefix.clone() };
+    let generation = Arc::new(AtomicU64::new(0));
+    tokio::spawn(acker(client.clone(), ack_rx, generation.clone(), pipeline.metrics.clone()));
     let filter = format!("{}/devices/+/telemetry", cfg.topic_prefix);
     let prefix = cfg.topic_prefix.clone();
     let max_payload = ingest.max_payload;
     let metrics = pipeline.metrics.clone();
     let task = tokio::spawn(async move {
         let mut backoff = BACKOFF_MIN;
+        let mut received_qos1: u64 = 0;
         loop {
             let ev = tokio::select! {
                 _ = shutdown.changed() => break,
@@ -93,11 +90,11 @@ pub fn start(
             match ev {
                 Ok(Event::Incoming(Packet::ConnAck(ack))) => {
                     backoff = BACKOFF_MIN;
+                    // A new connection: packet ids of the old one mean nothing now.
+                    generation.fetch_add(1, Relaxed);
+                    received_qos1 = 0;
                     metrics.mqtt_connected.store(true, Relaxed);
-                    tracing::info!(
-                        session_present = ack.session_present,
-                        "connected to MQTT broker"
-                    );
+                    tracing::info!(session_present = ack.session_present, "connected to MQTT broker");
                     // Subscribing again is harmless when the broker kept the session, and
                     // needed when it lost it.
                     if let Err(e) = client.try_subscribe(filter.clone(), QoS::AtLeastOnce) {
@@ -109,11 +106,14 @@ pub fn start(
                     let Some(slot) = pipeline.admit().await else {
                         break;
                     };
-                    let pipeline = pipeline.clone();
-                    let prefix = prefix.clone();
-                    tokio::spawn(async move {
-                        handle_publish(pipeline, &prefix, max_payload, p, slot).await
-                    });
+                    let done = if p.qos == QoS::AtMostOnce {
+                        Completion::None
+                    } else {
+                        received_qos1 += 1;
+                        let n = received_qos1 - 1;
+                        Completion::Mqtt(MqttAck { generation: generation.load(Relaxed), n, publish: Some(p.clone()) })
+                    };
+                    handle_publish(&pipeline, &prefix, max_payload, p, done, slot, &ack_tx).await;
                 }
                 Ok(_) => {}
                 Err(e) => {
@@ -151,64 +151,89 @@ async fn drain(eventloop: &mut rumqttc::EventLoop, client: &AsyncClient, metrics
         } else {
             quiet_since = None;
         }
-        match tokio::time::timeout(Duration::from_millis(50), eventloop.poll()).await {
-            Ok(Err(_)) => break,
-            _ => {}
+        if let Ok(Err(_)) = tokio::time::timeout(Duration::from_millis(50), eventloop.poll()).await {
+            break;
         }
     }
     let _ = client.try_disconnect();
     let _ = tokio::time::timeout(Duration::from_millis(200), eventloop.poll()).await;
 }
 
+/// Decodes one publish and submits it, in receive order. Invalid input becomes a dead
+/// letter (queued from its own task so a slow writer cannot reorder valid readings).
 async fn handle_publish(
-    pipeline: Pipeline,
+    pipeline: &Pipeline,
     prefix: &str,
     max_payload: usize,
     p: rumqttc::Publish,
+    done: Completion,
     slot: super::InFlight,
+    ack_tx: &AckSender,
 ) {
     let received_ms = crate::now_ms();
-    let topic = p.topic.clone();
-    let done = if p.qos == QoS::AtMostOnce {
-        Completion::None
-    } else {
-        Completion::Mqtt(p.clone())
-    };
     let payload = &p.payload;
     let parsed = if payload.len() > max_payload {
-        Err(format!(
-            "payload of {} bytes exceeds the limit of {max_payload}",
-            payload.len()
-        ))
+        Err(format!("payload of {} bytes exceeds the limit of {max_payload}", payload.len()))
     } else {
-        parse::device_from_topic(prefix, &topic).and_then(|device| parse::parse(device, payload))
+        parse::device_from_topic(prefix, &p.topic).and_then(|device| {
+            if pipeline.knows(device) {
+                parse::parse(device, payload)
+            } else {
+                Err(format!("unknown device `{device}`"))
+            }
+        })
     };
     match parsed {
         Ok(reading) => {
-            let span = tracing::debug_span!("reading", device = %reading.device, boot = reading.boot, seq = reading.seq);
-            pipeline
-                .submit_reading(reading, &topic, received_ms, done, slot)
-                .instrument(span)
-                .await;
+            let span =
+                tracing::debug_span!("reading", device = %reading.device, boot = reading.boot, seq = reading.seq);
+            let abandoned = pipeline.submit_reading(reading, received_ms, done, slot).instrument(span).await;
+            if let Some(Completion::Mqtt(mut a)) = abandoned {
+                // Not committed, so not acknowledged; later publishes may still be.
+                a.publish = None;
+                let _ = ack_tx.send(vec![a]).await;
+            }
         }
         Err(reason) => {
             let keep = payload.len().min(max_payload);
             let text = String::from_utf8_lossy(&payload[..keep]).into_owned();
-            pipeline
-                .submit_dead_letter(topic, reason, text, received_ms, done, slot)
-                .await;
+            let (pipeline, topic, dup) = (pipeline.clone(), p.topic.clone(), p.dup);
+            tokio::spawn(async move {
+                pipeline.submit_dead_letter(topic, reason, text, dup, received_ms, done, slot).await;
+            });
         }
     }
 }
 
-/// Acknowledges committed publishes, in commit order.
+/// Acknowledges committed publishes in the order they were received on the current
+/// connection (MQTT 3.1.1 §4.6; some brokers drop a client that acknowledges out of
+/// order). Commits complete out of order, so acknowledgements wait in a reorder buffer
+/// bounded by the in-flight limit. Acknowledgements for an older connection are dropped:
+/// the broker redelivers those publishes and deduplication makes that harmless.
 async fn acker(
     client: AsyncClient,
-    mut rx: mpsc::Receiver<Vec<rumqttc::Publish>>,
+    mut rx: mpsc::Receiver<Vec<MqttAck>>,
+    generation: Arc<AtomicU64>,
     metrics: Arc<Metrics>,
 ) {
+    let mut current = 0u64;
+    let mut next = 0u64;
+    let mut waiting: BTreeMap<u64, Option<rumqttc::Publish>> = BTreeMap::new();
     while let Some(batch) = rx.recv().await {
-        for p in batch {
+        let live = generation.load(Relaxed);
+        if live != current {
+            current = live;
+            next = 0;
+            waiting.clear();
+        }
+        for a in batch {
+            if a.generation == current && a.n >= next {
+                waiting.insert(a.n, a.publish);
+            }
+        }
+        while let Some(p) = waiting.remove(&next) {
+            next += 1;
+            let Some(p) = p else { continue };
             if let Err(e) = client.ack(&p).await {
                 tracing::warn!(error = %e, "ack not sent; the broker will redeliver (deduplicated)");
                 continue;

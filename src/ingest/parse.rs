@@ -34,10 +34,7 @@ fn counter(name: &str, v: Option<serde_json::Value>) -> Result<u64, String> {
             Some(x) => Err(format!("`{name}` {x} is too large")),
             None => Err(format!("`{name}` must be a non-negative integer, got {n}")),
         },
-        Some(other) => Err(format!(
-            "`{name}` must be a non-negative integer, got {}",
-            kind(&other)
-        )),
+        Some(other) => Err(format!("`{name}` must be a non-negative integer, got {}", kind(&other))),
     }
 }
 
@@ -56,10 +53,7 @@ fn opt_string(name: &str, v: Option<serde_json::Value>) -> Result<Option<String>
     match v {
         None | Some(serde_json::Value::Null) => Ok(None),
         Some(serde_json::Value::String(s)) => Ok(Some(s)),
-        Some(other) => Err(format!(
-            "`{name}` must be a string or null, got {}",
-            kind(&other)
-        )),
+        Some(other) => Err(format!("`{name}` must be a string or null, got {}", kind(&other))),
     }
 }
 
@@ -79,8 +73,7 @@ pub fn device_from_topic<'a>(prefix: &str, topic: &'a str) -> Result<&'a str, St
 /// Parses one payload for `device`.
 pub fn parse(device: &str, payload: &[u8]) -> Result<Reading, String> {
     let text = std::str::from_utf8(payload).map_err(|_| "payload is not UTF-8".to_string())?;
-    let w: Wire = serde_json::from_str(text)
-        .map_err(|e| format!("payload is not a JSON telemetry object: {e}"))?;
+    let w: Wire = serde_json::from_str(text).map_err(|e| format!("payload is not a JSON telemetry object: {e}"))?;
     let boot = counter("boot", w.boot)?;
     let seq = counter("seq", w.seq)?;
     let good = counter("good", w.good)?;
@@ -89,20 +82,10 @@ pub fn parse(device: &str, payload: &[u8]) -> Result<Reading, String> {
         None | Some(serde_json::Value::Null) => None,
         Some(serde_json::Value::String(s)) => Some(
             chrono::DateTime::parse_from_rfc3339(&s)
-                .map_err(|_| {
-                    format!(
-                        "`ts` `{}` is not an RFC 3339 time",
-                        s.chars().take(40).collect::<String>()
-                    )
-                })?
+                .map_err(|_| format!("`ts` `{}` is not an RFC 3339 time", s.chars().take(40).collect::<String>()))?
                 .timestamp_millis(),
         ),
-        Some(other) => {
-            return Err(format!(
-                "`ts` must be an RFC 3339 string, got {}",
-                kind(&other)
-            ))
-        }
+        Some(other) => return Err(format!("`ts` must be an RFC 3339 string, got {}", kind(&other))),
     };
     let state = match opt_string("state", w.state)? {
         None => None,
@@ -122,29 +105,13 @@ pub fn parse(device: &str, payload: &[u8]) -> Result<Reading, String> {
                     Some(x) if x.is_finite() => {
                         metrics.insert(k, x);
                     }
-                    _ => {
-                        return Err(format!(
-                            "metric `{}` must be a number",
-                            k.chars().take(40).collect::<String>()
-                        ))
-                    }
+                    _ => return Err(format!("metric `{}` must be a number", k.chars().take(40).collect::<String>())),
                 }
             }
         }
         Some(other) => return Err(format!("`metrics` must be an object, got {}", kind(&other))),
     }
-    let r = Reading {
-        device: device.to_string(),
-        boot,
-        seq,
-        ts_ms,
-        good,
-        scrap,
-        state,
-        reason,
-        order,
-        metrics,
-    };
+    let r = Reading { device: device.to_string(), boot, seq, ts_ms, good, scrap, state, reason, order, metrics };
     r.validate().map_err(|e| e.to_string())?;
     Ok(r)
 }
@@ -169,51 +136,25 @@ mod tests {
     fn invalid_payloads_say_why() {
         let cases: [(&[u8], &str); 9] = [
             (b"not json", "not a JSON"),
-            (
-                br#"{"seq":1,"good":1,"scrap":0}"#,
-                "missing required field `boot`",
-            ),
-            (
-                br#"{"boot":1,"seq":1,"good":-5,"scrap":0}"#,
-                "`good` must be a non-negative integer",
-            ),
-            (
-                br#"{"boot":1,"seq":1,"good":1.5,"scrap":0}"#,
-                "`good` must be a non-negative integer",
-            ),
-            (
-                br#"{"boot":1,"seq":1,"good":"7","scrap":0}"#,
-                "got a string",
-            ),
-            (
-                br#"{"boot":1,"seq":1,"good":99999999999999999999,"scrap":0}"#,
-                "must be a non-negative integer",
-            ),
-            (
-                br#"{"boot":1,"seq":1,"good":1,"scrap":0,"state":"exploded"}"#,
-                "unknown state",
-            ),
-            (
-                br#"{"boot":1,"seq":1,"good":1,"scrap":0,"ts":"yesterday"}"#,
-                "RFC 3339",
-            ),
+            (br#"{"seq":1,"good":1,"scrap":0}"#, "missing required field `boot`"),
+            (br#"{"boot":1,"seq":1,"good":-5,"scrap":0}"#, "`good` must be a non-negative integer"),
+            (br#"{"boot":1,"seq":1,"good":1.5,"scrap":0}"#, "`good` must be a non-negative integer"),
+            (br#"{"boot":1,"seq":1,"good":"7","scrap":0}"#, "got a string"),
+            (br#"{"boot":1,"seq":1,"good":99999999999999999999,"scrap":0}"#, "must be a non-negative integer"),
+            (br#"{"boot":1,"seq":1,"good":1,"scrap":0,"state":"exploded"}"#, "unknown state"),
+            (br#"{"boot":1,"seq":1,"good":1,"scrap":0,"ts":"yesterday"}"#, "RFC 3339"),
             (br#"[1,2]"#, "not a JSON telemetry object"),
         ];
         for (payload, want) in cases {
             let e = parse("d", payload).expect_err("invalid");
             assert!(e.contains(want), "{e} should contain {want}");
         }
-        assert!(parse("d", &[0xff, 0xfe])
-            .expect_err("bad utf8")
-            .contains("UTF-8"));
+        assert!(parse("d", &[0xff, 0xfe]).expect_err("bad utf8").contains("UTF-8"));
     }
 
     #[test]
     fn topics() {
-        assert_eq!(
-            device_from_topic("mes", "mes/devices/press-01/telemetry"),
-            Ok("press-01")
-        );
+        assert_eq!(device_from_topic("mes", "mes/devices/press-01/telemetry"), Ok("press-01"));
         assert!(device_from_topic("mes", "mes/devices//telemetry").is_err());
         assert!(device_from_topic("mes", "mes/devices/a/b/telemetry").is_err());
         assert!(device_from_topic("mes", "other/devices/a/telemetry").is_err());

@@ -1,0 +1,127 @@
+//! Exact MQTT ingest: duplicates, replays, out-of-order and malformed input.
+
+use crate::harness::{Lcg, Mes, MesOptions};
+use serde_json::json;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn four_hundred_messages_with_noise_count_exactly() {
+    let mes = Mes::start(MesOptions::default()).await;
+    let mut dev = mes.device("noise");
+    // Two devices, 150 readings each with cumulative counters.
+    let mut readings = Vec::new();
+    for (device, step) in [("blank-01", 3u64), ("form-01", 2u64)] {
+        for seq in 1..=150u64 {
+            readings.push((device, seq, seq * step, seq / 10));
+        }
+    }
+    // Out of order: shuffle within windows of 20; plus 60 duplicates/replays and 40 bad payloads.
+    let mut rng = Lcg(7);
+    for w in readings.chunks_mut(20) {
+        for i in (1..w.len()).rev() {
+            let j = rng.below(i + 1);
+            w.swap(i, j);
+        }
+    }
+    let mut sent = 0u64;
+    for (i, (device, seq, good, scrap)) in readings.iter().enumerate() {
+        dev.reading(device, 1, *seq, *good, *scrap, json!({})).await;
+        sent += 1;
+        if i % 5 == 0 {
+            // a replay of an earlier reading
+            let (d, s, g, x) = readings[rng.below(i + 1)];
+            dev.reading(d, 1, s, g, x, json!({})).await;
+            sent += 1;
+        }
+        if i % 15 == 0 {
+            dev.publish_raw(device, "{\"boot\":1,\"seq\":").await;
+            dev.publish_raw(device, json!({"boot": 1, "seq": 999_999, "good": -4, "scrap": 0}).to_string()).await;
+            dev.publish_raw(
+                device,
+                json!({"boot": 1, "seq": 999_998, "good": 1, "scrap": 0, "state": "on fire"}).to_string(),
+            )
+            .await;
+            sent += 3;
+        }
+    }
+    dev.publish_raw("no-such-device", json!({"boot": 1, "seq": 1, "good": 1, "scrap": 0}).to_string()).await;
+    sent += 1;
+    dev.flush().await;
+    assert!(sent >= 400, "sent {sent}");
+
+    assert_eq!(mes.wait_totals("BLANK-1", (450, 15)).await, (450, 15));
+    assert_eq!(mes.wait_totals("FORM-1", (300, 15)).await, (300, 15));
+    let bad = 20 * 3 + 1;
+    let got = mes.wait_metric("mes_dead_letters_total", bad).await;
+    if got != bad {
+        let (_, dl) = mes.get("/api/v1/dead-letters?limit=5").await;
+        panic!("dead letters {got} != {bad}: {dl}");
+    }
+    assert_eq!(mes.wait_metric("mes_telemetry_messages_total", sent).await, sent);
+    let (s, dl) = mes.get("/api/v1/dead-letters").await;
+    assert_eq!(s, 200);
+    let dl = dl.as_array().expect("list");
+    assert_eq!(dl.len() as u64, bad);
+    assert!(dl.iter().any(|d| d["reason"].as_str().unwrap_or("").contains("unknown device `no-such-device`")));
+    assert!(dl.iter().any(|d| d["reason"].as_str().unwrap_or("").contains("`good` must be a non-negative integer")));
+    assert!(dl.iter().any(|d| d["reason"].as_str().unwrap_or("").contains("unknown state")));
+    assert!(dl.iter().all(|d| d["topic"].as_str().is_some()
+        && d["payload"].as_str().is_some()
+        && d["received_at"].as_str().is_some()));
+    // Ingest never stopped: a reading after all the noise still counts.
+    dev.reading("blank-01", 1, 151, 460, 15, json!({})).await;
+    dev.flush().await;
+    assert_eq!(mes.wait_totals("BLANK-1", (460, 15)).await, (460, 15));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn device_restart_loses_and_doubles_nothing() {
+    let mes = Mes::start(MesOptions::default()).await;
+    let mut dev = mes.device("restart");
+    for seq in 1..=10 {
+        dev.reading("pack-01", 4, seq, seq * 10, seq, json!({})).await;
+    }
+    // Reboot: boot 5, counters from zero.
+    for seq in 1..=5 {
+        dev.reading("pack-01", 5, seq, seq * 7, 0, json!({})).await;
+    }
+    // Late messages of the old boot and a replay of the new one change nothing.
+    dev.reading("pack-01", 4, 9, 90, 9, json!({})).await;
+    dev.reading("pack-01", 5, 3, 21, 0, json!({})).await;
+    dev.flush().await;
+    assert_eq!(mes.wait_totals("PACK-1", (135, 10)).await, (135, 10));
+    let dups = mes.wait_metric("mes_telemetry_duplicates_total", 2).await;
+    assert_eq!(dups, 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn output_is_attributed_to_named_then_current_order() {
+    let mes = Mes::start(MesOptions::default()).await;
+    let (s, o) = mes
+        .post("/api/v1/orders", json!({"id": "PO-A", "sku": "HOUSING", "quantity": 30, "work_center": "FORM-1"}), &[])
+        .await;
+    assert_eq!(s, 201, "{o}");
+    let (s, o) = mes.post("/api/v1/orders/PO-A/release", json!({}), &[]).await;
+    assert_eq!((s, o["status"].as_str()), (200, Some("released")));
+    let (_, wc) = mes.get("/api/v1/work-centers/FORM-1").await;
+    assert_eq!(wc["current_order"], "PO-A");
+
+    let mut dev = mes.device("attr");
+    dev.reading("form-01", 1, 1, 10, 1, json!({})).await; // current order
+    dev.flush().await;
+    mes.wait_totals("FORM-1", (10, 1)).await;
+    let (_, o) = mes.get("/api/v1/orders/PO-A").await;
+    assert_eq!((o["good"].as_i64(), o["scrap"].as_i64(), o["status"].as_str()), (Some(10), Some(1), Some("running")));
+    assert_eq!(o["consumed"]["BLANK"], 22, "{o}");
+
+    dev.reading("form-01", 1, 2, 35, 2, json!({"order": "PO-A"})).await; // named, reaches quantity
+    dev.flush().await;
+    mes.wait_totals("FORM-1", (35, 2)).await;
+    let (_, o) = mes.get("/api/v1/orders/PO-A").await;
+    assert_eq!(
+        (o["good"].as_i64(), o["status"].as_str()),
+        (Some(35), Some("completed")),
+        "output beyond quantity still counts"
+    );
+    let (s, o) = mes.post("/api/v1/orders/PO-A/close", json!({}), &[]).await;
+    assert_eq!((s, o["status"].as_str()), (200, Some("closed")));
+}
