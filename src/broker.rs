@@ -15,7 +15,7 @@ pub fn start(listen: SocketAddr, max_payload: usize) -> Result<(), String> {
         connections: ConnectionSettings {
             connection_timeout_ms: 60_000,
             max_payload_size: max_payload + 4096,
-            max_inflight_count: 1000,
+            max_inflight_count: 10_000,
             auth: None,
             external_auth: None,
             dynamic_filters: true,

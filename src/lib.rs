@@ -4,6 +4,7 @@
 //! `mes-actors` crate; this crate moves bytes in and out of it.
 
 pub mod app;
+pub mod bench;
 pub mod broker;
 pub mod config;
 pub mod dashboard;

@@ -39,6 +39,15 @@ enum Cmd {
         /// The map file.
         file: PathBuf,
     },
+    /// Measure committed telemetry per second against the raw broker rate, in one run.
+    Bench {
+        /// Messages per measurement.
+        #[arg(long, default_value_t = 100_000)]
+        messages: u64,
+        /// Database URL (default: a fresh SQLite file under mes-data/).
+        #[arg(long)]
+        database: Option<String>,
+    },
     /// The main job on embedded defaults: MES, embedded broker, SQLite and a line under a
     /// promo surge; prints the dashboard URL and a reconciliation at the end.
     Demo {
@@ -79,6 +88,10 @@ fn runtime() -> std::io::Result<actix_rt::SystemRunner> {
             .build()
             .expect("tokio runtime builds")
     }))
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
 fn main() -> ExitCode {
@@ -122,6 +135,53 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
                 Ok(ExitCode::from(1))
             }
         },
+        Cmd::Bench { messages, database } => {
+            let mut cfg = Config::load(None)?;
+            let broker_port = free_port()?;
+            let http_port = free_port()?;
+            cfg.http.listen = format!("127.0.0.1:{http_port}");
+            cfg.mqtt.url = format!("mqtt://127.0.0.1:{broker_port}");
+            cfg.mqtt.embedded_broker = Some(format!("127.0.0.1:{broker_port}"));
+            cfg.mqtt.client_id = "mes-bench".into();
+            cfg.database.url = match database {
+                Some(url) => url,
+                None => {
+                    let path = "mes-data/bench.db";
+                    for suffix in ["", "-wal", "-shm"] {
+                        let _ = std::fs::remove_file(format!("{path}{suffix}"));
+                    }
+                    format!("sqlite://{path}")
+                }
+            };
+            init_logging(Some(&cfg), cli.log_json);
+            let plant = mes::plant::Plant::load(None)?;
+            let devices: Vec<String> = plant.work_centers.iter().map(|w| w.device_id()).collect();
+            let broker = format!("127.0.0.1:{broker_port}");
+            let prefix = cfg.mqtt.topic_prefix.clone();
+            runtime()?.block_on(async move {
+                let (tx, rx) = tokio::sync::oneshot::channel::<mes::app::Handle>();
+                let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+                let driver = actix_rt::spawn(async move {
+                    let handle = rx.await.context("MES did not start")?;
+                    let r = mes::bench::run(&handle, &broker, &prefix, devices, messages).await;
+                    let _ = stop_tx.send(());
+                    r
+                });
+                mes::app::run(
+                    cfg,
+                    async move {
+                        let _ = stop_rx.await;
+                    },
+                    move |h| {
+                        let _ = tx.send(h);
+                    },
+                )
+                .await?;
+                driver.await.map_err(|e| anyhow::anyhow!("bench failed: {e}"))??;
+                anyhow::Ok(())
+            })?;
+            Ok(ExitCode::SUCCESS)
+        }
         Cmd::Demo { duration, seed, keep, config } => {
             let run_for =
                 parse_duration(&duration).with_context(|| format!("--duration `{duration}` is not like 60s or 10m"))?;

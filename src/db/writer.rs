@@ -7,7 +7,7 @@
 //! a telemetry row is unique per `(device, boot, seq)` and only rows actually inserted
 //! move totals, so a replay after a crash is a no-op.
 
-use super::{DbError, Store};
+use super::{Backend, DbError, Store};
 use crate::events::Events;
 use crate::metrics::Metrics;
 use mes_actors::{Delta, OrderStatus};
@@ -204,24 +204,27 @@ async fn commit(store: &Store, batch: &[Job]) -> Result<Summary, DbError> {
         let mut sql = String::from(
             "INSERT INTO telemetry (device, boot, seq, work_center, order_id, ts_ms, received_ms, good, scrap, state) VALUES ",
         );
+        // SQLite resolves `$n` names by a linear scan per parameter, which turns a large
+        // multi-row insert quadratic; plain `?` (bound in order) is linear there.
         for i in 0..chunk.len() {
-            let b = i * 10;
             if i > 0 {
                 sql.push(',');
             }
-            sql.push_str(&format!(
-                "(${},${},${},${},${},${},${},${},${},${})",
-                b + 1,
-                b + 2,
-                b + 3,
-                b + 4,
-                b + 5,
-                b + 6,
-                b + 7,
-                b + 8,
-                b + 9,
-                b + 10
-            ));
+            match store.backend {
+                Backend::Sqlite => sql.push_str("(?,?,?,?,?,?,?,?,?,?)"),
+                Backend::Postgres => {
+                    let b = i * 10;
+                    sql.push('(');
+                    for k in 1..=10 {
+                        if k > 1 {
+                            sql.push(',');
+                        }
+                        sql.push('$');
+                        sql.push_str(&(b + k).to_string());
+                    }
+                    sql.push(')');
+                }
+            }
         }
         sql.push_str(" ON CONFLICT (device, boot, seq) DO NOTHING RETURNING device, boot, seq");
         let mut q = sqlx::query(AssertSqlSafe(sql));
