@@ -69,6 +69,7 @@ where
     }
     let metrics = Arc::new(Metrics::default());
     let events = Events::default();
+    let ledger = Arc::new(crate::settlement::Ledger::from_plant(&plant));
 
     // Actors, rebuilt from the database.
     let cursors = store.cursors().await?;
@@ -99,12 +100,18 @@ where
         metrics.clone(),
         events.clone(),
         cfg.ingest.batch_max,
+        ledger.clone(),
     );
     let writer_task = tokio::spawn(writer.run());
     let pipeline = Pipeline::new(router.clone(), writer_tx, metrics.clone(), cfg.ingest.max_in_flight);
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let (mqtt_handle, mqtt_task) =
         mqtt::start(&cfg.mqtt, &cfg.ingest, pipeline, ack_tx, ack_rx, shutdown_rx).map_err(anyhow::Error::msg)?;
+
+    let erp_task = cfg
+        .erp
+        .as_ref()
+        .map(|e| tokio::spawn(crate::erp::run(store.clone(), e.webhook_url.clone(), shutdown_tx.subscribe())));
 
     // HTTP.
     let state = web::Data::new(AppState {
@@ -115,6 +122,8 @@ where
         router,
         mqtt: Some(mqtt_handle),
         broker_url: cfg.mqtt.url.clone(),
+        ledger: ledger.clone(),
+        plant: Arc::new(plant.clone()),
     });
     if cfg.auth.tokens.is_empty() {
         tracing::warn!("no [[auth.tokens]] configured: every caller is admin (loopback only)");
@@ -137,7 +146,7 @@ where
     })
     .workers(2)
     .disable_signals()
-    .shutdown_timeout(3)
+    .shutdown_timeout(2)
     .bind(&cfg.http.listen)
     .with_context(|| format!("binding http.listen `{}`", cfg.http.listen))?;
     let http_addr = server.addrs().first().copied().context("no HTTP address bound")?;
@@ -152,10 +161,13 @@ where
     server_handle.stop(true).await;
     let _ = server_task.await;
     let _ = shutdown_tx.send(true);
-    if tokio::time::timeout(Duration::from_secs(6), mqtt_task).await.is_err() {
+    if let Some(t) = erp_task {
+        let _ = tokio::time::timeout(Duration::from_secs(1), t).await;
+    }
+    if tokio::time::timeout(Duration::from_secs(4), mqtt_task).await.is_err() {
         tracing::warn!("MQTT intake did not stop in time");
     }
-    if tokio::time::timeout(Duration::from_secs(3), writer_task).await.is_err() {
+    if tokio::time::timeout(Duration::from_secs(2), writer_task).await.is_err() {
         tracing::warn!("writer did not drain in time; uncommitted inputs stay unacknowledged and will be redelivered");
     }
     tracing::info!("stopped");

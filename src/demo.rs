@@ -92,7 +92,7 @@ pub async fn run_line(
         handle.store.create_order(&new, None, |_| String::new()).await?;
         handle
             .store
-            .order_command(&order, mes_actors::OrderCommand::Release)
+            .order_command(&order, mes_actors::OrderCommand::Release, &crate::settlement::Ledger::default())
             .await
             .map_err(|e| anyhow::anyhow!("{e}"))?;
         stations.push(Station {

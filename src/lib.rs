@@ -10,12 +10,14 @@ pub mod config;
 pub mod dashboard;
 pub mod db;
 pub mod demo;
+pub mod erp;
 pub mod events;
 pub mod http;
 pub mod ingest;
 pub mod metrics;
 pub mod openapi;
 pub mod plant;
+pub mod settlement;
 
 /// Milliseconds since the Unix epoch, from the wall clock.
 pub fn now_ms() -> i64 {

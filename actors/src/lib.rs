@@ -8,6 +8,7 @@
 pub mod actor;
 pub mod clock;
 pub mod counter;
+pub mod ledger;
 pub mod money;
 pub mod order;
 pub mod reading;

@@ -21,9 +21,15 @@ pub struct Delta {
     pub state_changed: bool,
     pub reason: Option<String>,
     pub restarted: bool,
+    /// Device time spent running since the previous counted reading (from `ts`; 0 without
+    /// timestamps), capped at [`MAX_RUN_GAP_MS`] so an outage is not booked as running.
+    pub running_ms: i64,
     /// The device cursor after this reading; committed with it.
     pub cursor: Cursor,
 }
+
+/// Longest gap between two readings that still counts as running time.
+pub const MAX_RUN_GAP_MS: i64 = 60_000;
 
 /// The outcome of applying a reading.
 #[derive(Debug, Clone, PartialEq)]
@@ -78,6 +84,10 @@ impl WorkCenterState {
                 self.current_order = Some(o.clone());
             }
         }
+        let running_ms = match (self.state, self.last_ts_ms, r.ts_ms) {
+            (MachineState::Running, Some(prev), Some(now)) if !restarted => (now - prev).clamp(0, MAX_RUN_GAP_MS),
+            _ => 0,
+        };
         let state = r.state.unwrap_or(self.state);
         let state_changed = state != self.state;
         self.state = state;
@@ -101,6 +111,7 @@ impl WorkCenterState {
             state_changed,
             reason: r.reason.clone(),
             restarted,
+            running_ms,
             cursor: next,
         }))
     }
@@ -142,6 +153,24 @@ mod tests {
         assert_eq!(wc.current_order.as_deref(), Some("PO-2"));
         assert_eq!(wc.apply(&r(1, 2, 8, 1, None)), Outcome::Duplicate);
         assert_eq!((wc.good_total, wc.scrap_total), (8, 1));
+    }
+
+    #[test]
+    fn running_time_comes_from_device_timestamps() {
+        let mut wc = WorkCenterState::new("PRESS-1", "press-01");
+        let mut at = |seq, ts: i64, state| {
+            let mut x = r(1, seq, seq, 0, None);
+            x.ts_ms = Some(ts);
+            x.state = Some(state);
+            match wc.apply(&x) {
+                Outcome::Counted(d) => d.running_ms,
+                Outcome::Duplicate => -1,
+            }
+        };
+        assert_eq!(at(1, 1_000, MachineState::Running), 0);
+        assert_eq!(at(2, 3_500, MachineState::Down), 2_500);
+        assert_eq!(at(3, 9_000, MachineState::Running), 0, "down time is not running time");
+        assert_eq!(at(4, 500_000, MachineState::Running), MAX_RUN_GAP_MS);
     }
 
     #[test]

@@ -20,8 +20,9 @@ CREATE TABLE buffers (
     capacity BIGINT NOT NULL,
     on_hand BIGINT NOT NULL,
     reserved BIGINT NOT NULL DEFAULT 0,
-    -- Promises never exceed what is on hand (no oversell), enforced here.
-    CHECK (reserved >= 0 AND (reserved = 0 OR reserved <= on_hand))
+    -- Production may consume below zero (the parts physically exist; it raises a
+    -- shortage), so the no-oversell rule lives in the reservation's conditional update.
+    CHECK (reserved >= 0)
 );
 
 CREATE TABLE work_centers (

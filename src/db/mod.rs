@@ -5,6 +5,7 @@
 //! are short transactions with conditional updates, so the database, not memory,
 //! enforces every rule that matters (idempotency, no oversell, legal transitions).
 
+pub mod outbox;
 pub mod queries;
 pub mod writer;
 
@@ -111,6 +112,13 @@ impl Store {
     /// `initial` applies only when a buffer is first created.
     pub async fn upsert_plant(&self, plant: &Plant) -> Result<(), DbError> {
         let mut tx = self.pool.begin().await?;
+        for a in mes_actors::ledger::Account::ALL {
+            sqlx::query("INSERT INTO accounts (code, name) VALUES ($1, $2) ON CONFLICT (code) DO UPDATE SET name = excluded.name")
+                .bind(a.code())
+                .bind(a.name())
+                .execute(&mut *tx)
+                .await?;
+        }
         for m in &plant.materials {
             sqlx::query(
                 "INSERT INTO materials (sku, unit, standard_cost) VALUES ($1, $2, $3)

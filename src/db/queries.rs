@@ -256,7 +256,14 @@ impl Store {
 
     /// Applies a planner command with a conditional update: the database decides races.
     /// Releasing an order for a work center that has no open current order makes it current.
-    pub async fn order_command(&self, id: &str, cmd: OrderCommand) -> Result<(OrderRow, bool), CommandError> {
+    /// Closing settles the order: what is left in its WIP becomes variances (same transaction),
+    /// and a close document goes to the ERP outbox.
+    pub async fn order_command(
+        &self,
+        id: &str,
+        cmd: OrderCommand,
+        ledger: &crate::settlement::Ledger,
+    ) -> Result<(OrderRow, bool), CommandError> {
         for _ in 0..5 {
             let Some(order) = self.order(id).await? else {
                 return Err(CommandError::NotFound(format!("order `{id}` does not exist")));
@@ -274,6 +281,34 @@ impl Store {
                 .await?;
             if res.rows_affected() == 0 {
                 continue; // raced with another change: look again
+            }
+            if cmd == OrderCommand::Close {
+                if let Some(spec) = ledger.for_order(order.work_center.as_deref(), &order.sku) {
+                    let r = sqlx::query("SELECT material, conversion FROM order_costs WHERE order_id = $1")
+                        .bind(id)
+                        .fetch_optional(&mut *tx)
+                        .await?;
+                    let (material, conversion) = match r {
+                        Some(r) => (r.try_get::<i64, _>("material")?, r.try_get::<i64, _>("conversion")?),
+                        None => (0, 0),
+                    };
+                    let cost = mes_actors::ledger::order_cost(spec, order.good, order.scrap, material, conversion);
+                    for p in mes_actors::ledger::close_postings(&cost) {
+                        sqlx::query(
+                            "INSERT INTO journal (ts_ms, kind, debit, credit, amount, order_id, source_kind, source_id)
+                             VALUES ($1, $2, $3, $4, $5, $6, 'order_close', $6)",
+                        )
+                        .bind(now)
+                        .bind(p.kind)
+                        .bind(p.debit.code())
+                        .bind(p.credit.code())
+                        .bind(p.amount)
+                        .bind(id)
+                        .execute(&mut *tx)
+                        .await?;
+                    }
+                }
+                super::outbox::enqueue(&mut tx, "close", id, now).await?;
             }
             let mut made_current = false;
             if let (OrderCommand::Release, Some(wc)) = (cmd, order.work_center.as_deref()) {
@@ -345,4 +380,332 @@ impl Store {
             .await?;
         Ok(())
     }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct JournalRow {
+    pub id: i64,
+    pub ts_ms: i64,
+    pub kind: String,
+    pub debit: String,
+    pub credit: String,
+    pub amount: i64,
+    pub order_id: Option<String>,
+    pub source_kind: String,
+    pub source_id: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ReservationRow {
+    pub id: String,
+    pub reference: String,
+    pub sku: String,
+    pub buffer: String,
+    pub quantity: i64,
+    pub status: String,
+    pub created_ms: i64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct OutboxRow {
+    pub seq: i64,
+    pub id: String,
+    pub kind: String,
+    pub order_id: Option<String>,
+    pub payload: String,
+    pub status: String,
+    pub attempts: i64,
+    pub last_error: Option<String>,
+    pub next_attempt_ms: i64,
+}
+
+/// Why a reservation could not be made.
+#[derive(Debug, thiserror::Error)]
+pub enum ReserveError {
+    #[error("only {available} of `{sku}` available, {requested} requested")]
+    Insufficient { sku: String, available: i64, requested: i64 },
+    #[error("sku `{0}` has no buffer")]
+    UnknownSku(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Conflict(String),
+    #[error(transparent)]
+    Db(#[from] DbError),
+}
+
+impl From<sqlx::Error> for ReserveError {
+    fn from(e: sqlx::Error) -> Self {
+        ReserveError::Db(DbError::Sqlx(e))
+    }
+}
+
+fn reservation_row(r: &AnyRow) -> Result<ReservationRow, sqlx::Error> {
+    Ok(ReservationRow {
+        id: r.try_get("id")?,
+        reference: r.try_get("ref")?,
+        sku: r.try_get("sku")?,
+        buffer: r.try_get("buffer")?,
+        quantity: r.try_get("quantity")?,
+        status: r.try_get("status")?,
+        created_ms: r.try_get("created_ms")?,
+    })
+}
+
+const RES_COLS: &str = "id, ref, sku, buffer, quantity, status, created_ms";
+
+impl Store {
+    pub async fn journal(&self, order: Option<&str>, limit: i64) -> Result<Vec<JournalRow>, DbError> {
+        const COLS: &str = "id, ts_ms, kind, debit, credit, amount, order_id, source_kind, source_id";
+        let rows = match order {
+            Some(o) => {
+                let sql = format!("SELECT {COLS} FROM journal WHERE order_id = $1 ORDER BY id LIMIT $2");
+                sqlx::query(sqlx::AssertSqlSafe(sql)).bind(o).bind(limit).fetch_all(&self.pool).await?
+            }
+            None => {
+                let sql = format!("SELECT {COLS} FROM journal ORDER BY id LIMIT $1");
+                sqlx::query(sqlx::AssertSqlSafe(sql)).bind(limit).fetch_all(&self.pool).await?
+            }
+        };
+        let mut out = Vec::with_capacity(rows.len());
+        for r in rows {
+            out.push(JournalRow {
+                id: r.try_get("id")?,
+                ts_ms: r.try_get("ts_ms")?,
+                kind: r.try_get("kind")?,
+                debit: r.try_get("debit")?,
+                credit: r.try_get("credit")?,
+                amount: r.try_get("amount")?,
+                order_id: r.try_get("order_id")?,
+                source_kind: r.try_get("source_kind")?,
+                source_id: r.try_get("source_id")?,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Per account: (code, name, total debits, total credits), from the journal.
+    pub async fn trial_balance(&self) -> Result<Vec<(String, String, i64, i64)>, DbError> {
+        let rows = sqlx::query(
+            "SELECT a.code AS code, a.name AS name,
+               CAST(COALESCE((SELECT SUM(amount) FROM journal j WHERE j.debit = a.code), 0) AS BIGINT) AS debit,
+               CAST(COALESCE((SELECT SUM(amount) FROM journal j WHERE j.credit = a.code), 0) AS BIGINT) AS credit
+             FROM accounts a ORDER BY a.code",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        let mut out = Vec::with_capacity(rows.len());
+        for r in rows {
+            out.push((r.try_get("code")?, r.try_get("name")?, r.try_get("debit")?, r.try_get("credit")?));
+        }
+        Ok(out)
+    }
+
+    /// (material, conversion, running_ms) put into an order so far.
+    pub async fn order_cost_totals(&self, order: &str) -> Result<(i64, i64, i64), DbError> {
+        let r = sqlx::query("SELECT material, conversion, running_ms FROM order_costs WHERE order_id = $1")
+            .bind(order)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(match r {
+            Some(r) => (r.try_get("material")?, r.try_get("conversion")?, r.try_get("running_ms")?),
+            None => (0, 0, 0),
+        })
+    }
+
+    pub async fn reservation(&self, id: &str) -> Result<Option<ReservationRow>, DbError> {
+        let sql = format!("SELECT {RES_COLS} FROM reservations WHERE id = $1");
+        let r = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(id).fetch_optional(&self.pool).await?;
+        Ok(r.as_ref().map(reservation_row).transpose()?)
+    }
+
+    async fn reservation_by_ref(&self, reference: &str) -> Result<Option<ReservationRow>, DbError> {
+        let sql = format!("SELECT {RES_COLS} FROM reservations WHERE ref = $1");
+        let r = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(reference).fetch_optional(&self.pool).await?;
+        Ok(r.as_ref().map(reservation_row).transpose()?)
+    }
+
+    /// Promises `quantity` of `sku`. The conditional UPDATE is the no-oversell rule: it
+    /// succeeds only while `on_hand - reserved` covers the request, inside the same
+    /// transaction as the reservation row. A repeated `ref` returns the first reservation.
+    /// Returns the reservation and whether it was created now.
+    pub async fn reserve(
+        &self,
+        sku: &str,
+        quantity: i64,
+        reference: &str,
+    ) -> Result<(ReservationRow, bool), ReserveError> {
+        if let Some(r) = self.reservation_by_ref(reference).await? {
+            return Ok((r, false));
+        }
+        let buffers = sqlx::query(
+            "SELECT id, on_hand - reserved AS available FROM buffers WHERE sku = $1 ORDER BY available DESC, id",
+        )
+        .bind(sku)
+        .fetch_all(&self.pool)
+        .await?;
+        if buffers.is_empty() {
+            return Err(ReserveError::UnknownSku(sku.to_string()));
+        }
+        let now = crate::now_ms();
+        for b in &buffers {
+            let buffer: String = b.try_get("id")?;
+            let id = format!("R-{}", reference_id(reference, now));
+            let mut tx = self.pool.begin().await?;
+            let ins = sqlx::query(
+                "INSERT INTO reservations (id, ref, sku, buffer, quantity, status, created_ms, updated_ms)
+                 VALUES ($1, $2, $3, $4, $5, 'open', $6, $6) ON CONFLICT (ref) DO NOTHING",
+            )
+            .bind(&id)
+            .bind(reference)
+            .bind(sku)
+            .bind(&buffer)
+            .bind(quantity)
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
+            if ins.rows_affected() == 0 {
+                drop(tx);
+                let r = self
+                    .reservation_by_ref(reference)
+                    .await?
+                    .ok_or_else(|| ReserveError::Conflict("reservation vanished".into()))?;
+                return Ok((r, false));
+            }
+            let upd =
+                sqlx::query("UPDATE buffers SET reserved = reserved + $1 WHERE id = $2 AND on_hand - reserved >= $1")
+                    .bind(quantity)
+                    .bind(&buffer)
+                    .execute(&mut *tx)
+                    .await?;
+            if upd.rows_affected() == 1 {
+                sqlx::query(
+                    "INSERT INTO stock_movements (ts_ms, buffer, sku, qty, kind, order_id, source_kind, source_id)
+                     VALUES ($1, $2, $3, 0, 'reservation', NULL, 'reservation', $4)",
+                )
+                .bind(now)
+                .bind(&buffer)
+                .bind(sku)
+                .bind(&id)
+                .execute(&mut *tx)
+                .await?;
+                tx.commit().await?;
+                let r = self
+                    .reservation(&id)
+                    .await?
+                    .ok_or_else(|| ReserveError::Conflict("reservation vanished".into()))?;
+                return Ok((r, true));
+            }
+            // This buffer is short: roll back and try the next one.
+        }
+        let available = self.available(sku).await?;
+        Err(ReserveError::Insufficient { sku: sku.to_string(), available, requested: quantity })
+    }
+
+    pub async fn available(&self, sku: &str) -> Result<i64, DbError> {
+        let r =
+            sqlx::query("SELECT CAST(COALESCE(SUM(on_hand - reserved), 0) AS BIGINT) AS a FROM buffers WHERE sku = $1")
+                .bind(sku)
+                .fetch_one(&self.pool)
+                .await?;
+        Ok(r.try_get("a")?)
+    }
+
+    /// Goods issue (`ship`) or release (`!ship`) of an open reservation.
+    pub async fn finish_reservation(
+        &self,
+        id: &str,
+        ship: bool,
+        unit_cost: i64,
+    ) -> Result<ReservationRow, ReserveError> {
+        let Some(r) = self.reservation(id).await? else {
+            return Err(ReserveError::NotFound(format!("reservation `{id}` does not exist")));
+        };
+        let now = crate::now_ms();
+        let to = if ship { "shipped" } else { "released" };
+        let mut tx = self.pool.begin().await?;
+        let upd = sqlx::query("UPDATE reservations SET status = $1, updated_ms = $2 WHERE id = $3 AND status = 'open'")
+            .bind(to)
+            .bind(now)
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
+        if upd.rows_affected() == 0 {
+            return Err(ReserveError::Conflict(format!("reservation `{id}` is {}, not open", r.status)));
+        }
+        if ship {
+            sqlx::query("UPDATE buffers SET on_hand = on_hand - $1, reserved = reserved - $1 WHERE id = $2")
+                .bind(r.quantity)
+                .bind(&r.buffer)
+                .execute(&mut *tx)
+                .await?;
+            sqlx::query(
+                "INSERT INTO stock_movements (ts_ms, buffer, sku, qty, kind, order_id, source_kind, source_id)
+                 VALUES ($1, $2, $3, $4, 'goods_issue', NULL, 'reservation', $5)",
+            )
+            .bind(now)
+            .bind(&r.buffer)
+            .bind(&r.sku)
+            .bind(-r.quantity)
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
+            let amount = r.quantity * unit_cost;
+            if amount > 0 {
+                use mes_actors::ledger::Account;
+                sqlx::query(
+                    "INSERT INTO journal (ts_ms, kind, debit, credit, amount, order_id, source_kind, source_id)
+                     VALUES ($1, 'goods_issue', $2, $3, $4, NULL, 'reservation', $5)",
+                )
+                .bind(now)
+                .bind(Account::CostOfGoodsSold.code())
+                .bind(Account::FinishedGoods.code())
+                .bind(amount)
+                .bind(id)
+                .execute(&mut *tx)
+                .await?;
+            }
+        } else {
+            sqlx::query("UPDATE buffers SET reserved = reserved - $1 WHERE id = $2")
+                .bind(r.quantity)
+                .bind(&r.buffer)
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        self.reservation(id).await?.ok_or_else(|| ReserveError::NotFound(format!("reservation `{id}` vanished")))
+    }
+
+    pub async fn outbox(&self, limit: i64) -> Result<Vec<OutboxRow>, DbError> {
+        let rows = sqlx::query(
+            "SELECT id, doc_id, kind, order_id, payload, status, attempts, last_error, next_attempt_ms FROM outbox ORDER BY id LIMIT $1",
+        )
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(outbox_row).collect::<Result<_, _>>().map_err(DbError::from)
+    }
+}
+
+pub(crate) fn outbox_row(r: &AnyRow) -> Result<OutboxRow, sqlx::Error> {
+    Ok(OutboxRow {
+        seq: r.try_get("id")?,
+        id: r.try_get("doc_id")?,
+        kind: r.try_get("kind")?,
+        order_id: r.try_get("order_id")?,
+        payload: r.try_get("payload")?,
+        status: r.try_get("status")?,
+        attempts: r.try_get("attempts")?,
+        last_error: r.try_get("last_error")?,
+        next_attempt_ms: r.try_get("next_attempt_ms")?,
+    })
+}
+
+/// A reservation id derived from its reference and time (unique per reference).
+fn reference_id(reference: &str, now: i64) -> String {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    reference.hash(&mut h);
+    now.hash(&mut h);
+    format!("{:016x}", h.finish())
 }

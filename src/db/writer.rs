@@ -10,6 +10,8 @@
 use super::{Backend, DbError, Store};
 use crate::events::Events;
 use crate::metrics::Metrics;
+use crate::settlement::Ledger;
+use mes_actors::ledger::{settle, Account};
 use mes_actors::{Delta, OrderStatus};
 use sqlx::{AssertSqlSafe, Row};
 use std::collections::{BTreeMap, HashSet};
@@ -80,6 +82,7 @@ pub struct Writer {
     metrics: Arc<Metrics>,
     events: Events,
     batch_max: usize,
+    ledger: Arc<Ledger>,
 }
 
 impl Writer {
@@ -90,8 +93,9 @@ impl Writer {
         metrics: Arc<Metrics>,
         events: Events,
         batch_max: usize,
+        ledger: Arc<Ledger>,
     ) -> Self {
-        Self { store, rx, acks, metrics, events, batch_max }
+        Self { store, rx, acks, metrics, events, batch_max, ledger }
     }
 
     /// Runs until every sender is gone and the queue is drained.
@@ -119,7 +123,7 @@ impl Writer {
         let mut delay = RETRY_MIN;
         loop {
             let started = Instant::now();
-            match commit(&self.store, batch).await {
+            match commit(&self.store, &self.ledger, batch).await {
                 Ok(summary) => {
                     self.metrics.commit_latency.observe(started.elapsed().as_secs_f64());
                     self.metrics.commits.fetch_add(1, Relaxed);
@@ -175,6 +179,175 @@ struct Summary {
     events: Vec<serde_json::Value>,
 }
 
+/// Where a batch-aggregated row came from: the device and its first and last reading.
+#[derive(Clone)]
+struct Source {
+    device: String,
+    first: (u64, u64),
+    last: (u64, u64),
+}
+
+impl Source {
+    fn new(d: &Delta) -> Self {
+        Self { device: d.device.clone(), first: (d.boot, d.seq), last: (d.boot, d.seq) }
+    }
+    fn extend(&mut self, d: &Delta) {
+        self.first = self.first.min((d.boot, d.seq));
+        self.last = self.last.max((d.boot, d.seq));
+    }
+    fn id(&self) -> String {
+        format!("{}:{}:{}..{}:{}", self.device, self.first.0, self.first.1, self.last.0, self.last.1)
+    }
+}
+
+type MoveKey = (String, String, &'static str, Option<String>, String);
+type PostKey = (&'static str, Account, Account, Option<String>, String);
+
+/// A batch's stock movements, postings and order costs, summed per reading and then
+/// grouped (per buffer, order and device), so batching never changes the books.
+#[derive(Default)]
+struct Books {
+    moves: BTreeMap<MoveKey, (i64, Source)>,
+    posts: BTreeMap<PostKey, (i64, Source)>,
+    costs: BTreeMap<String, (i64, i64, i64)>,
+    buffers: BTreeMap<String, i64>,
+    /// Running time per (order, device), priced from the order's cumulative running time.
+    running: BTreeMap<(String, String), (i64, i64, Source)>,
+}
+
+impl Books {
+    fn add(&mut self, d: &Delta, s: &mes_actors::ledger::Settlement, conversion_per_hour: i64) {
+        for m in &s.movements {
+            let key = (m.buffer.clone(), m.sku.clone(), m.kind, d.order.clone(), d.device.clone());
+            let e = self.moves.entry(key).or_insert_with(|| (0, Source::new(d)));
+            e.0 += m.qty;
+            e.1.extend(d);
+            *self.buffers.entry(m.buffer.clone()).or_default() += m.qty;
+        }
+        for p in &s.postings {
+            if p.kind == "conversion" && d.order.is_some() {
+                continue; // priced per order from cumulative running time in `write`
+            }
+            let key = (p.kind, p.debit, p.credit, d.order.clone(), d.device.clone());
+            let e = self.posts.entry(key).or_insert_with(|| (0, Source::new(d)));
+            e.0 += p.amount;
+            e.1.extend(d);
+        }
+        if let Some(o) = &d.order {
+            self.costs.entry(o.clone()).or_default().0 += s.material;
+            if d.running_ms > 0 {
+                let e = self
+                    .running
+                    .entry((o.clone(), d.device.clone()))
+                    .or_insert_with(|| (0, conversion_per_hour, Source::new(d)));
+                e.0 += d.running_ms;
+                e.2.extend(d);
+            }
+        }
+    }
+
+    async fn write(
+        &mut self,
+        tx: &mut sqlx::Transaction<'_, sqlx::Any>,
+        now: i64,
+        summary: &mut Summary,
+    ) -> Result<(), DbError> {
+        // Conversion for running time, from each order's cumulative running time.
+        let running = std::mem::take(&mut self.running);
+        let mut order_ms: BTreeMap<String, i64> = BTreeMap::new();
+        for ((order, device), (ms, rate, src)) in running {
+            let before = match order_ms.get(&order) {
+                Some(v) => *v,
+                None => sqlx::query("SELECT running_ms FROM order_costs WHERE order_id = $1")
+                    .bind(order.as_str())
+                    .fetch_optional(&mut **tx)
+                    .await?
+                    .map(|r| r.try_get::<i64, _>("running_ms"))
+                    .transpose()?
+                    .unwrap_or(0),
+            };
+            order_ms.insert(order.clone(), before + ms);
+            let amount = mes_actors::ledger::conversion_between(rate, before, before + ms);
+            let c = self.costs.entry(order.clone()).or_default();
+            c.1 += amount;
+            c.2 += ms;
+            let key = ("conversion", Account::Wip, Account::AppliedConversion, Some(order), device);
+            self.posts.entry(key).or_insert((0, src)).0 += amount;
+        }
+        for (buffer, qty) in &self.buffers {
+            let row =
+                sqlx::query("UPDATE buffers SET on_hand = on_hand + $1 WHERE id = $2 RETURNING on_hand, capacity, sku")
+                    .bind(*qty)
+                    .bind(buffer.as_str())
+                    .fetch_optional(&mut **tx)
+                    .await?;
+            if let Some(r) = row {
+                let on_hand: i64 = r.try_get("on_hand")?;
+                let capacity: i64 = r.try_get("capacity")?;
+                let sku: String = r.try_get("sku")?;
+                if on_hand < 0 {
+                    summary.events.push(serde_json::json!({"type": "alert", "alert": "material_shortage",
+                        "buffer": buffer, "sku": sku, "on_hand": on_hand, "shortfall": -on_hand}));
+                } else if on_hand > capacity {
+                    summary.events.push(serde_json::json!({"type": "alert", "alert": "buffer_full",
+                        "buffer": buffer, "sku": sku, "on_hand": on_hand, "capacity": capacity}));
+                }
+            }
+        }
+        for ((buffer, sku, kind, order, _), (qty, src)) in &self.moves {
+            if *qty == 0 {
+                continue;
+            }
+            sqlx::query(
+                "INSERT INTO stock_movements (ts_ms, buffer, sku, qty, kind, order_id, source_kind, source_id)
+                 VALUES ($1, $2, $3, $4, $5, $6, 'telemetry', $7)",
+            )
+            .bind(now)
+            .bind(buffer.as_str())
+            .bind(sku.as_str())
+            .bind(*qty)
+            .bind(*kind)
+            .bind(order.as_deref())
+            .bind(src.id())
+            .execute(&mut **tx)
+            .await?;
+        }
+        for ((kind, debit, credit, order, _), (amount, src)) in &self.posts {
+            if *amount == 0 {
+                continue;
+            }
+            sqlx::query(
+                "INSERT INTO journal (ts_ms, kind, debit, credit, amount, order_id, source_kind, source_id)
+                 VALUES ($1, $2, $3, $4, $5, $6, 'telemetry', $7)",
+            )
+            .bind(now)
+            .bind(*kind)
+            .bind(debit.code())
+            .bind(credit.code())
+            .bind(*amount)
+            .bind(order.as_deref())
+            .bind(src.id())
+            .execute(&mut **tx)
+            .await?;
+        }
+        for (order, (material, conversion, running)) in &self.costs {
+            sqlx::query(
+                "INSERT INTO order_costs (order_id, material, conversion, running_ms) VALUES ($1, $2, $3, $4)
+                 ON CONFLICT (order_id) DO UPDATE SET material = order_costs.material + excluded.material,
+                   conversion = order_costs.conversion + excluded.conversion,
+                   running_ms = order_costs.running_ms + excluded.running_ms",
+            )
+            .bind(order.as_str())
+            .bind(*material)
+            .bind(*conversion)
+            .bind(*running)
+            .execute(&mut **tx)
+            .await?;
+        }
+        Ok(())
+    }
+}
+
 #[derive(Default)]
 struct WcAgg<'a> {
     good: i64,
@@ -187,7 +360,7 @@ fn to_i64(v: u64, what: &str) -> Result<i64, DbError> {
 }
 
 /// Commits one batch in one transaction.
-async fn commit(store: &Store, batch: &[Job]) -> Result<Summary, DbError> {
+async fn commit(store: &Store, ledger: &Ledger, batch: &[Job]) -> Result<Summary, DbError> {
     let mut summary = Summary::default();
     let mut tx = store.pool.begin().await?;
 
@@ -251,6 +424,7 @@ async fn commit(store: &Store, batch: &[Job]) -> Result<Summary, DbError> {
     let mut wcs: BTreeMap<&str, WcAgg> = BTreeMap::new();
     let mut orders: BTreeMap<&str, (i64, i64)> = BTreeMap::new();
     let mut state_changes: Vec<(&Delta, i64)> = Vec::new();
+    let mut books = Books::default();
     for (d, received) in &counted {
         let key = (d.device.clone(), d.boot as i64, d.seq as i64);
         if !inserted.remove(&key) {
@@ -274,8 +448,12 @@ async fn commit(store: &Store, batch: &[Job]) -> Result<Summary, DbError> {
         }
         summary.good += d.good;
         summary.scrap += d.scrap;
+        if let Some(spec) = ledger.by_wc.get(&d.work_center) {
+            books.add(d, &settle(spec, d.good as i64, d.scrap as i64, d.running_ms), spec.conversion_per_hour);
+        }
     }
     let now = crate::now_ms();
+    books.write(&mut tx, now, &mut summary).await?;
 
     // 3. Device cursors move only forward.
     for d in cursors.values() {
@@ -336,16 +514,22 @@ async fn commit(store: &Store, batch: &[Job]) -> Result<Summary, DbError> {
         } else {
             from
         };
+        // Guarded: a planner's close or cancel committed meanwhile wins.
         sqlx::query(
-            "UPDATE orders SET good = good + $1, scrap = scrap + $2, status = $3, updated_ms = $4 WHERE id = $5",
+            "UPDATE orders SET good = good + $1, scrap = scrap + $2,
+               status = CASE WHEN status = $6 THEN $3 ELSE status END, updated_ms = $4 WHERE id = $5",
         )
         .bind(*good)
         .bind(*scrap)
         .bind(to.as_str())
         .bind(now)
         .bind(*order)
+        .bind(from.as_str())
         .execute(&mut *tx)
         .await?;
+        if to == OrderStatus::Completed && from != OrderStatus::Completed {
+            crate::db::outbox::enqueue(&mut tx, "completion", order, now).await?;
+        }
         if to != from {
             summary.events.push(
                 serde_json::json!({"type": "order_status", "order": order, "from": from.as_str(), "to": to.as_str()}),

@@ -27,6 +27,8 @@ pub struct AppState {
     pub router: Arc<Router>,
     pub mqtt: Option<MqttHandle>,
     pub broker_url: String,
+    pub ledger: Arc<crate::settlement::Ledger>,
+    pub plant: Arc<crate::plant::Plant>,
 }
 
 type Res = Result<HttpResponse, ApiError>;
@@ -55,6 +57,14 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
                 .route("/buffers", web::get().to(list_buffers))
                 .route("/inventory", web::get().to(list_inventory))
                 .route("/inventory/{sku}", web::get().to(get_inventory))
+                .route("/orders/{id}/cost", web::get().to(order_cost))
+                .route("/journal", web::get().to(journal))
+                .route("/trial-balance", web::get().to(trial_balance))
+                .route("/reservations", web::post().to(create_reservation))
+                .route("/reservations/{id}", web::get().to(get_reservation))
+                .route("/reservations/{id}", web::delete().to(release_reservation))
+                .route("/reservations/{id}/ship", web::post().to(ship_reservation))
+                .route("/erp/outbox", web::get().to(erp_outbox))
                 .route("/dead-letters", web::get().to(dead_letters))
                 .route("/events", web::get().to(events))
                 .default_service(web::to(not_found)),
@@ -320,7 +330,7 @@ fn parse_new_order(v: &Value) -> Result<NewOrder, ApiError> {
 
 async fn order_command(req: HttpRequest, st: State, id: String, cmd: OrderCommand) -> Res {
     let caller = st.auth.check(&req, Role::Planner)?;
-    let (order, made_current) = st.store.order_command(&id, cmd).await.map_err(|e| match e {
+    let (order, made_current) = st.store.order_command(&id, cmd, &st.ledger).await.map_err(|e| match e {
         CommandError::NotFound(m) => ApiError::not_found(m),
         CommandError::Transition(t) => ApiError::conflict("invalid_transition", t.to_string()),
         CommandError::Conflict(m) => ApiError::conflict("conflict", m),
@@ -426,4 +436,153 @@ async fn events(req: HttpRequest, st: State) -> Res {
         .content_type("text/event-stream")
         .insert_header(("cache-control", "no-cache"))
         .streaming(stream))
+}
+
+fn money(m: i64) -> String {
+    mes_actors::Money(m).to_string()
+}
+
+async fn order_cost(req: HttpRequest, st: State, id: web::Path<String>) -> Res {
+    st.auth.check(&req, Role::Viewer)?;
+    let o = st.store.order(&id).await?.ok_or_else(|| ApiError::not_found(format!("order `{id}` does not exist")))?;
+    let spec = st
+        .ledger
+        .for_order(o.work_center.as_deref(), &o.sku)
+        .ok_or_else(|| ApiError::unprocessable("no_routing", format!("no work center makes `{}`", o.sku)))?;
+    let (material, conversion, running_ms) = st.store.order_cost_totals(&id).await?;
+    let c = mes_actors::ledger::order_cost(spec, o.good, o.scrap, material, conversion);
+    Ok(HttpResponse::Ok().json(json!({
+        "order": o.id, "sku": o.sku, "good": o.good, "scrap": o.scrap, "status": o.status,
+        "standard": money(c.standard), "actual": money(c.actual),
+        "variances": {"material_usage": money(c.material_usage), "efficiency": money(c.efficiency), "yield": money(c.yield_)},
+        "actual_detail": {"material": money(material), "conversion": money(conversion), "running_s": running_ms as f64 / 1000.0},
+        "standard_unit_cost": money(spec.standard_unit_cost),
+    })))
+}
+
+#[derive(Deserialize)]
+struct JournalQuery {
+    order: Option<String>,
+    limit: Option<i64>,
+}
+
+async fn journal(req: HttpRequest, st: State, q: web::Query<JournalQuery>) -> Res {
+    st.auth.check(&req, Role::Viewer)?;
+    let rows = st.store.journal(q.order.as_deref(), q.limit.unwrap_or(10_000).clamp(1, 100_000)).await?;
+    let out: Vec<Value> = rows
+        .iter()
+        .map(|j| {
+            json!({"id": j.id, "at": rfc3339(j.ts_ms), "kind": j.kind, "order": j.order_id,
+                   "debit": j.debit, "credit": j.credit, "amount": money(j.amount),
+                   "lines": [{"account": j.debit, "debit": money(j.amount), "credit": "0.00"},
+                             {"account": j.credit, "debit": "0.00", "credit": money(j.amount)}],
+                   "source": {"kind": j.source_kind, "id": j.source_id}})
+        })
+        .collect();
+    Ok(HttpResponse::Ok().json(out))
+}
+
+async fn trial_balance(req: HttpRequest, st: State) -> Res {
+    st.auth.check(&req, Role::Viewer)?;
+    let rows = st.store.trial_balance().await?;
+    let (mut d, mut c) = (0i64, 0i64);
+    let accounts: Vec<Value> = rows
+        .iter()
+        .map(|(code, name, debit, credit)| {
+            d += debit;
+            c += credit;
+            json!({"account": code, "name": name, "debit": money(*debit), "credit": money(*credit), "balance": money(debit - credit)})
+        })
+        .collect();
+    Ok(HttpResponse::Ok()
+        .json(json!({"accounts": accounts, "total_debits": money(d), "total_credits": money(c), "balanced": d == c})))
+}
+
+fn reservation_json(r: &crate::db::queries::ReservationRow) -> Value {
+    json!({"id": r.id, "ref": r.reference, "sku": r.sku, "buffer": r.buffer, "quantity": r.quantity,
+           "status": r.status, "created_at": rfc3339(r.created_ms)})
+}
+
+fn reserve_error(e: crate::db::queries::ReserveError) -> ApiError {
+    use crate::db::queries::ReserveError as E;
+    match e {
+        E::Insufficient { .. } => ApiError::conflict("insufficient_stock", e.to_string()),
+        E::UnknownSku(_) => ApiError::unprocessable("unknown_sku", e.to_string()),
+        E::NotFound(m) => ApiError::not_found(m),
+        E::Conflict(m) => ApiError::conflict("invalid_transition", m),
+        E::Db(d) => d.into(),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ReservationBody {
+    sku: String,
+    quantity: i64,
+    #[serde(rename = "ref")]
+    reference: String,
+}
+
+async fn create_reservation(req: HttpRequest, st: State, body: web::Json<ReservationBody>) -> Res {
+    let caller = st.auth.check(&req, Role::Planner)?;
+    if body.quantity <= 0 || body.quantity > 1_000_000_000 {
+        return Err(ApiError::unprocessable("invalid_field", "`quantity` must be a positive integer"));
+    }
+    if body.reference.is_empty() || body.reference.len() > 200 {
+        return Err(ApiError::unprocessable("invalid_field", "`ref` must be 1-200 characters"));
+    }
+    match st.store.reserve(&body.sku, body.quantity, &body.reference).await {
+        Ok((r, created)) => {
+            if created {
+                tracing::info!(reservation = %r.id, sku = %r.sku, quantity = r.quantity, by = %caller.name, "reserved");
+                st.events.publish(json!({"type": "reservation", "id": r.id, "sku": r.sku, "quantity": r.quantity}));
+            }
+            Ok(HttpResponse::Created().json(reservation_json(&r)))
+        }
+        Err(crate::db::queries::ReserveError::Insufficient { sku, available, requested }) => Err(ApiError::conflict(
+            "insufficient_stock",
+            format!("only {available} of `{sku}` available, {requested} requested (available: {available})"),
+        )),
+        Err(e) => Err(reserve_error(e)),
+    }
+}
+
+async fn get_reservation(req: HttpRequest, st: State, id: web::Path<String>) -> Res {
+    st.auth.check(&req, Role::Viewer)?;
+    let r = st
+        .store
+        .reservation(&id)
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("reservation `{id}` does not exist")))?;
+    Ok(HttpResponse::Ok().json(reservation_json(&r)))
+}
+
+async fn ship_reservation(req: HttpRequest, st: State, id: web::Path<String>) -> Res {
+    st.auth.check(&req, Role::Planner)?;
+    let unit = match st.store.reservation(&id).await? {
+        Some(r) => st.ledger.unit_cost(&st.plant, &r.sku),
+        None => 0,
+    };
+    let r = st.store.finish_reservation(&id, true, unit).await.map_err(reserve_error)?;
+    st.events.publish(json!({"type": "goods_issue", "reservation": r.id, "sku": r.sku, "quantity": r.quantity}));
+    Ok(HttpResponse::Ok().json(reservation_json(&r)))
+}
+
+async fn release_reservation(req: HttpRequest, st: State, id: web::Path<String>) -> Res {
+    st.auth.check(&req, Role::Planner)?;
+    let r = st.store.finish_reservation(&id, false, 0).await.map_err(reserve_error)?;
+    Ok(HttpResponse::Ok().json(reservation_json(&r)))
+}
+
+async fn erp_outbox(req: HttpRequest, st: State, q: web::Query<LimitQuery>) -> Res {
+    st.auth.check(&req, Role::Viewer)?;
+    let rows = st.store.outbox(q.limit.unwrap_or(1000).clamp(1, 10_000)).await?;
+    let out: Vec<Value> = rows
+        .iter()
+        .map(|d| {
+            json!({"id": d.id, "kind": d.kind, "order": d.order_id, "status": d.status, "attempts": d.attempts,
+                   "last_error": d.last_error, "document": serde_json::from_str::<Value>(&d.payload).unwrap_or(Value::Null)})
+        })
+        .collect();
+    Ok(HttpResponse::Ok().json(out))
 }

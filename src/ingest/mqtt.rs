@@ -140,7 +140,7 @@ pub fn start(
 /// and its acknowledgements are sent (bounded), then disconnect. Publishes arriving now are
 /// not admitted, so they stay unacknowledged and the broker keeps them for the next start.
 async fn drain(eventloop: &mut rumqttc::EventLoop, client: &AsyncClient, metrics: &Metrics) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    let deadline = tokio::time::Instant::now() + Duration::from_millis(3500);
     let mut quiet_since: Option<tokio::time::Instant> = None;
     while tokio::time::Instant::now() < deadline {
         if metrics.in_flight.load(Relaxed) <= 0 {

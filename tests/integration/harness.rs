@@ -53,7 +53,6 @@ pub struct MesOptions {
     pub plant: Option<String>,
 }
 
-
 /// A running `mes serve` child process.
 pub struct Mes {
     pub child: Option<Child>,

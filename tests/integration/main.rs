@@ -15,3 +15,4 @@ mod cli;
 mod ingest;
 mod orders;
 mod recovery;
+mod settlement;

@@ -60,4 +60,19 @@ async fn sigkill_while_publishing_loses_and_doubles_nothing() {
     }
     let want = (good as i64, scrap as i64);
     assert_eq!(mes.wait_totals("FORM-1", want).await, want, "log:\n{}", mes.log());
+    // Stock and books equal what an uninterrupted run gives.
+    let (_, buffers) = mes.get("/api/v1/buffers").await;
+    let on_hand =
+        |id: &str| buffers.as_array().and_then(|a| a.iter().find(|b| b["id"] == id)).map(|b| b["on_hand"].as_i64());
+    assert_eq!(on_hand("WIP-HOUSING"), Some(Some(500 + good as i64)));
+    assert_eq!(on_hand("WIP-BLANK"), Some(Some(2000 - 2 * (good + scrap) as i64)));
+    let (_, tb) = mes.get("/api/v1/trial-balance").await;
+    assert_eq!(tb["total_debits"], tb["total_credits"]);
+    let fg =
+        tb["accounts"].as_array().and_then(|a| a.iter().find(|x| x["account"] == "1400").cloned()).expect("FG account");
+    // HOUSING at standard 2 × 0.8125 + 120.00/h × 1 s = 1.6583; BLANK issued at 0.8125.
+    let expect_debit = mes_actors::Money(good as i64 * 16_583);
+    let expect_credit = mes_actors::Money(2 * (good + scrap) as i64 * 8_125);
+    assert_eq!(fg["debit"], expect_debit.to_string());
+    assert_eq!(fg["credit"], expect_credit.to_string());
 }
