@@ -136,7 +136,12 @@ where
     let query_cfg =
         web::QueryConfig::default().error_handler(|e, _| ApiError::bad_request("invalid_query", e.to_string()).into());
     let server = HttpServer::new(move || {
+        let counted = state.metrics.clone();
         actix_web::App::new()
+            .wrap_fn(move |req, srv| {
+                counted.http_requests.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                actix_web::dev::Service::call(srv, req)
+            })
             .app_data(state.clone())
             .app_data(json_cfg.clone())
             .app_data(path_cfg.clone())

@@ -14,7 +14,7 @@ pub fn start(listen: SocketAddr, max_payload: usize) -> Result<(), String> {
         next_connection_delay_ms: 1,
         connections: ConnectionSettings {
             connection_timeout_ms: 60_000,
-            max_payload_size: max_payload + 4096,
+            max_payload_size: (max_payload * 16).max(1 << 20),
             max_inflight_count: 10_000,
             auth: None,
             external_auth: None,

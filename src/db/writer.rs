@@ -249,6 +249,7 @@ impl Books {
     async fn write(
         &mut self,
         tx: &mut sqlx::Transaction<'_, sqlx::Any>,
+        backend: Backend,
         now: i64,
         summary: &mut Summary,
     ) -> Result<(), DbError> {
@@ -274,14 +275,20 @@ impl Books {
             let key = ("conversion", Account::Wip, Account::AppliedConversion, Some(order), device);
             self.posts.entry(key).or_insert((0, src)).0 += amount;
         }
-        for (buffer, qty) in &self.buffers {
-            let row =
-                sqlx::query("UPDATE buffers SET on_hand = on_hand + $1 WHERE id = $2 RETURNING on_hand, capacity, sku")
-                    .bind(*qty)
-                    .bind(buffer.as_str())
-                    .fetch_optional(&mut **tx)
-                    .await?;
-            if let Some(r) = row {
+        let buffers: Vec<(&String, &i64)> = self.buffers.iter().filter(|(_, q)| **q != 0).collect();
+        if !buffers.is_empty() {
+            let sql = format!(
+                "UPDATE buffers SET on_hand = buffers.on_hand + v.column2 FROM (VALUES {}) AS v
+                 WHERE buffers.id = v.column1 RETURNING buffers.id AS id, buffers.on_hand AS on_hand,
+                   buffers.capacity AS capacity, buffers.sku AS sku",
+                rows_sql(backend, buffers.len(), 2)
+            );
+            let mut q = sqlx::query(AssertSqlSafe(sql));
+            for (b, qty) in &buffers {
+                q = q.bind(b.as_str()).bind(**qty);
+            }
+            for r in q.fetch_all(&mut **tx).await? {
+                let buffer: String = r.try_get("id")?;
                 let on_hand: i64 = r.try_get("on_hand")?;
                 let capacity: i64 = r.try_get("capacity")?;
                 let sku: String = r.try_get("sku")?;
@@ -294,55 +301,59 @@ impl Books {
                 }
             }
         }
-        for ((buffer, sku, kind, order, _), (qty, src)) in &self.moves {
-            if *qty == 0 {
-                continue;
+        let moves: Vec<_> = self.moves.iter().filter(|(_, (q, _))| *q != 0).collect();
+        if !moves.is_empty() {
+            let sql = format!(
+                "INSERT INTO stock_movements (ts_ms, buffer, sku, qty, kind, order_id, source_kind, source_id) VALUES {}",
+                rows_sql(backend, moves.len(), 8)
+            );
+            let mut q = sqlx::query(AssertSqlSafe(sql));
+            for ((buffer, sku, kind, order, _), (qty, src)) in &moves {
+                q = q
+                    .bind(now)
+                    .bind(buffer.as_str())
+                    .bind(sku.as_str())
+                    .bind(*qty)
+                    .bind(*kind)
+                    .bind(order.as_deref())
+                    .bind("telemetry")
+                    .bind(src.id());
             }
-            sqlx::query(
-                "INSERT INTO stock_movements (ts_ms, buffer, sku, qty, kind, order_id, source_kind, source_id)
-                 VALUES ($1, $2, $3, $4, $5, $6, 'telemetry', $7)",
-            )
-            .bind(now)
-            .bind(buffer.as_str())
-            .bind(sku.as_str())
-            .bind(*qty)
-            .bind(*kind)
-            .bind(order.as_deref())
-            .bind(src.id())
-            .execute(&mut **tx)
-            .await?;
+            q.execute(&mut **tx).await?;
         }
-        for ((kind, debit, credit, order, _), (amount, src)) in &self.posts {
-            if *amount == 0 {
-                continue;
+        let posts: Vec<_> = self.posts.iter().filter(|(_, (a, _))| *a != 0).collect();
+        if !posts.is_empty() {
+            let sql = format!(
+                "INSERT INTO journal (ts_ms, kind, debit, credit, amount, order_id, source_kind, source_id) VALUES {}",
+                rows_sql(backend, posts.len(), 8)
+            );
+            let mut q = sqlx::query(AssertSqlSafe(sql));
+            for ((kind, debit, credit, order, _), (amount, src)) in &posts {
+                q = q
+                    .bind(now)
+                    .bind(*kind)
+                    .bind(debit.code())
+                    .bind(credit.code())
+                    .bind(*amount)
+                    .bind(order.as_deref())
+                    .bind("telemetry")
+                    .bind(src.id());
             }
-            sqlx::query(
-                "INSERT INTO journal (ts_ms, kind, debit, credit, amount, order_id, source_kind, source_id)
-                 VALUES ($1, $2, $3, $4, $5, $6, 'telemetry', $7)",
-            )
-            .bind(now)
-            .bind(*kind)
-            .bind(debit.code())
-            .bind(credit.code())
-            .bind(*amount)
-            .bind(order.as_deref())
-            .bind(src.id())
-            .execute(&mut **tx)
-            .await?;
+            q.execute(&mut **tx).await?;
         }
-        for (order, (material, conversion, running)) in &self.costs {
-            sqlx::query(
-                "INSERT INTO order_costs (order_id, material, conversion, running_ms) VALUES ($1, $2, $3, $4)
+        if !self.costs.is_empty() {
+            let sql = format!(
+                "INSERT INTO order_costs (order_id, material, conversion, running_ms) VALUES {}
                  ON CONFLICT (order_id) DO UPDATE SET material = order_costs.material + excluded.material,
                    conversion = order_costs.conversion + excluded.conversion,
                    running_ms = order_costs.running_ms + excluded.running_ms",
-            )
-            .bind(order.as_str())
-            .bind(*material)
-            .bind(*conversion)
-            .bind(*running)
-            .execute(&mut **tx)
-            .await?;
+                rows_sql(backend, self.costs.len(), 4)
+            );
+            let mut q = sqlx::query(AssertSqlSafe(sql));
+            for (order, (material, conversion, running)) in &self.costs {
+                q = q.bind(order.as_str()).bind(*material).bind(*conversion).bind(*running);
+            }
+            q.execute(&mut **tx).await?;
         }
         Ok(())
     }
@@ -353,6 +364,33 @@ struct WcAgg<'a> {
     good: i64,
     scrap: i64,
     last: Option<&'a Delta>,
+}
+
+/// `(?,?),(?,?)` on SQLite, `($1,$2),($3,$4)` on PostgreSQL: placeholders for a multi-row
+/// statement whose values are bound in order. (SQLite resolves `$n` names by a linear
+/// scan per parameter, which makes large statements quadratic there.)
+fn rows_sql(backend: Backend, rows: usize, cols: usize) -> String {
+    let mut sql = String::with_capacity(rows * cols * 4);
+    for r in 0..rows {
+        if r > 0 {
+            sql.push(',');
+        }
+        sql.push('(');
+        for c in 0..cols {
+            if c > 0 {
+                sql.push(',');
+            }
+            match backend {
+                Backend::Sqlite => sql.push('?'),
+                Backend::Postgres => {
+                    sql.push('$');
+                    sql.push_str(&(r * cols + c + 1).to_string());
+                }
+            }
+        }
+        sql.push(')');
+    }
+    sql
 }
 
 fn to_i64(v: u64, what: &str) -> Result<i64, DbError> {
@@ -377,28 +415,7 @@ async fn commit(store: &Store, ledger: &Ledger, batch: &[Job]) -> Result<Summary
         let mut sql = String::from(
             "INSERT INTO telemetry (device, boot, seq, work_center, order_id, ts_ms, received_ms, good, scrap, state) VALUES ",
         );
-        // SQLite resolves `$n` names by a linear scan per parameter, which turns a large
-        // multi-row insert quadratic; plain `?` (bound in order) is linear there.
-        for i in 0..chunk.len() {
-            if i > 0 {
-                sql.push(',');
-            }
-            match store.backend {
-                Backend::Sqlite => sql.push_str("(?,?,?,?,?,?,?,?,?,?)"),
-                Backend::Postgres => {
-                    let b = i * 10;
-                    sql.push('(');
-                    for k in 1..=10 {
-                        if k > 1 {
-                            sql.push(',');
-                        }
-                        sql.push('$');
-                        sql.push_str(&(b + k).to_string());
-                    }
-                    sql.push(')');
-                }
-            }
-        }
+        sql.push_str(&rows_sql(store.backend, chunk.len(), 10));
         sql.push_str(" ON CONFLICT (device, boot, seq) DO NOTHING RETURNING device, boot, seq");
         let mut q = sqlx::query(AssertSqlSafe(sql));
         for (d, received) in chunk {
@@ -437,7 +454,10 @@ async fn commit(store: &Store, ledger: &Ledger, batch: &[Job]) -> Result<Summary
         let w = wcs.entry(d.work_center.as_str()).or_default();
         w.good += d.good as i64;
         w.scrap += d.scrap as i64;
-        w.last = Some(d);
+        // The newest reading of the batch sets the stored state, whatever order the batch is in.
+        if w.last.is_none_or(|l| (d.boot, d.seq) > (l.boot, l.seq)) {
+            w.last = Some(d);
+        }
         if let Some(o) = d.order.as_deref() {
             let e = orders.entry(o).or_default();
             e.0 += d.good as i64;
@@ -453,49 +473,60 @@ async fn commit(store: &Store, ledger: &Ledger, batch: &[Job]) -> Result<Summary
         }
     }
     let now = crate::now_ms();
-    books.write(&mut tx, now, &mut summary).await?;
+    books.write(&mut tx, store.backend, now, &mut summary).await?;
 
-    // 3. Device cursors move only forward.
-    for d in cursors.values() {
-        sqlx::query(
-            "INSERT INTO device_cursors (device, boot, seq, good, scrap, updated_ms) VALUES ($1, $2, $3, $4, $5, $6)
+    // 3. Device cursors move only forward (one statement for the batch).
+    if !cursors.is_empty() {
+        let sql = format!(
+            "INSERT INTO device_cursors (device, boot, seq, good, scrap, updated_ms) VALUES {}
              ON CONFLICT (device) DO UPDATE SET boot = excluded.boot, seq = excluded.seq, good = excluded.good,
                scrap = excluded.scrap, updated_ms = excluded.updated_ms
              WHERE excluded.boot > device_cursors.boot
                 OR (excluded.boot = device_cursors.boot AND excluded.seq > device_cursors.seq)",
-        )
-        .bind(d.device.as_str())
-        .bind(to_i64(d.cursor.boot, "boot")?)
-        .bind(to_i64(d.cursor.seq, "seq")?)
-        .bind(to_i64(d.cursor.good, "good")?)
-        .bind(to_i64(d.cursor.scrap, "scrap")?)
-        .bind(now)
-        .execute(&mut *tx)
-        .await?;
+            rows_sql(store.backend, cursors.len(), 6)
+        );
+        let mut q = sqlx::query(AssertSqlSafe(sql));
+        for d in cursors.values() {
+            q = q
+                .bind(d.device.as_str())
+                .bind(to_i64(d.cursor.boot, "boot")?)
+                .bind(to_i64(d.cursor.seq, "seq")?)
+                .bind(to_i64(d.cursor.good, "good")?)
+                .bind(to_i64(d.cursor.scrap, "scrap")?)
+                .bind(now);
+        }
+        q.execute(&mut *tx).await?;
     }
 
-    // 4. Work center totals and last state.
-    for (wc, agg) in &wcs {
-        let Some(last) = agg.last else { continue };
-        sqlx::query(
-            "UPDATE work_centers SET good_total = good_total + $1, scrap_total = scrap_total + $2, state = $3,
-               reason = $4, current_order = COALESCE($5, current_order), last_seen_ms = $6, updated_ms = $6 WHERE id = $7",
-        )
-        .bind(agg.good)
-        .bind(agg.scrap)
-        .bind(last.state.as_str())
-        .bind(last.reason.as_deref())
-        .bind(last.order.as_deref())
-        .bind(now)
-        .bind(*wc)
-        .execute(&mut *tx)
-        .await?;
-        if agg.good > 0 || agg.scrap > 0 {
-            summary.events.push(serde_json::json!({
-                "type": "counts", "work_center": wc, "good": agg.good, "scrap": agg.scrap,
-                "order": last.order, "state": last.state.as_str()
-            }));
+    // 4. Work center totals and last state (one statement for the batch).
+    let wc_rows: Vec<(&str, &WcAgg, &Delta)> = wcs.iter().filter_map(|(w, a)| a.last.map(|l| (*w, a, l))).collect();
+    if !wc_rows.is_empty() {
+        let sql = format!(
+            "UPDATE work_centers SET good_total = work_centers.good_total + v.column2,
+               scrap_total = work_centers.scrap_total + v.column3, state = v.column4, reason = v.column5,
+               current_order = COALESCE(v.column6, work_centers.current_order), last_seen_ms = v.column7,
+               updated_ms = v.column7
+             FROM (VALUES {}) AS v WHERE work_centers.id = v.column1",
+            rows_sql(store.backend, wc_rows.len(), 7)
+        );
+        let mut q = sqlx::query(AssertSqlSafe(sql));
+        for (wc, agg, last) in &wc_rows {
+            q = q
+                .bind(*wc)
+                .bind(agg.good)
+                .bind(agg.scrap)
+                .bind(last.state.as_str())
+                .bind(last.reason.as_deref())
+                .bind(last.order.as_deref())
+                .bind(now);
+            if agg.good > 0 || agg.scrap > 0 {
+                summary.events.push(serde_json::json!({
+                    "type": "counts", "work_center": wc, "good": agg.good, "scrap": agg.scrap,
+                    "order": last.order, "state": last.state.as_str()
+                }));
+            }
         }
+        q.execute(&mut *tx).await?;
     }
 
     // 5. Orders: counts and the status that output implies.

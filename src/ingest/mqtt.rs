@@ -52,7 +52,9 @@ fn options(cfg: &MqttConfig, ingest: &IngestConfig) -> Result<MqttOptions, Strin
     o.set_clean_session(false)
         .set_manual_acks(true)
         .set_keep_alive(Duration::from_secs(cfg.keep_alive_s))
-        .set_max_packet_size(ingest.max_payload + 4096, 256 * 1024)
+        // Accept packets well past `max_payload`, so an oversized payload arrives and becomes
+        // a dead letter instead of breaking the connection.
+        .set_max_packet_size((ingest.max_payload * 16).max(1 << 20), 256 * 1024)
         .set_inflight(1000);
     if let (Some(u), Some(p)) = (&cfg.username, &cfg.password) {
         o.set_credentials(u.clone(), p.clone());
