@@ -16,3 +16,4 @@ mod ingest;
 mod orders;
 mod recovery;
 mod settlement;
+mod simulator;
