@@ -37,6 +37,7 @@ pub struct Handle {
 /// Connects, migrates and loads master data.
 pub async fn prepare(cfg: &Config) -> anyhow::Result<(Store, Plant)> {
     let plant = Plant::load(cfg.plant.file.as_deref())?;
+    crate::ingest::modbus::check_maps(&plant).map_err(anyhow::Error::msg)?;
     let store = Store::connect(&cfg.database.url, cfg.database.max_connections)
         .await
         .with_context(|| format!("connecting to database.url `{}`", redact(&cfg.database.url)))?;
@@ -105,6 +106,17 @@ where
     let writer_task = tokio::spawn(writer.run());
     let pipeline = Pipeline::new(router.clone(), writer_tx, metrics.clone(), cfg.ingest.max_in_flight);
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let board: crate::ingest::modbus::StatusBoard = Default::default();
+    let pollers = crate::ingest::modbus::start(
+        &plant,
+        &store,
+        router.clone(),
+        pipeline.clone(),
+        board.clone(),
+        shutdown_rx.clone(),
+    )
+    .await
+    .map_err(anyhow::Error::msg)?;
     let (mqtt_handle, mqtt_task) =
         mqtt::start(&cfg.mqtt, &cfg.ingest, pipeline, ack_tx, ack_rx, shutdown_rx).map_err(anyhow::Error::msg)?;
 
@@ -124,6 +136,7 @@ where
         broker_url: cfg.mqtt.url.clone(),
         ledger: ledger.clone(),
         plant: Arc::new(plant.clone()),
+        modbus: board,
     });
     if cfg.auth.tokens.is_empty() {
         tracing::warn!("no [[auth.tokens]] configured: every caller is admin (loopback only)");
@@ -168,6 +181,9 @@ where
     let _ = shutdown_tx.send(true);
     if let Some(t) = erp_task {
         let _ = tokio::time::timeout(Duration::from_secs(1), t).await;
+    }
+    for p in pollers {
+        let _ = tokio::time::timeout(Duration::from_millis(500), p).await;
     }
     if tokio::time::timeout(Duration::from_secs(4), mqtt_task).await.is_err() {
         tracing::warn!("MQTT intake did not stop in time");

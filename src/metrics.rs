@@ -57,6 +57,8 @@ pub struct Metrics {
     pub mqtt_reconnects: AtomicU64,
     pub writer_healthy: AtomicBool,
     pub http_requests: AtomicU64,
+    pub modbus_polls: AtomicU64,
+    pub modbus_errors: AtomicU64,
 }
 
 impl Metrics {
@@ -125,6 +127,13 @@ impl Metrics {
         );
         counter(&mut out, "mes_mqtt_reconnects_total", "MQTT connection losses.", self.mqtt_reconnects.load(Relaxed));
         counter(&mut out, "mes_http_requests_total", "HTTP requests served.", self.http_requests.load(Relaxed));
+        counter(&mut out, "mes_modbus_polls_total", "Successful Modbus polls.", self.modbus_polls.load(Relaxed));
+        counter(
+            &mut out,
+            "mes_modbus_errors_total",
+            "Modbus connect and read failures.",
+            self.modbus_errors.load(Relaxed),
+        );
         gauge(
             &mut out,
             "mes_ingest_in_flight",

@@ -84,6 +84,30 @@ pub fn wrapping_delta(prev: u64, now: u64, bits: u32, boot_changed: Option<bool>
     }
 }
 
+/// Raw counter registers as read from a device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RawCounters {
+    pub good: u64,
+    pub scrap: u64,
+    /// The device's boot counter, if its map has one.
+    pub boot: Option<u64>,
+}
+
+/// Counts between two raw readings of wrapping counter registers: `None` for the first
+/// reading ever (the baseline counts nothing). A changed `boot` means the counters restarted
+/// from 0; without a boot register, a fall is a wrap or a restart by [`wrapping_delta`]'s rule.
+pub fn raw_delta(prev: Option<&RawCounters>, now: &RawCounters, good_bits: u32, scrap_bits: u32) -> Option<(u64, u64)> {
+    let prev = prev?;
+    let boot_changed = match (prev.boot, now.boot) {
+        (Some(a), Some(b)) => Some(a != b),
+        _ => None,
+    };
+    Some((
+        wrapping_delta(prev.good, now.good, good_bits, boot_changed),
+        wrapping_delta(prev.scrap, now.scrap, scrap_bits, boot_changed),
+    ))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -147,6 +171,24 @@ mod tests {
         }
         // Out-of-order arrival may skip intermediate readings but never the final totals.
         assert_eq!((good, scrap), (600, 28));
+    }
+
+    #[test]
+    fn raw_counters_baseline_wrap_and_boot() {
+        let r = |good, scrap, boot| RawCounters { good, scrap, boot };
+        assert_eq!(raw_delta(None, &r(500, 3, Some(1)), 32, 16), None, "first reading is the baseline");
+        assert_eq!(raw_delta(Some(&r(500, 3, Some(1))), &r(510, 4, Some(1)), 32, 16), Some((10, 1)));
+        assert_eq!(raw_delta(Some(&r(0xFFFF_FFFE, 65_535, Some(1))), &r(3, 2, Some(1)), 32, 16), Some((5, 3)));
+        assert_eq!(
+            raw_delta(Some(&r(900, 9, Some(1))), &r(7, 1, Some(2)), 32, 16),
+            Some((7, 1)),
+            "reboot counts from 0"
+        );
+        assert_eq!(
+            raw_delta(Some(&r(900, 9, None)), &r(7, 1, None), 32, 16),
+            Some((7, 1)),
+            "fall outside the top quarter: restart"
+        );
     }
 
     #[test]

@@ -151,6 +151,24 @@ impl Store {
         Ok(out)
     }
 
+    /// The last raw counter registers per Modbus device (the restart baseline).
+    pub async fn modbus_raw(&self) -> Result<BTreeMap<String, mes_actors::counter::RawCounters>, DbError> {
+        let rows = sqlx::query("SELECT device, good, scrap, boot FROM modbus_raw").fetch_all(&self.pool).await?;
+        let mut out = BTreeMap::new();
+        for r in rows {
+            let boot: Option<i64> = r.try_get("boot")?;
+            out.insert(
+                r.try_get::<String, _>("device")?,
+                mes_actors::counter::RawCounters {
+                    good: r.try_get::<i64, _>("good")?.max(0) as u64,
+                    scrap: r.try_get::<i64, _>("scrap")?.max(0) as u64,
+                    boot: boot.map(|b| b.max(0) as u64),
+                },
+            );
+        }
+        Ok(out)
+    }
+
     pub async fn orders(&self, status: Option<&str>, limit: i64) -> Result<Vec<OrderRow>, DbError> {
         let rows = match status {
             Some(s) => {

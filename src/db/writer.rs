@@ -11,6 +11,7 @@ use super::{Backend, DbError, Store};
 use crate::events::Events;
 use crate::metrics::Metrics;
 use crate::settlement::Ledger;
+use mes_actors::counter::RawCounters;
 use mes_actors::ledger::{settle, Account};
 use mes_actors::{Delta, OrderStatus};
 use sqlx::{AssertSqlSafe, Row};
@@ -58,6 +59,8 @@ pub struct Job {
     pub done: Completion,
     /// The input's place in the in-flight bound, freed after completion.
     pub slot: Option<crate::ingest::InFlight>,
+    /// Raw counter registers of a polled device, stored with the reading they produced.
+    pub raw: Option<(String, RawCounters)>,
 }
 
 /// A committed (or abandoned) MQTT publish, tagged with its place in the connection's
@@ -580,7 +583,28 @@ async fn commit(store: &Store, ledger: &Ledger, batch: &[Job]) -> Result<Summary
         summary.events.push(serde_json::json!({"type": "state", "work_center": d.work_center, "state": d.state.as_str(), "reason": d.reason}));
     }
 
-    // 7. Dead letters.
+    // 7. Raw registers of polled devices (the next baseline).
+    let raws: Vec<&(String, RawCounters)> = batch.iter().filter_map(|j| j.raw.as_ref()).collect();
+    if !raws.is_empty() {
+        let sql = format!(
+            "INSERT INTO modbus_raw (device, good, scrap, boot, updated_ms) VALUES {}
+             ON CONFLICT (device) DO UPDATE SET good = excluded.good, scrap = excluded.scrap, boot = excluded.boot,
+               updated_ms = excluded.updated_ms",
+            rows_sql(store.backend, raws.len(), 5)
+        );
+        let mut q = sqlx::query(AssertSqlSafe(sql));
+        for (device, r) in &raws {
+            q = q
+                .bind(device.as_str())
+                .bind(to_i64(r.good, "raw good")?)
+                .bind(to_i64(r.scrap, "raw scrap")?)
+                .bind(r.boot.map(|b| to_i64(b, "raw boot")).transpose()?)
+                .bind(now);
+        }
+        q.execute(&mut *tx).await?;
+    }
+
+    // 8. Dead letters.
     for j in batch {
         if let Work::DeadLetter { topic, reason, payload, redelivered } = &j.work {
             // A redelivery of a dead letter already kept is not kept twice.

@@ -29,6 +29,7 @@ pub struct AppState {
     pub broker_url: String,
     pub ledger: Arc<crate::settlement::Ledger>,
     pub plant: Arc<crate::plant::Plant>,
+    pub modbus: crate::ingest::modbus::StatusBoard,
 }
 
 type Res = Result<HttpResponse, ApiError>;
@@ -104,18 +105,26 @@ async fn dashboard() -> HttpResponse {
     HttpResponse::Ok().content_type("text/html; charset=utf-8").body(crate::dashboard::PAGE)
 }
 
-fn wc_json(w: &WorkCenterRow, now: i64) -> Value {
-    let status = match w.last_seen_ms {
-        None => "unknown",
-        Some(t) if now - t <= DEVICE_OFFLINE_AFTER_MS => "online",
-        Some(_) => "offline",
+fn wc_json(st: &AppState, w: &WorkCenterRow, now: i64) -> Value {
+    let polled = st.modbus.read().ok().and_then(|b| b.get(&w.device_id).cloned());
+    let (status, last_error, since) = match polled {
+        Some(p) => (p.status, p.last_error, Some(rfc3339(p.since_ms))),
+        None => (
+            match w.last_seen_ms {
+                None => "unknown",
+                Some(t) if now - t <= DEVICE_OFFLINE_AFTER_MS => "online",
+                Some(_) => "offline",
+            },
+            None,
+            None,
+        ),
     };
     json!({
         "id": w.id, "name": w.name, "state": w.state, "reason": w.reason,
         "good_total": w.good_total, "scrap_total": w.scrap_total, "current_order": w.current_order,
         "output_buffer": w.output_buffer, "ideal_cycle_s": w.ideal_cycle_ms as f64 / 1000.0,
         "device": {"id": w.device_id, "kind": w.device_kind, "status": status,
-                   "last_seen": w.last_seen_ms.map(rfc3339)},
+                   "last_seen": w.last_seen_ms.map(rfc3339), "last_error": last_error, "since": since},
         "oee": Value::Null,
     })
 }
@@ -124,7 +133,7 @@ async fn list_work_centers(req: HttpRequest, st: State) -> Res {
     st.auth.check(&req, Role::Viewer)?;
     let now = crate::now_ms();
     let rows = st.store.work_centers().await?;
-    Ok(HttpResponse::Ok().json(rows.iter().map(|w| wc_json(w, now)).collect::<Vec<_>>()))
+    Ok(HttpResponse::Ok().json(rows.iter().map(|w| wc_json(&st, w, now)).collect::<Vec<_>>()))
 }
 
 async fn get_work_center(req: HttpRequest, st: State, id: web::Path<String>) -> Res {
@@ -134,7 +143,7 @@ async fn get_work_center(req: HttpRequest, st: State, id: web::Path<String>) -> 
         .work_center(&id)
         .await?
         .ok_or_else(|| ApiError::not_found(format!("work center `{id}` does not exist")))?;
-    Ok(HttpResponse::Ok().json(wc_json(&w, crate::now_ms())))
+    Ok(HttpResponse::Ok().json(wc_json(&st, &w, crate::now_ms())))
 }
 
 #[derive(Deserialize)]

@@ -4,6 +4,7 @@
 //! applies the reading (pure dedupe and deltas), the writer commits the outcome, and only
 //! then is the source acknowledged.
 
+pub mod modbus;
 pub mod mqtt;
 pub mod parse;
 
@@ -12,6 +13,7 @@ use crate::metrics::Metrics;
 use actix::prelude::SendError;
 use actix::Addr;
 use mes_actors::actor::{ApplyThen, WorkCenterActor};
+use mes_actors::counter::RawCounters;
 use mes_actors::{Outcome, Reading};
 use std::collections::HashMap;
 use std::sync::atomic::Ordering::Relaxed;
@@ -91,6 +93,7 @@ impl Pipeline {
         received_ms: i64,
         done: Completion,
         slot: InFlight,
+        raw: Option<(String, RawCounters)>,
     ) -> Option<Completion> {
         let Some(addr) = self.router.device(&reading.device) else {
             return Some(done);
@@ -132,7 +135,7 @@ impl Pipeline {
                     Work::Counted(d)
                 }
             };
-            this.queue(Job { work, received_ms, done, slot: Some(slot) }).await;
+            this.queue(Job { work, received_ms, done, slot: Some(slot), raw }).await;
         });
         None
     }
@@ -157,7 +160,7 @@ impl Pipeline {
     ) {
         tracing::warn!(%topic, %reason, "dead letter");
         let work = Work::DeadLetter { topic, reason, payload, redelivered };
-        self.queue(Job { work, received_ms, done, slot: Some(slot) }).await;
+        self.queue(Job { work, received_ms, done, slot: Some(slot), raw: None }).await;
     }
 
     async fn queue(&self, job: Job) {

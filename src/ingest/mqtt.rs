@@ -189,7 +189,7 @@ async fn handle_publish(
         Ok(reading) => {
             let span =
                 tracing::debug_span!("reading", device = %reading.device, boot = reading.boot, seq = reading.seq);
-            let abandoned = pipeline.submit_reading(reading, received_ms, done, slot).instrument(span).await;
+            let abandoned = pipeline.submit_reading(reading, received_ms, done, slot, None).instrument(span).await;
             if let Some(Completion::Mqtt(mut a)) = abandoned {
                 // Not committed, so not acknowledged; later publishes may still be.
                 a.publish = None;

@@ -13,6 +13,7 @@ mod harness;
 
 mod cli;
 mod ingest;
+mod modbus;
 mod orders;
 mod recovery;
 mod settlement;

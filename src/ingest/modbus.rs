@@ -1,0 +1,334 @@
+//! Modbus TCP adapter: one polling task per device, reading by its register map.
+//!
+//! Each poll reads the map's planned requests under a timeout. Counter registers wrap at
+//! their width and restart with the device; [`mes_actors::counter::raw_delta`] turns two
+//! raw readings into exact counts, and the poller folds them into a virtual cumulative
+//! reading (boot 0, `seq` growing) that takes the same path as MQTT telemetry. The raw
+//! registers are committed with that reading, and the poller waits for the commit before
+//! it moves its baseline: after a crash the stored raw values are the baseline, so what the
+//! device counted meanwhile is counted, once. A device that stops answering is marked
+//! `unreachable` and retried with capped backoff, in its own task: it never delays another.
+
+use super::{Pipeline, Router};
+use crate::db::writer::Completion;
+use crate::db::Store;
+use crate::metrics::Metrics;
+use crate::plant::{Device, ModbusDevice, Plant};
+use mes_actors::counter::{raw_delta, Cursor, RawCounters};
+use mes_actors::{MachineState, Reading};
+use mes_plc_maps::{plan, Kind, RawData, ReadRequest, RegisterMap, Role, Snapshot};
+use serde::Serialize;
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+use tokio::sync::{oneshot, watch};
+use tokio_modbus::client::{Context, Reader};
+use tokio_modbus::prelude::*;
+
+const BACKOFF_MIN: Duration = Duration::from_millis(200);
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// A reading is submitted at least this often even when nothing changed (liveness).
+const HEARTBEAT: Duration = Duration::from_secs(10);
+
+/// What the API shows about a polled device.
+#[derive(Debug, Clone, Serialize)]
+pub struct DeviceStatus {
+    pub status: &'static str,
+    pub last_error: Option<String>,
+    pub since_ms: i64,
+    pub polls: u64,
+}
+
+/// Live status of every polled device, by device id.
+pub type StatusBoard = Arc<RwLock<HashMap<String, DeviceStatus>>>;
+
+fn set_status(board: &StatusBoard, device: &str, status: &'static str, err: Option<String>) {
+    if let Ok(mut b) = board.write() {
+        let now = crate::now_ms();
+        let e =
+            b.entry(device.to_string()).or_insert(DeviceStatus { status, last_error: None, since_ms: now, polls: 0 });
+        if e.status != status {
+            e.status = status;
+            e.since_ms = now;
+        }
+        if err.is_some() {
+            e.last_error = err;
+        }
+        if status == "online" {
+            e.polls += 1;
+        }
+    }
+}
+
+/// Loads the register map a device names: a shipped map's name, or a path (it contains
+/// '/' or ends in .toml; relative to the plant file).
+pub fn load_map(dev: &ModbusDevice, plant_dir: Option<&Path>) -> Result<RegisterMap, String> {
+    let is_path = dev.map.contains('/') || dev.map.ends_with(".toml");
+    if is_path {
+        let p = Path::new(&dev.map);
+        let p = match (p.is_relative(), plant_dir) {
+            (true, Some(dir)) => dir.join(p),
+            _ => p.to_path_buf(),
+        };
+        RegisterMap::load(&p).map_err(|e| e.to_string())
+    } else {
+        match RegisterMap::shipped(&dev.map) {
+            Some(r) => r.map_err(|e| e.to_string()),
+            None => Err(format!("no shipped register map named `{}`", dev.map)),
+        }
+    }
+}
+
+/// Checks every Modbus device's map at start-up; the error names the work center and map.
+pub fn check_maps(plant: &Plant) -> Result<(), String> {
+    for w in &plant.work_centers {
+        if let Device::Modbus(m) = &w.device {
+            let map = load_map(m, plant.base_dir.as_deref())
+                .map_err(|e| format!("work center `{}`: map `{}`: {e}", w.id, m.map))?;
+            if map.point_by_role(Role::Good).is_none() {
+                return Err(format!("work center `{}`: map `{}` has no `good` counter", w.id, m.map));
+            }
+        }
+    }
+    Ok(())
+}
+
+struct Poller {
+    device: String,
+    addr: SocketAddr,
+    unit: u8,
+    poll: Duration,
+    map: RegisterMap,
+    requests: Vec<ReadRequest>,
+    good_bits: u32,
+    scrap_bits: u32,
+    pipeline: Pipeline,
+    board: StatusBoard,
+    /// Baseline: the last committed raw registers.
+    last_raw: Option<RawCounters>,
+    /// The device's virtual cumulative reading (the committed cursor).
+    cursor: Option<Cursor>,
+    last_state: Option<String>,
+    last_reason: Option<u64>,
+    last_submit: tokio::time::Instant,
+}
+
+/// Starts one poller per Modbus device of the plant.
+pub async fn start(
+    plant: &Plant,
+    store: &Store,
+    router: Arc<Router>,
+    pipeline: Pipeline,
+    board: StatusBoard,
+    shutdown: watch::Receiver<bool>,
+) -> Result<Vec<tokio::task::JoinHandle<()>>, String> {
+    let _ = router;
+    let cursors = store.cursors().await.map_err(|e| e.to_string())?;
+    let raws = store.modbus_raw().await.map_err(|e| e.to_string())?;
+    let mut tasks = Vec::new();
+    for w in &plant.work_centers {
+        let Device::Modbus(m) = &w.device else { continue };
+        let map = load_map(m, plant.base_dir.as_deref())?;
+        let addr: SocketAddr =
+            m.address.parse().map_err(|_| format!("work center `{}`: bad modbus address `{}`", w.id, m.address))?;
+        let device = w.device_id();
+        let requests = plan(&map);
+        let good_bits = map.wrap_bits(Role::Good).unwrap_or(64);
+        let scrap_bits = map.wrap_bits(Role::Scrap).unwrap_or(64);
+        set_status(&board, &device, "connecting", None);
+        let p = Poller {
+            device: device.clone(),
+            addr,
+            unit: m.unit,
+            poll: Duration::from_millis(m.poll_ms),
+            map,
+            requests,
+            good_bits,
+            scrap_bits,
+            pipeline: pipeline.clone(),
+            board: board.clone(),
+            last_raw: raws.get(&device).copied(),
+            cursor: cursors.get(&device).copied(),
+            last_state: None,
+            last_reason: None,
+            last_submit: tokio::time::Instant::now(),
+        };
+        tasks.push(tokio::spawn(p.run(shutdown.clone())));
+    }
+    Ok(tasks)
+}
+
+impl Poller {
+    fn timeout(&self) -> Duration {
+        (self.poll * 2).clamp(Duration::from_millis(100), Duration::from_secs(2))
+    }
+
+    async fn run(mut self, mut shutdown: watch::Receiver<bool>) {
+        let mut backoff = BACKOFF_MIN;
+        loop {
+            if *shutdown.borrow() {
+                return;
+            }
+            let connected = tokio::time::timeout(self.timeout(), tcp::connect_slave(self.addr, Slave(self.unit))).await;
+            let mut ctx = match connected {
+                Ok(Ok(ctx)) => ctx,
+                Ok(Err(e)) => {
+                    self.unreachable(format!("connect: {e}"));
+                    if wait(&mut shutdown, backoff).await {
+                        return;
+                    }
+                    backoff = (backoff * 2).min(BACKOFF_MAX);
+                    continue;
+                }
+                Err(_) => {
+                    self.unreachable("connect: timed out".into());
+                    if wait(&mut shutdown, backoff).await {
+                        return;
+                    }
+                    backoff = (backoff * 2).min(BACKOFF_MAX);
+                    continue;
+                }
+            };
+            let mut ticker = tokio::time::interval(self.poll);
+            ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = shutdown.changed() => return,
+                    _ = ticker.tick() => {}
+                }
+                match self.poll_once(&mut ctx).await {
+                    Ok(()) => backoff = BACKOFF_MIN,
+                    Err(e) => {
+                        // Drop the connection and start over.
+                        self.unreachable(e);
+                        break;
+                    }
+                }
+            }
+            if wait(&mut shutdown, backoff).await {
+                return;
+            }
+            backoff = (backoff * 2).min(BACKOFF_MAX);
+        }
+    }
+
+    fn unreachable(&self, err: String) {
+        tracing::warn!(device = %self.device, error = %err, "Modbus device unreachable");
+        Metrics::inc(&self.pipeline.metrics.modbus_errors);
+        set_status(&self.board, &self.device, "unreachable", Some(err));
+    }
+
+    async fn read(&self, ctx: &mut Context, r: &ReadRequest) -> Result<RawData, String> {
+        let t = self.timeout();
+        let res = match r.kind {
+            Kind::Holding => tokio::time::timeout(t, ctx.read_holding_registers(r.start, r.count))
+                .await
+                .map(|x| x.map(|y| y.map(RawData::Registers))),
+            Kind::Input => tokio::time::timeout(t, ctx.read_input_registers(r.start, r.count))
+                .await
+                .map(|x| x.map(|y| y.map(RawData::Registers))),
+            Kind::Coil => {
+                tokio::time::timeout(t, ctx.read_coils(r.start, r.count)).await.map(|x| x.map(|y| y.map(RawData::Bits)))
+            }
+            Kind::Discrete => tokio::time::timeout(t, ctx.read_discrete_inputs(r.start, r.count))
+                .await
+                .map(|x| x.map(|y| y.map(RawData::Bits))),
+        };
+        match res {
+            Err(_) => Err(format!("read {:?} {}+{}: timed out", r.kind, r.start, r.count)),
+            Ok(Err(e)) => Err(format!("read {:?} {}+{}: {e}", r.kind, r.start, r.count)),
+            Ok(Ok(Err(code))) => Err(format!("read {:?} {}+{}: exception {code:?}", r.kind, r.start, r.count)),
+            Ok(Ok(Ok(data))) => {
+                let n = match &data {
+                    RawData::Registers(w) => w.len(),
+                    RawData::Bits(b) => b.len(),
+                };
+                if n < usize::from(r.count) {
+                    return Err(format!("read {:?} {}+{}: short reply of {n}", r.kind, r.start, r.count));
+                }
+                Ok(data)
+            }
+        }
+    }
+
+    async fn poll_once(&mut self, ctx: &mut Context) -> Result<(), String> {
+        let mut replies = Vec::with_capacity(self.requests.len());
+        for r in &self.requests {
+            let data = self.read(ctx, r).await?;
+            replies.push((*r, data));
+        }
+        Metrics::inc(&self.pipeline.metrics.modbus_polls);
+        set_status(&self.board, &self.device, "online", None);
+        let snap = Snapshot::extract(&self.map, &replies);
+        let c = snap.counters();
+        let Some(good) = c.good else {
+            return Err("the good counter could not be decoded".into());
+        };
+        let raw = RawCounters { good, scrap: c.scrap.unwrap_or(0), boot: c.boot };
+        let delta = raw_delta(self.last_raw.as_ref(), &raw, self.good_bits, self.scrap_bits);
+        let (dg, ds) = delta.unwrap_or((0, 0));
+        let changed = dg > 0
+            || ds > 0
+            || self.last_raw != Some(raw)
+            || c.state != self.last_state
+            || c.reason != self.last_reason
+            || self.last_submit.elapsed() >= HEARTBEAT;
+        if !changed {
+            return Ok(());
+        }
+        let base = self.cursor.unwrap_or(Cursor { boot: 0, seq: 0, good: 0, scrap: 0 });
+        let next = Cursor { boot: 0, seq: base.seq + 1, good: base.good + dg, scrap: base.scrap + ds };
+        let mut metrics = BTreeMap::new();
+        for r in snap.readings() {
+            if r.role.is_none() {
+                let x = r.value.as_f64();
+                if x.is_finite() {
+                    metrics.insert(r.name.clone(), x);
+                }
+            }
+        }
+        let reading = Reading {
+            device: self.device.clone(),
+            boot: next.boot,
+            seq: next.seq,
+            ts_ms: Some(crate::now_ms()),
+            good: next.good,
+            scrap: next.scrap,
+            state: c.state.as_deref().and_then(|s| s.parse::<MachineState>().ok()),
+            reason: c.reason.map(|r| r.to_string()),
+            order: None,
+            metrics,
+        };
+        let Some(slot) = self.pipeline.admit().await else {
+            return Err("intake closed".into());
+        };
+        let (tx, rx) = oneshot::channel();
+        let abandoned = self
+            .pipeline
+            .submit_reading(reading, crate::now_ms(), Completion::Notify(tx), slot, Some((self.device.clone(), raw)))
+            .await;
+        if abandoned.is_some() {
+            return Err("reading not applied".into());
+        }
+        // Move the baseline only once the reading and its raw registers are committed.
+        if rx.await.is_err() {
+            return Err("writer stopped before committing".into());
+        }
+        self.last_raw = Some(raw);
+        self.cursor = Some(next);
+        self.last_state = c.state;
+        self.last_reason = c.reason;
+        self.last_submit = tokio::time::Instant::now();
+        Ok(())
+    }
+}
+
+/// Sleeps for `d`; true when shutdown was asked meanwhile.
+async fn wait(shutdown: &mut watch::Receiver<bool>, d: Duration) -> bool {
+    tokio::select! {
+        _ = shutdown.changed() => true,
+        _ = tokio::time::sleep(d) => *shutdown.borrow(),
+    }
+}

@@ -1,0 +1,186 @@
+//! Modbus TCP polling against a real Modbus TCP server (tokio-modbus's), by the shipped
+//! `press-v1` map: wraps, device restarts, MES restarts and an outage count exactly.
+
+use crate::harness::{free_port, Mes, MesOptions};
+use std::future::{ready, Ready};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio_modbus::prelude::*;
+use tokio_modbus::server::tcp::{accept_tcp_connection, Server};
+
+/// Register image of one press (`press-v1`: CDAB u32 good at 2, u16 scrap at 4, u16 boot at 7).
+#[derive(Clone)]
+struct Press(Arc<Mutex<Vec<u16>>>);
+
+impl Press {
+    fn new() -> Self {
+        Press(Arc::new(Mutex::new(vec![0; 200])))
+    }
+    fn set(&self, good: u32, scrap: u16, boot: u16, state: u16) {
+        let mut r = self.0.lock().expect("lock");
+        r[0] = state;
+        r[2] = (good & 0xFFFF) as u16; // CDAB: low word first
+        r[3] = (good >> 16) as u16;
+        r[4] = scrap;
+        r[7] = boot;
+    }
+}
+
+impl tokio_modbus::server::Service for Press {
+    type Request = SlaveRequest<'static>;
+    type Response = Response;
+    type Exception = ExceptionCode;
+    type Future = Ready<Result<Response, ExceptionCode>>;
+
+    fn call(&self, req: SlaveRequest<'static>) -> Self::Future {
+        let regs = self.0.lock().expect("lock");
+        let words = |a: u16, n: u16| -> Result<Vec<u16>, ExceptionCode> {
+            let (a, n) = (usize::from(a), usize::from(n));
+            regs.get(a..a + n).map(<[u16]>::to_vec).ok_or(ExceptionCode::IllegalDataAddress)
+        };
+        ready(match req.request {
+            Request::ReadHoldingRegisters(a, n) => words(a, n).map(Response::ReadHoldingRegisters),
+            Request::ReadInputRegisters(a, n) => words(a, n).map(Response::ReadInputRegisters),
+            _ => Err(ExceptionCode::IllegalFunction),
+        })
+    }
+}
+
+fn serve(addr: SocketAddr, press: Press) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let listener = loop {
+            match tokio::net::TcpListener::bind(addr).await {
+                Ok(l) => break l,
+                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        };
+        let server = Server::new(listener);
+        let on_connected = |stream, peer| {
+            let press = press.clone();
+            async move { accept_tcp_connection(stream, peer, move |_| Ok(Some(press.clone()))) }
+        };
+        let _ = server.serve(&on_connected, |_e| {}).await;
+    })
+}
+
+fn plant(addr: SocketAddr) -> String {
+    format!(
+        r#"
+[[materials]]
+sku = "SHEET"
+standard_cost = "1.20"
+[[materials]]
+sku = "WIDGET"
+standard_cost = "5.00"
+[[boms]]
+sku = "WIDGET"
+components = [{{ sku = "SHEET", quantity = "2" }}]
+[[buffers]]
+id = "RM"
+sku = "SHEET"
+capacity = 100000
+initial = 50000
+[[buffers]]
+id = "FG"
+sku = "WIDGET"
+capacity = 100000
+[[work_centers]]
+id = "PRESS-1"
+ideal_cycle_s = 1.0
+conversion_rate_per_hour = "60.00"
+inputs = ["RM"]
+output = "FG"
+device = {{ modbus = {{ address = "{addr}", unit = 1, map = "press-v1", poll_ms = 50 }} }}
+"#
+    )
+}
+
+async fn device_status(mes: &Mes) -> String {
+    let (_, w) = mes.get("/api/v1/work-centers/PRESS-1").await;
+    w["device"]["status"].as_str().unwrap_or("").to_string()
+}
+
+async fn wait_status(mes: &Mes, want: &str, within: Duration) -> String {
+    let deadline = Instant::now() + within;
+    loop {
+        let s = device_status(mes).await;
+        if s == want || Instant::now() > deadline {
+            return s;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wraps_restarts_and_outages_count_exactly() {
+    let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
+    let press = Press::new();
+    press.set(0xFFFF_FFFA, 65_530, 1, 1);
+    let mut server = serve(addr, press.clone());
+    let mut mes = Mes::start(MesOptions { plant: Some(plant(addr)), ..Default::default() }).await;
+    assert_eq!(wait_status(&mes, "online", Duration::from_secs(10)).await, "online");
+    // The first reading is the baseline: nothing counted.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(mes.totals("PRESS-1").await, (0, 0));
+
+    // u32 good crosses 2^32 and a word boundary; u16 scrap wraps.
+    press.set(4, 2, 1, 1);
+    assert_eq!(mes.wait_totals("PRESS-1", (10, 8)).await, (10, 8));
+
+    // Device restart: boot + 1, counters from zero.
+    press.set(7, 1, 2, 1);
+    assert_eq!(mes.wait_totals("PRESS-1", (17, 9)).await, (17, 9));
+
+    // MES restart: what the device counted while the MES was down is counted, once.
+    let (status, _) = mes.terminate();
+    assert!(status.success());
+    press.set(20, 1, 2, 1);
+    mes.spawn().await;
+    assert_eq!(mes.wait_totals("PRESS-1", (30, 9)).await, (30, 9));
+
+    // Outage: unreachable within 3 poll periods (plus the API's own latency), exact afterwards.
+    server.abort();
+    let _ = server.await;
+    let t = Instant::now();
+    assert_eq!(wait_status(&mes, "unreachable", Duration::from_secs(5)).await, "unreachable");
+    assert!(t.elapsed() < Duration::from_millis(1500), "took {:?}", t.elapsed());
+    let (_, w) = mes.get("/api/v1/work-centers/PRESS-1").await;
+    assert!(w["device"]["last_error"].as_str().is_some_and(|e| !e.is_empty()), "{w}");
+    press.set(25, 3, 2, 1);
+    server = serve(addr, press.clone());
+    assert_eq!(mes.wait_totals("PRESS-1", (35, 11)).await, (35, 11));
+    assert_eq!(device_status(&mes).await, "online");
+    // Settled like any other output: 35 WIDGET in, 2 × 46 SHEET out.
+    let (_, b) = mes.get("/api/v1/buffers").await;
+    let on_hand = |id: &str| b.as_array().and_then(|a| a.iter().find(|x| x["id"] == id)).map(|x| x["on_hand"].clone());
+    assert_eq!(on_hand("FG"), Some(serde_json::json!(35)));
+    assert_eq!(on_hand("RM"), Some(serde_json::json!(50_000 - 2 * 46)));
+    assert!(mes.metric("mes_modbus_polls_total").await > 0);
+    server.abort();
+}
+
+#[test]
+fn a_bad_map_stops_start_up_naming_the_work_center() {
+    let dir = crate::harness::temp_dir();
+    let text = plant("127.0.0.1:1".parse().expect("addr")).replace("map = \"press-v1\"", "map = \"no-such-map\"");
+    std::fs::write(dir.join("plant.toml"), text).expect("write");
+    std::fs::write(
+        dir.join("c.toml"),
+        format!(
+            "[database]\nurl = \"sqlite://{}/db.sqlite\"\n[plant]\nfile = \"{}/plant.toml\"\n",
+            dir.display(),
+            dir.display()
+        ),
+    )
+    .expect("write");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_mes"))
+        .args(["migrate", "--config"])
+        .arg(dir.join("c.toml"))
+        .output()
+        .expect("run");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("work center `PRESS-1`") && err.contains("no-such-map"), "{err}");
+    let _ = std::fs::remove_dir_all(dir);
+}
