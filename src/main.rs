@@ -2,7 +2,7 @@
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use mes::config::{parse_duration, Config};
+use mes::config::Config;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -48,12 +48,19 @@ enum Cmd {
         #[arg(long)]
         database: Option<String>,
     },
-    /// The main job on embedded defaults: MES, embedded broker, SQLite and a line under a
-    /// promo surge; prints the dashboard URL and a reconciliation at the end.
+    /// The main job on embedded defaults: the MES, its embedded broker and SQLite, and
+    /// the line simulator playing the demo plant (MQTT and Modbus devices) under a promo
+    /// surge; prints the dashboard URL, a live summary and a reconciliation at the end.
     Demo {
-        /// How long the line runs, e.g. 60s, 10m.
-        #[arg(long, default_value = "60s")]
+        /// Simulated time the line runs, e.g. 2h, 90m.
+        #[arg(long, default_value = "2h")]
         duration: String,
+        /// Simulated seconds per real second, or `max`.
+        #[arg(long, default_value = "120")]
+        speed: String,
+        /// Simulator scenario: steady, promo-surge, breakdowns, faults, or a file.
+        #[arg(long, default_value = "promo-surge")]
+        scenario: String,
         /// Seed of the line's randomness.
         #[arg(long, default_value_t = 42)]
         seed: u64,
@@ -68,8 +75,9 @@ enum Cmd {
 fn init_logging(cfg: Option<&Config>, json: bool) {
     use tracing_subscriber::EnvFilter;
     let base = cfg.map(|c| c.log.filter.clone()).unwrap_or_else(|| "info".into());
-    let filter = std::env::var("RUST_LOG")
-        .unwrap_or(format!("{base},rumqttd=warn,rumqttd::server::broker=off,sqlx=warn,actix_server=warn"));
+    let filter = std::env::var("RUST_LOG").unwrap_or(format!(
+        "{base},rumqttd=warn,rumqttd::server::broker=off,rumqttd::router::routing=off,sqlx=warn,actix_server=warn"
+    ));
     let filter = EnvFilter::try_new(filter).unwrap_or_else(|_| EnvFilter::new("info"));
     let json = json || cfg.is_some_and(|c| c.log.json);
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
@@ -153,8 +161,13 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
                     format!("sqlite://{path}")
                 }
             };
+            // The demo line with every device on MQTT.
+            std::fs::create_dir_all("mes-data")?;
+            let plant_path = std::path::PathBuf::from("mes-data/bench-plant.toml");
+            std::fs::write(&plant_path, mes::plant::MQTT_LINE)?;
+            cfg.plant.file = Some(plant_path.clone());
             init_logging(Some(&cfg), cli.log_json);
-            let plant = mes::plant::Plant::load(None)?;
+            let plant = mes::plant::Plant::load(Some(&plant_path))?;
             let devices: Vec<String> = plant.work_centers.iter().map(|w| w.device_id()).collect();
             let broker = format!("127.0.0.1:{broker_port}");
             let prefix = cfg.mqtt.topic_prefix.clone();
@@ -182,53 +195,82 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
             })?;
             Ok(ExitCode::SUCCESS)
         }
-        Cmd::Demo { duration, seed, keep, config } => {
-            let run_for =
-                parse_duration(&duration).with_context(|| format!("--duration `{duration}` is not like 60s or 10m"))?;
+        Cmd::Demo { duration, speed, scenario, seed, keep, config } => {
+            let sim_ms = line_sim::parse_duration_ms(&duration).map_err(|e| anyhow::anyhow!("--duration: {e}"))?;
+            let speed: line_sim::Speed = speed.parse().map_err(|e| anyhow::anyhow!("--speed: {e}"))?;
             let mut cfg = Config::load(config.as_deref())?;
             if config.is_none() {
                 // A fresh database per demo, so the reconciliation covers this run only.
-                let path = std::path::Path::new("mes-data/demo.db");
+                std::fs::create_dir_all("mes-data")?;
                 for suffix in ["", "-wal", "-shm"] {
-                    let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
+                    let _ = std::fs::remove_file(format!("mes-data/demo.db{suffix}"));
                 }
-                cfg.database.url = format!("sqlite://{}", path.display());
+                cfg.database.url = "sqlite://mes-data/demo.db".into();
             }
+            // The simulator reads the same plant file the MES uses.
+            let plant_path = match &cfg.plant.file {
+                Some(p) => p.clone(),
+                None => {
+                    std::fs::create_dir_all("mes-data")?;
+                    let p = PathBuf::from("mes-data/demo-plant.toml");
+                    std::fs::write(&p, mes::plant::DEMO_PLANT)?;
+                    cfg.plant.file = Some(p.clone());
+                    p
+                }
+            };
             init_logging(Some(&cfg), cli.log_json);
-            let plant = mes::plant::Plant::load(cfg.plant.file.as_deref())?;
             let prefix = cfg.mqtt.topic_prefix.clone();
             let ok = runtime()?.block_on(async move {
                 let (tx, rx) = tokio::sync::oneshot::channel::<mes::app::Handle>();
                 let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
                 let driver = actix_rt::spawn(async move {
                     let handle = rx.await.context("MES did not start")?;
-                    println!(
-                        "Dashboard: http://{}/   (metrics: http://{}/metrics)",
-                        handle.http_addr, handle.http_addr
-                    );
-                    println!("Running the demo line for {:?} under a promo surge (1x -> 10x)...", run_for);
-                    let truth = mes::demo::run_line(&plant, &handle, run_for, seed, &prefix).await?;
-                    let ok = mes::demo::reconcile(&handle, &truth).await?;
+                    println!("Dashboard: http://{}/   (metrics: http://{}/metrics)", handle.http_addr, handle.http_addr);
+                    println!("Running the demo line: scenario {scenario}, {duration} simulated at speed {speed}, seed {seed}. Ctrl-C ends the run early.");
+                    let summary = mes::demo::live_summary(handle.clone());
+                    let opts = line_sim::Options {
+                        plant: plant_path,
+                        mqtt: handle.mqtt_url.clone(),
+                        scenario,
+                        seed,
+                        speed,
+                        duration: Some(sim_ms),
+                        truth: Some(PathBuf::from("mes-data/demo-truth.json")),
+                        topic_prefix: prefix,
+                        handle_signals: true,
+                    };
+                    let truth = line_sim::run(opts).await;
+                    summary.abort();
+                    let ok = match truth {
+                        Ok(truth) => {
+                            mes::demo::drain(&handle, &truth, Duration::from_secs(60)).await;
+                            mes::demo::reconcile(&handle, &truth).await?
+                        }
+                        Err(e) => {
+                            eprintln!("the line simulator failed: {e:#}");
+                            false
+                        }
+                    };
                     if keep {
-                        println!("Serving the dashboard until Ctrl-C.");
+                        println!("Serving the dashboard at http://{}/ until Ctrl-C.", handle.http_addr);
                         mes::app::signal().await;
                     }
                     let _ = stop_tx.send(());
                     anyhow::Ok(ok)
                 });
-                let stop = async move {
-                    tokio::select! {
-                        _ = stop_rx => {}
-                        _ = mes::app::signal() => {}
-                    }
-                };
-                mes::app::run(cfg, stop, move |h| {
-                    let _ = tx.send(h);
-                })
+                mes::app::run(
+                    cfg,
+                    async move {
+                        let _ = stop_rx.await;
+                    },
+                    move |h| {
+                        let _ = tx.send(h);
+                    },
+                )
                 .await?;
                 match tokio::time::timeout(Duration::from_secs(5), driver).await {
                     Ok(Ok(r)) => r,
-                    Ok(Err(e)) => Err(anyhow::anyhow!("demo line failed: {e}")),
+                    Ok(Err(e)) => Err(anyhow::anyhow!("demo failed: {e}")),
                     Err(_) => Ok(false),
                 }
             })?;

@@ -9,8 +9,10 @@ use serde::Deserialize;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
-/// The demo plant shipped in the binary.
+/// The demo plant shipped in the binary (MQTT and Modbus devices).
 pub const DEMO_PLANT: &str = include_str!("../plants/demo.toml");
+/// The demo line with every device on MQTT (benchmarks, tests).
+pub const MQTT_LINE: &str = include_str!("../plants/line-mqtt.toml");
 
 #[derive(Debug, thiserror::Error)]
 pub enum PlantError {
@@ -340,9 +342,12 @@ mod tests {
     use super::*;
 
     #[test]
-    fn demo_plant_is_valid() {
+    fn shipped_plants_are_valid() {
         let p = Plant::load(None).expect("demo plant loads");
-        assert!(p.work_centers.len() >= 2);
+        assert_eq!(p.work_centers.iter().filter(|w| w.device_kind() == "modbus").count(), 2);
+        let m = Plant::parse(MQTT_LINE, "line-mqtt", None).expect("MQTT line loads");
+        assert!(m.work_centers.iter().all(|w| w.device_kind() == "mqtt"));
+        assert_eq!(m.work_centers.len(), p.work_centers.len());
     }
 
     #[test]

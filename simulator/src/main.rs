@@ -1,37 +1,8 @@
-//! `line-sim`: plays a plant's devices against the MES and writes what really happened.
-//!
-//! The line model ([`model`]) is pure and deterministic; this file wires it to the
-//! clock, the MQTT broker ([`mqtt`]) and the truth file ([`truth`]).
+//! The `line-sim` command line; the simulator itself is the library (`line_sim::run`).
 
-mod modbus;
-mod model;
-mod mqtt;
-mod plant;
-mod rng;
-mod scenario;
-mod truth;
-mod units;
-
-use anyhow::Context;
 use clap::Parser;
-use model::{Command, Line};
-use plant::Plant;
-use scenario::Scenario;
+use line_sim::{parse_duration_ms, Options, Speed};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
-use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
-use truth::Ledger;
-use units::Speed;
-
-/// Longest wait at the end for the broker's acknowledgements.
-const ACK_WAIT: Duration = Duration::from_secs(30);
-/// Longest wait for the MES to read a Modbus device before the run starts or ends.
-const MODBUS_WAIT: Duration = Duration::from_secs(20);
-/// Longest wait for the MES to read a Modbus device during the run (before a restart).
-const MODBUS_STEP_WAIT: Duration = Duration::from_secs(10);
-/// Real time between progress lines.
-const PROGRESS_EVERY: Duration = Duration::from_secs(3);
 
 /// Line simulator: plays the devices of a plant file over MQTT and writes the truth.
 #[derive(Debug, Parser)]
@@ -53,7 +24,7 @@ struct Cli {
     #[arg(long, value_name = "X", default_value = "1")]
     speed: Speed,
     /// Simulated run length, e.g. 600s, 90m, 8h [default: the scenario's]
-    #[arg(long, value_name = "D", value_parser = units::parse_duration_ms)]
+    #[arg(long, value_name = "D", value_parser = parse_duration_ms)]
     duration: Option<u64>,
     /// Write the truth (what really happened) to this JSON file at the end
     #[arg(long, value_name = "FILE")]
@@ -72,231 +43,22 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::FAILURE;
         }
     };
-    match rt.block_on(run(cli)) {
-        Ok(()) => std::process::ExitCode::SUCCESS,
+    let opts = Options {
+        plant: cli.plant,
+        mqtt: cli.mqtt,
+        scenario: cli.scenario,
+        seed: cli.seed,
+        speed: cli.speed,
+        duration: cli.duration,
+        truth: cli.truth,
+        topic_prefix: cli.topic_prefix,
+        handle_signals: true,
+    };
+    match rt.block_on(line_sim::run(opts)) {
+        Ok(_) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("line-sim: error: {e:#}");
             std::process::ExitCode::FAILURE
         }
     }
-}
-
-fn clock_label(ms: u64) -> String {
-    let s = ms / 1000;
-    format!("{:02}:{:02}:{:02}", s / 3600, s / 60 % 60, s % 60)
-}
-
-async fn run(cli: Cli) -> anyhow::Result<()> {
-    let plant = Plant::load(&cli.plant)?;
-    let scenario = Scenario::resolve(&cli.scenario)?;
-    let duration_ms = cli.duration.unwrap_or_else(|| scenario.duration_ms());
-    if cli.topic_prefix.is_empty() || cli.topic_prefix.contains(['+', '#']) {
-        anyhow::bail!("--topic-prefix must be a non-empty topic without wildcards");
-    }
-
-    // Boots start from the wall clock (in ms), so a new run is always a new boot to an
-    // MES that saw earlier runs of the same devices. Boots are not part of the truth.
-    let boot_base = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(1).max(1);
-    let (mut line, warnings) = Line::new(&plant, &scenario, cli.seed, duration_ms, boot_base);
-    for w in warnings {
-        eprintln!("[line-sim] warning: {w}");
-    }
-
-    let modbus = modbus::Devices::start(&plant).await?;
-    for (wc, device, addr, unit) in modbus.describe() {
-        eprintln!("[line-sim] work center {wc}: Modbus device {device} on {addr} unit {unit}");
-    }
-
-    let client_id = format!("line-sim-{}", cli.seed);
-    let (mut link, mut commands) = mqtt::Link::connect(&cli.mqtt, &client_id, &cli.topic_prefix).await?;
-    eprintln!(
-        "[line-sim] plant {} ({} work centers), scenario {} ({}), seed {}, {} simulated at speed {}, broker {} as {client_id}",
-        cli.plant.display(),
-        line.devices().count(),
-        scenario.name,
-        scenario.description,
-        cli.seed,
-        clock_label(duration_ms),
-        cli.speed,
-        cli.mqtt
-    );
-
-    let interrupted = Arc::new(AtomicBool::new(false));
-    tokio::spawn(watch_signals(interrupted.clone()));
-
-    // Whether to wait for the MES to read the Modbus devices when it matters.
-    let mut modbus_wait = !modbus.is_empty();
-    if modbus_wait {
-        // The MES takes its first reading of a device as the baseline: start the line
-        // only once every device has been read with its counters at 0.
-        modbus.show(&line);
-        eprintln!("[line-sim] waiting for the MES to read the Modbus devices...");
-        if !modbus.wait_observed(MODBUS_WAIT).await {
-            eprintln!(
-                "[line-sim] warning: nobody read {} within {MODBUS_WAIT:?}; running without waiting for reads (an MES that starts polling later will not count what was made before)",
-                modbus.unobserved().join(", ")
-            );
-            modbus_wait = false;
-        }
-    }
-
-    let prefix = cli.topic_prefix.clone();
-    let mut ledger = Ledger::default();
-    let mut out = Vec::new();
-    let started = Instant::now();
-    let mut last_progress = Instant::now();
-    let mut ticks: u64 = 0;
-    while !line.done() && !interrupted.load(Relaxed) {
-        while let Ok((device, payload)) = commands.try_recv() {
-            match Command::parse(&payload).and_then(|c| {
-                let text = format!("{c:?}");
-                line.command(&device, c).map(|()| text)
-            }) {
-                Ok(text) => eprintln!("[line-sim] {} command for {device}: {text}", clock_label(line.now_ms())),
-                Err(e) => eprintln!("[line-sim] warning: command for {device} ignored: {e}"),
-            }
-        }
-        for (device, c) in modbus.take_commands() {
-            let text = format!("{c:?}");
-            match line.command(&device, c) {
-                Ok(()) => eprintln!("[line-sim] {} Modbus write to {device}: {text}", clock_label(line.now_ms())),
-                Err(e) => eprintln!("[line-sim] warning: Modbus write to {device} ignored: {e}"),
-            }
-        }
-        out.clear();
-        line.step(&mut out);
-        publish_all(&mut link, &mut ledger, &prefix, &out).await?;
-        if !modbus.is_empty() {
-            if modbus_wait && modbus.must_wait(&line) && !modbus.wait_observed(MODBUS_STEP_WAIT).await {
-                eprintln!(
-                    "[line-sim] warning: the MES did not read {} before a restart; its count may fall short",
-                    modbus.unobserved().join(", ")
-                );
-            }
-            modbus.show(&line);
-        }
-        ticks += 1;
-        match cli.speed {
-            Speed::Factor(x) => {
-                let due = started + Duration::from_secs_f64(line.now_ms() as f64 / 1000.0 / x);
-                tokio::time::sleep_until(due.into()).await;
-            }
-            Speed::Max => {
-                if ticks & 0xFF == 0 {
-                    tokio::task::yield_now().await;
-                }
-            }
-        }
-        if last_progress.elapsed() >= PROGRESS_EVERY {
-            last_progress = Instant::now();
-            progress(&line, &link);
-        }
-    }
-    out.clear();
-    line.finish(&mut out);
-    publish_all(&mut link, &mut ledger, &prefix, &out).await?;
-    let all_acked = link.wait_acked(ACK_WAIT).await;
-    if !modbus.is_empty() {
-        modbus.show(&line);
-        if modbus_wait && !modbus.wait_observed(MODBUS_WAIT).await {
-            eprintln!(
-                "[line-sim] warning: the MES has not read the final counters of {}",
-                modbus.unobserved().join(", ")
-            );
-        }
-    }
-    drop(modbus);
-    progress(&line, &link);
-
-    let truth = line.truth();
-    let publishing: Vec<&str> = line.devices().filter(|(_, _, mqtt)| *mqtt).map(|(_, wc, _)| wc).collect();
-    let differences = ledger.differences(&truth, publishing);
-    if let Some(path) = &cli.truth {
-        std::fs::write(path, truth.to_json())
-            .with_context(|| format!("cannot write the truth file {}", path.display()))?;
-        eprintln!("[line-sim] truth written to {}", path.display());
-    }
-    for b in line.buffers() {
-        eprintln!("[line-sim] buffer {:<12} {:>9} -> {:>9} (capacity {})", b.id, b.initial, b.level, b.capacity);
-    }
-    for (wc, t) in &truth.work_centers {
-        eprintln!(
-            "[line-sim] {wc:<12} good {:>9} scrap {:>7} running {:>9.1}s down {:>8.1}s",
-            t.good, t.scrap, t.running_s, t.down_s
-        );
-    }
-    eprintln!(
-        "[line-sim] {} messages published ({} acknowledged, {} counted, {} duplicate/out of order) in {:.1}s",
-        link.published(),
-        link.acked(),
-        ledger.counted,
-        ledger.stale,
-        started.elapsed().as_secs_f64()
-    );
-    let (published, acked, lost) = (link.published(), link.acked(), link.session_lost());
-    link.close().await;
-    if !differences.is_empty() {
-        anyhow::bail!("internal error: the published counters disagree with the truth: {}", differences.join("; "));
-    }
-    if !all_acked {
-        anyhow::bail!("the broker acknowledged only {acked} of {published} publishes within {ACK_WAIT:?}");
-    }
-    if lost && published > acked {
-        eprintln!(
-            "[line-sim] warning: the broker lost the session during the run; {} publishes were dropped with it",
-            published.saturating_sub(acked)
-        );
-    }
-    Ok(())
-}
-
-/// The first Ctrl-C (or SIGTERM) ends the run early — the final counters are still sent
-/// and the truth written; a second one exits at once.
-async fn watch_signals(interrupted: Arc<AtomicBool>) {
-    async fn signal() {
-        #[cfg(unix)]
-        {
-            use tokio::signal::unix::{signal, SignalKind};
-            if let Ok(mut term) = signal(SignalKind::terminate()) {
-                tokio::select! {
-                    _ = tokio::signal::ctrl_c() => {}
-                    _ = term.recv() => {}
-                }
-                return;
-            }
-        }
-        let _ = tokio::signal::ctrl_c().await;
-    }
-    signal().await;
-    eprintln!("[line-sim] interrupted: ending the run early (again to quit at once)");
-    interrupted.store(true, Relaxed);
-    signal().await;
-    eprintln!("[line-sim] interrupted twice: quitting without the truth");
-    std::process::exit(130);
-}
-
-async fn publish_all(
-    link: &mut mqtt::Link,
-    ledger: &mut Ledger,
-    prefix: &str,
-    out: &[model::Telemetry],
-) -> anyhow::Result<()> {
-    for m in out {
-        ledger.record(m);
-        let topic = format!("{prefix}/devices/{}/telemetry", m.device);
-        link.publish(topic, m.to_json()).await?;
-    }
-    Ok(())
-}
-
-fn progress(line: &Line, link: &mqtt::Link) {
-    eprintln!(
-        "[line-sim] sim {} / {}  units made {:>9}  messages {:>9} (acked {:>9}){}",
-        clock_label(line.now_ms()),
-        clock_label(line.duration_ms()),
-        line.units_made(),
-        link.published(),
-        link.acked(),
-        if link.connected() { "" } else { "  [broker disconnected]" }
-    );
 }

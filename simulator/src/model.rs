@@ -832,7 +832,7 @@ mod tests {
     use super::*;
     use crate::truth::Ledger;
 
-    const DEMO: &str = include_str!("../../plants/demo.toml");
+    const DEMO: &str = include_str!("../../plants/line-mqtt.toml");
 
     fn demo() -> Plant {
         Plant::parse(DEMO, "demo.toml").expect("demo plant")

@@ -205,7 +205,7 @@ mod tests {
 
     #[test]
     fn demo_plant_parses() {
-        let text = include_str!("../../plants/demo.toml");
+        let text = include_str!("../../plants/line-mqtt.toml");
         let p = Plant::parse(text, "demo.toml").expect("demo plant");
         assert_eq!(p.work_centers.len(), 4);
         assert_eq!(p.bom("BASE-ASSY").get("MOTOR"), Some(&1));

@@ -8,6 +8,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+/// The demo line with every device on MQTT.
+pub const TEST_LINE: &str = include_str!("../../plants/line-mqtt.toml");
+
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("free port")
 }
@@ -50,6 +53,7 @@ pub async fn fresh_database(dir: &std::path::Path) -> String {
 #[derive(Default)]
 pub struct MesOptions {
     pub extra_config: String,
+    /// Plant file text; default [`TEST_LINE`].
     pub plant: Option<String>,
 }
 
@@ -87,14 +91,11 @@ impl Mes {
                 )
             }
         };
-        let plant_line = match &opts.plant {
-            Some(text) => {
-                let path = dir.join("plant.toml");
-                std::fs::write(&path, text).expect("write plant");
-                format!("[plant]\nfile = \"{}\"\n", path.display())
-            }
-            None => String::new(),
-        };
+        // Default: the test line (the demo line with every device on MQTT).
+        let text = opts.plant.clone().unwrap_or_else(|| TEST_LINE.to_string());
+        let path = dir.join("plant.toml");
+        std::fs::write(&path, text).expect("write plant");
+        let plant_line = format!("[plant]\nfile = \"{}\"\n", path.display());
         let config = dir.join("mes.toml");
         let text = format!(
             "[http]\nlisten = \"127.0.0.1:{http_port}\"\n[database]\nurl = \"{db}\"\n[mqtt]\n{mqtt_section}\nclient_id = \"mes-{prefix}\"\ntopic_prefix = \"{prefix}\"\n{plant_line}{}\n",

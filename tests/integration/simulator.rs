@@ -1,6 +1,6 @@
 //! The MES against the line simulator: after the run, every count equals the truth.
 
-use crate::harness::{Mes, MesOptions};
+use crate::harness::{free_port, Mes, MesOptions};
 use serde_json::Value;
 use std::path::PathBuf;
 use std::process::Command;
@@ -21,10 +21,14 @@ fn line_sim() -> PathBuf {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn demo_plant_under_faults_matches_the_truth_exactly() {
-    let mes = Mes::start(MesOptions::default()).await;
+async fn demo_plant_with_mqtt_and_modbus_under_faults_matches_the_truth_exactly() {
+    // The demo plant (MQTT and Modbus devices), on free Modbus ports.
+    let demo = include_str!("../../plants/demo.toml")
+        .replace("127.0.0.1:15020", &format!("127.0.0.1:{}", free_port()))
+        .replace("127.0.0.1:15021", &format!("127.0.0.1:{}", free_port()));
+    let mes = Mes::start(MesOptions { plant: Some(demo), ..Default::default() }).await;
     let truth_path = mes.dir.join("truth.json");
-    let plant = concat!(env!("CARGO_MANIFEST_DIR"), "/plants/demo.toml");
+    let plant_path = mes.dir.join("plant.toml");
     // The embedded broker queues without limit; a stock Mosquitto drops QoS 1 messages
     // beyond `max_queued_messages` (1000) for a subscriber that falls behind, so against an
     // external broker the line runs at a pace the MES keeps up with.
@@ -34,7 +38,9 @@ async fn demo_plant_under_faults_matches_the_truth_exactly() {
             (line_sim(), truth_path.clone(), format!("mqtt://{}:{}", mes.mqtt_host, mes.mqtt_port), mes.prefix.clone());
         move || {
             Command::new(bin)
-                .args(["--plant", plant, "--mqtt", &url, "--topic-prefix", &prefix])
+                .arg("--plant")
+                .arg(&plant_path)
+                .args(["--mqtt", &url, "--topic-prefix", &prefix])
                 .args(["--scenario", "faults", "--seed", "11", "--speed", speed, "--duration", duration])
                 .arg("--truth")
                 .arg(&truth)
