@@ -103,6 +103,17 @@ where
         cfg.ingest.batch_max,
         ledger.clone(),
     );
+    // Live state actors (buffers, open orders), rebuilt from the database.
+    let buffers = store.buffers().await?.into_iter().map(|b| (b.id, b.sku, b.capacity, b.on_hand)).collect();
+    let mut open = Vec::new();
+    for status in ["released", "running", "completed"] {
+        for o in store.orders(Some(status), 100_000).await? {
+            let st = o.status.parse().unwrap_or(mes_actors::OrderStatus::Released);
+            open.push((o.id, o.quantity, o.good, o.scrap, st));
+        }
+    }
+    let live = crate::live::Live::start(buffers, open, events.clone(), metrics.clone());
+    let writer = writer.with_live(live.clone());
     let writer_task = tokio::spawn(writer.run());
     let pipeline = Pipeline::new(router.clone(), writer_tx, metrics.clone(), cfg.ingest.max_in_flight);
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
@@ -137,6 +148,7 @@ where
         ledger: ledger.clone(),
         plant: Arc::new(plant.clone()),
         modbus: board,
+        live: live.clone(),
     });
     if cfg.auth.tokens.is_empty() {
         tracing::warn!("no [[auth.tokens]] configured: every caller is admin (loopback only)");

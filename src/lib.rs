@@ -14,6 +14,7 @@ pub mod erp;
 pub mod events;
 pub mod http;
 pub mod ingest;
+pub mod live;
 pub mod metrics;
 pub mod openapi;
 pub mod plant;

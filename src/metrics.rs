@@ -58,6 +58,8 @@ pub struct Metrics {
     pub writer_healthy: AtomicBool,
     pub http_requests: AtomicU64,
     pub modbus_polls: AtomicU64,
+    pub alerts: AtomicU64,
+    pub live_dropped: AtomicU64,
     pub modbus_errors: AtomicU64,
 }
 
@@ -128,6 +130,13 @@ impl Metrics {
         counter(&mut out, "mes_mqtt_reconnects_total", "MQTT connection losses.", self.mqtt_reconnects.load(Relaxed));
         counter(&mut out, "mes_http_requests_total", "HTTP requests served.", self.http_requests.load(Relaxed));
         counter(&mut out, "mes_modbus_polls_total", "Successful Modbus polls.", self.modbus_polls.load(Relaxed));
+        counter(&mut out, "mes_alerts_total", "Buffer alerts raised (shortage, full).", self.alerts.load(Relaxed));
+        counter(
+            &mut out,
+            "mes_live_dropped_total",
+            "Live-state notifications dropped on a full mailbox.",
+            self.live_dropped.load(Relaxed),
+        );
         counter(
             &mut out,
             "mes_modbus_errors_total",

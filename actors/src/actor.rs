@@ -3,6 +3,8 @@
 //! Each actor has a bounded mailbox; callers use `try_send` or `send` (which waits for
 //! room), never `do_send`, so a surge pushes back on its source instead of growing memory.
 
+use crate::buffer::{AlertChange, BufferState};
+use crate::order::{OrderProgress, OrderStatus, ProgressEvent};
 use crate::reading::Reading;
 use crate::work_center::{Outcome, WorkCenterState};
 use actix::prelude::*;
@@ -85,11 +87,128 @@ impl Handler<SetOrder> for WorkCenterActor {
     }
 }
 
+/// Where an actor reports what it noticed (the root crate publishes it as live events).
+pub type Sink<T> = Box<dyn Fn(&str, T) + Send>;
+
+/// One actor per material buffer: follows the committed balance and raises or clears
+/// shortage and buffer-full alerts once per crossing.
+pub struct BufferActor {
+    state: BufferState,
+    sink: Sink<AlertChange>,
+}
+
+impl BufferActor {
+    pub fn new(state: BufferState, sink: Sink<AlertChange>) -> Self {
+        Self { state, sink }
+    }
+}
+
+impl Actor for BufferActor {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        ctx.set_mailbox_capacity(MAILBOX_CAPACITY);
+    }
+}
+
+/// A committed balance.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Balance(pub i64);
+
+impl Handler<Balance> for BufferActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: Balance, _ctx: &mut Self::Context) {
+        for change in self.state.observe(msg.0) {
+            (self.sink)(&self.state.id, change);
+        }
+    }
+}
+
+/// A copy of the buffer's state.
+#[derive(Message)]
+#[rtype(result = "BufferState")]
+pub struct GetBuffer;
+
+impl Handler<GetBuffer> for BufferActor {
+    type Result = MessageResult<GetBuffer>;
+
+    fn handle(&mut self, _msg: GetBuffer, _ctx: &mut Self::Context) -> Self::Result {
+        MessageResult(self.state.clone())
+    }
+}
+
+/// One actor per open production order: follows its committed totals and status and
+/// reports milestones and status changes.
+pub struct OrderActor {
+    state: OrderProgress,
+    sink: Sink<ProgressEvent>,
+}
+
+impl OrderActor {
+    pub fn new(state: OrderProgress, sink: Sink<ProgressEvent>) -> Self {
+        Self { state, sink }
+    }
+}
+
+impl Actor for OrderActor {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        ctx.set_mailbox_capacity(MAILBOX_CAPACITY);
+    }
+}
+
+/// Committed totals and status of an order.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Progress {
+    pub good: u64,
+    pub scrap: u64,
+    pub status: OrderStatus,
+}
+
+impl Handler<Progress> for OrderActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: Progress, ctx: &mut Self::Context) {
+        for ev in self.state.observe(msg.good, msg.scrap, msg.status) {
+            (self.sink)(&self.state.id, ev);
+        }
+        if matches!(self.state.status, OrderStatus::Closed | OrderStatus::Cancelled) {
+            ctx.stop();
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::reading::MachineState;
     use std::collections::BTreeMap;
+
+    #[actix::test]
+    async fn buffer_actor_reports_each_crossing_once() {
+        use std::sync::{Arc, Mutex};
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let s2 = seen.clone();
+        let sink: Sink<AlertChange> = Box::new(move |id, c| s2.lock().expect("lock").push((id.to_string(), c)));
+        let addr = BufferActor::new(BufferState::new("RM", "SHEET", 100, 5), sink).start();
+        for b in [3, -2, -5, 1] {
+            addr.send(Balance(b)).await.expect("alive");
+        }
+        let st = addr.send(GetBuffer).await.expect("alive");
+        assert_eq!((st.on_hand, st.alert), (1, None));
+        use crate::buffer::AlertKind::MaterialShortage;
+        assert_eq!(
+            *seen.lock().expect("lock"),
+            vec![
+                ("RM".to_string(), AlertChange::Raised(MaterialShortage, 2)),
+                ("RM".to_string(), AlertChange::Cleared(MaterialShortage))
+            ]
+        );
+    }
 
     #[actix::test]
     async fn actor_applies_readings_in_order() {

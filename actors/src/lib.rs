@@ -6,6 +6,7 @@
 //! commits the outcome and only then acknowledges the input.
 
 pub mod actor;
+pub mod buffer;
 pub mod clock;
 pub mod counter;
 pub mod ledger;

@@ -96,6 +96,57 @@ impl FromStr for OrderStatus {
     }
 }
 
+/// An order's live progress, for milestone events on the way to its quantity.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OrderProgress {
+    pub id: String,
+    pub quantity: u64,
+    pub good: u64,
+    pub scrap: u64,
+    pub status: OrderStatus,
+    /// Last tenth of the quantity reported (0..=10).
+    pub tenths: u64,
+}
+
+/// What changed with a committed update of an order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProgressEvent {
+    /// Good output crossed another tenth of the quantity (10 %, 20 %, ...).
+    Milestone(u64),
+    Status(OrderStatus, OrderStatus),
+}
+
+impl OrderProgress {
+    pub fn new(id: impl Into<String>, quantity: u64, good: u64, scrap: u64, status: OrderStatus) -> Self {
+        let tenths = Self::tenths_of(good, quantity);
+        Self { id: id.into(), quantity, good, scrap, status, tenths }
+    }
+
+    fn tenths_of(good: u64, quantity: u64) -> u64 {
+        if quantity == 0 {
+            return 10;
+        }
+        (good.saturating_mul(10) / quantity).min(10)
+    }
+
+    /// Takes the committed totals and status; returns the events they imply.
+    pub fn observe(&mut self, good: u64, scrap: u64, status: OrderStatus) -> Vec<ProgressEvent> {
+        let mut out = Vec::new();
+        if status != self.status {
+            out.push(ProgressEvent::Status(self.status, status));
+        }
+        let tenths = Self::tenths_of(good, self.quantity);
+        if tenths > self.tenths {
+            out.push(ProgressEvent::Milestone(tenths * 10));
+        }
+        self.good = good;
+        self.scrap = scrap;
+        self.status = status;
+        self.tenths = self.tenths.max(tenths);
+        out
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::OrderCommand::*;
@@ -115,6 +166,20 @@ mod tests {
             Closed.apply(Release).map_err(|e| e.to_string()),
             Err("cannot release an order that is closed".to_string())
         );
+    }
+
+    #[test]
+    fn progress_reports_milestones_and_status_once() {
+        use super::{OrderProgress, ProgressEvent};
+        let mut p = OrderProgress::new("PO-1", 200, 0, 0, Released);
+        assert_eq!(p.observe(15, 0, Running), vec![ProgressEvent::Status(Released, Running)]);
+        assert_eq!(p.observe(45, 1, Running), vec![ProgressEvent::Milestone(20)]);
+        assert_eq!(p.observe(46, 1, Running), vec![]);
+        assert_eq!(
+            p.observe(210, 2, Completed),
+            vec![ProgressEvent::Status(Running, Completed), ProgressEvent::Milestone(100)]
+        );
+        assert_eq!(p.observe(230, 2, Completed), vec![]);
     }
 
     #[test]

@@ -86,9 +86,16 @@ pub struct Writer {
     events: Events,
     batch_max: usize,
     ledger: Arc<Ledger>,
+    live: Option<Arc<crate::live::Live>>,
 }
 
 impl Writer {
+    /// Committed balances and order totals go to these live actors.
+    pub fn with_live(mut self, live: Arc<crate::live::Live>) -> Self {
+        self.live = Some(live);
+        self
+    }
+
     pub fn new(
         store: Store,
         rx: mpsc::Receiver<Job>,
@@ -98,7 +105,7 @@ impl Writer {
         batch_max: usize,
         ledger: Arc<Ledger>,
     ) -> Self {
-        Self { store, rx, acks, metrics, events, batch_max, ledger }
+        Self { store, rx, acks, metrics, events, batch_max, ledger, live: None }
     }
 
     /// Runs until every sender is gone and the queue is drained.
@@ -138,6 +145,14 @@ impl Writer {
                     for e in summary.events {
                         self.events.publish(e);
                     }
+                    if let Some(live) = &self.live {
+                        for (b, on_hand) in &summary.balances {
+                            live.balance(b, *on_hand);
+                        }
+                        for (o, q, g, s, st) in &summary.orders {
+                            live.order(o, *q, *g, *s, *st);
+                        }
+                    }
                     self.complete(batch).await;
                     return;
                 }
@@ -176,6 +191,10 @@ impl Writer {
 
 #[derive(Default)]
 struct Summary {
+    /// Committed buffer balances, for the buffer actors.
+    balances: Vec<(String, i64)>,
+    /// Committed order totals (id, quantity, good, scrap, status), for the order actors.
+    orders: Vec<(String, i64, i64, i64, OrderStatus)>,
     dead_letters: u64,
     good: u64,
     scrap: u64,
@@ -291,17 +310,8 @@ impl Books {
                 q = q.bind(b.as_str()).bind(**qty);
             }
             for r in q.fetch_all(&mut **tx).await? {
-                let buffer: String = r.try_get("id")?;
-                let on_hand: i64 = r.try_get("on_hand")?;
-                let capacity: i64 = r.try_get("capacity")?;
-                let sku: String = r.try_get("sku")?;
-                if on_hand < 0 {
-                    summary.events.push(serde_json::json!({"type": "alert", "alert": "material_shortage",
-                        "buffer": buffer, "sku": sku, "on_hand": on_hand, "shortfall": -on_hand}));
-                } else if on_hand > capacity {
-                    summary.events.push(serde_json::json!({"type": "alert", "alert": "buffer_full",
-                        "buffer": buffer, "sku": sku, "on_hand": on_hand, "capacity": capacity}));
-                }
+                // Alerts are raised by the buffer actors once this commit is done.
+                summary.balances.push((r.try_get("id")?, r.try_get("on_hand")?));
             }
         }
         let moves: Vec<_> = self.moves.iter().filter(|(_, (q, _))| *q != 0).collect();
@@ -534,7 +544,7 @@ async fn commit(store: &Store, ledger: &Ledger, batch: &[Job]) -> Result<Summary
 
     // 5. Orders: counts and the status that output implies.
     for (order, (good, scrap)) in &orders {
-        let row = sqlx::query("SELECT status, quantity, good FROM orders WHERE id = $1")
+        let row = sqlx::query("SELECT status, quantity, good, scrap FROM orders WHERE id = $1")
             .bind(*order)
             .fetch_optional(&mut *tx)
             .await?;
@@ -564,11 +574,14 @@ async fn commit(store: &Store, ledger: &Ledger, batch: &[Job]) -> Result<Summary
         if to == OrderStatus::Completed && from != OrderStatus::Completed {
             crate::db::outbox::enqueue(&mut tx, "completion", order, now).await?;
         }
-        if to != from {
-            summary.events.push(
-                serde_json::json!({"type": "order_status", "order": order, "from": from.as_str(), "to": to.as_str()}),
-            );
-        }
+        // Status events come from the order actors once this commit is done.
+        summary.orders.push((
+            order.to_string(),
+            quantity,
+            prev_good + good,
+            row.try_get::<i64, _>("scrap")? + scrap,
+            to,
+        ));
     }
 
     // 6. State changes, for availability and the six big losses.

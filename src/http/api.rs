@@ -30,6 +30,7 @@ pub struct AppState {
     pub ledger: Arc<crate::settlement::Ledger>,
     pub plant: Arc<crate::plant::Plant>,
     pub modbus: crate::ingest::modbus::StatusBoard,
+    pub live: Arc<crate::live::Live>,
 }
 
 type Res = Result<HttpResponse, ApiError>;
@@ -346,7 +347,9 @@ async fn order_command(req: HttpRequest, st: State, id: String, cmd: OrderComman
         CommandError::Db(d) => d.into(),
     })?;
     st.store.audit(&caller.name, &format!("order_{cmd:?}").to_ascii_lowercase(), &id, "{}").await?;
-    st.events.publish(json!({"type": "order_status", "order": order.id, "to": order.status}));
+    if let Ok(status) = order.status.parse() {
+        st.live.order(&order.id, order.quantity, order.good, order.scrap, status);
+    }
     if let (true, Some(wc)) = (made_current, order.work_center.as_deref()) {
         if let Some(addr) = st.router.work_center(wc) {
             if addr.send(SetOrder(Some(order.id.clone()))).await.is_err() {
@@ -377,7 +380,18 @@ async fn cancel_order(req: HttpRequest, st: State, id: web::Path<String>) -> Res
 
 async fn list_buffers(req: HttpRequest, st: State) -> Res {
     st.auth.check(&req, Role::Viewer)?;
-    Ok(HttpResponse::Ok().json(st.store.buffers().await?))
+    let out: Vec<Value> = st
+        .store
+        .buffers()
+        .await?
+        .iter()
+        .map(|b| {
+            let alert = mes_actors::buffer::BufferState::new(&b.id, &b.sku, b.capacity, b.on_hand).alert;
+            json!({"id": b.id, "sku": b.sku, "capacity": b.capacity, "on_hand": b.on_hand, "reserved": b.reserved,
+                   "available": b.available, "shortfall": (-b.on_hand).max(0), "alert": alert.map(|a| a.as_str())})
+        })
+        .collect();
+    Ok(HttpResponse::Ok().json(out))
 }
 
 async fn inventory_rows(st: &AppState) -> Result<Vec<Value>, ApiError> {
@@ -573,6 +587,9 @@ async fn ship_reservation(req: HttpRequest, st: State, id: web::Path<String>) ->
         None => 0,
     };
     let r = st.store.finish_reservation(&id, true, unit).await.map_err(reserve_error)?;
+    if let Some(b) = st.store.buffers().await?.into_iter().find(|b| b.id == r.buffer) {
+        st.live.balance(&b.id, b.on_hand);
+    }
     st.events.publish(json!({"type": "goods_issue", "reservation": r.id, "sku": r.sku, "quantity": r.quantity}));
     Ok(HttpResponse::Ok().json(reservation_json(&r)))
 }

@@ -134,7 +134,13 @@ pub async fn start(
         let addr: SocketAddr =
             m.address.parse().map_err(|_| format!("work center `{}`: bad modbus address `{}`", w.id, m.address))?;
         let device = w.device_id();
-        let requests = plan(&map);
+        // Counter registers are read last in each poll: a poll that reaches them is
+        // complete, so counters that were read are always counted (a device that fails
+        // half-way through a poll fails before its counters are read, not after).
+        let mut requests = plan(&map);
+        let counters: Vec<&mes_plc_maps::Point> =
+            map.points.iter().filter(|p| matches!(p.role, Some(Role::Good | Role::Scrap | Role::Boot))).collect();
+        requests.sort_by_key(|r| counters.iter().any(|p| r.covers(p)));
         let good_bits = map.wrap_bits(Role::Good).unwrap_or(64);
         let scrap_bits = map.wrap_bits(Role::Scrap).unwrap_or(64);
         set_status(&board, &device, "connecting", None);

@@ -244,3 +244,26 @@ async fn erp_receiver_failing_and_timing_out_still_gets_every_document_once() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shortage_is_booked_and_alerted_once() {
+    let plant = PLANT.replace("initial = 50000", "initial = 50");
+    let mes = Mes::start(MesOptions { plant: Some(plant), ..Default::default() }).await;
+    let mut events = mes.client.get(format!("{}/api/v1/events", mes.http)).send().await.expect("events");
+    assert_eq!(events.status().as_u16(), 200);
+    produce(&mes).await; // consumes 208 SHEET from 50: booked anyway
+    let rm = buffer(&mes, "RM").await;
+    assert_eq!((rm["on_hand"].as_i64(), rm["shortfall"].as_i64()), (Some(-158), Some(158)));
+    assert_eq!(rm["alert"], "material_shortage");
+    assert_eq!(buffer(&mes, "FG").await["alert"], Value::Null);
+    // The live stream carries the alert, raised once however many commits stayed short.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let mut seen = String::new();
+    while !seen.contains("material_shortage") && std::time::Instant::now() < deadline {
+        if let Ok(Ok(Some(chunk))) = tokio::time::timeout(Duration::from_secs(1), events.chunk()).await {
+            seen.push_str(&String::from_utf8_lossy(&chunk));
+        }
+    }
+    assert!(seen.contains("\"alert\":\"material_shortage\"") && seen.contains("\"state\":\"raised\""), "{seen}");
+    assert_eq!(mes.metric("mes_alerts_total").await, 1);
+}
