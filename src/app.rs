@@ -113,7 +113,9 @@ where
         }
     }
     let live = crate::live::Live::start(buffers, open, events.clone(), metrics.clone());
-    let writer = writer.with_live(live.clone());
+    let writer = writer
+        .with_live(live.clone())
+        .with_progress_every(cfg.erp.as_ref().map(|e| e.progress_every_units).unwrap_or(0));
     let writer_task = tokio::spawn(writer.run());
     let pipeline = Pipeline::new(router.clone(), writer_tx, metrics.clone(), cfg.ingest.max_in_flight);
     let (shutdown_tx, shutdown_rx) = watch::channel(false);

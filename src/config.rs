@@ -172,6 +172,14 @@ pub struct InfluxConfig {
 #[serde(deny_unknown_fields)]
 pub struct ErpConfig {
     pub webhook_url: String,
+    /// An ERP progress document each time an order's good output passes this many more
+    /// units (0: completion, close and goods-issue documents only).
+    #[serde(default = "default_progress_every")]
+    pub progress_every_units: i64,
+}
+
+fn default_progress_every() -> i64 {
+    1000
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]

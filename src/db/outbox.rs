@@ -8,7 +8,10 @@ use super::DbError;
 use sqlx::{Any, Row, Transaction};
 
 /// Enqueues a document about `order` (reads the order's committed state inside `tx`).
+/// `kind` names the event and is part of the document id: `completion`, `close`,
+/// `progress-3000`.
 pub async fn enqueue(tx: &mut Transaction<'_, Any>, kind: &str, order: &str, now: i64) -> Result<(), DbError> {
+    let doc_kind = kind.split('-').next().unwrap_or(kind);
     let Some(o) = sqlx::query("SELECT id, sku, quantity, work_center, status, good, scrap FROM orders WHERE id = $1")
         .bind(order)
         .fetch_optional(&mut **tx)
@@ -38,16 +41,13 @@ pub async fn enqueue(tx: &mut Transaction<'_, Any>, kind: &str, order: &str, now
         Some(r) => (r.try_get::<i64, _>("material")?, r.try_get::<i64, _>("conversion")?),
         None => (0, 0),
     };
-    let n: i64 = sqlx::query("SELECT COUNT(*) AS n FROM outbox WHERE order_id = $1")
-        .bind(order)
-        .fetch_one(&mut **tx)
-        .await?
-        .try_get("n")?;
-    let doc_id = format!("{order}-{kind}-{}", n + 1);
+    // Ids are deterministic (`PO-1-completion`, `PO-1-progress-3000`), so a replay or a
+    // different batching can never create a second document for the same event.
+    let doc_id = format!("{order}-{kind}");
     let payload = serde_json::json!({
         "ProductionPerformance": {
             "ID": doc_id,
-            "Kind": kind,
+            "Kind": doc_kind,
             "PublishedDate": crate::http::rfc3339(now),
             "ProductionResponse": {
                 "ProductionRequestID": order,
@@ -67,13 +67,52 @@ pub async fn enqueue(tx: &mut Transaction<'_, Any>, kind: &str, order: &str, now
             },
         }
     });
-    sqlx::query("INSERT INTO outbox (doc_id, kind, order_id, payload, created_ms) VALUES ($1, $2, $3, $4, $5)")
-        .bind(&doc_id)
-        .bind(kind)
-        .bind(order)
-        .bind(payload.to_string())
-        .bind(now)
-        .execute(&mut **tx)
-        .await?;
+    insert(tx, &doc_id, doc_kind, Some(order), &payload, now).await
+}
+
+async fn insert(
+    tx: &mut Transaction<'_, Any>,
+    doc_id: &str,
+    kind: &str,
+    order: Option<&str>,
+    payload: &serde_json::Value,
+    now: i64,
+) -> Result<(), DbError> {
+    sqlx::query(
+        "INSERT INTO outbox (doc_id, kind, order_id, payload, created_ms) VALUES ($1, $2, $3, $4, $5)
+         ON CONFLICT (doc_id) DO NOTHING",
+    )
+    .bind(doc_id)
+    .bind(kind)
+    .bind(order)
+    .bind(payload.to_string())
+    .bind(now)
+    .execute(&mut **tx)
+    .await?;
     Ok(())
+}
+
+/// Enqueues the goods-issue document of a shipped reservation.
+pub async fn enqueue_goods_issue(
+    tx: &mut Transaction<'_, Any>,
+    reservation: &str,
+    reference: &str,
+    sku: &str,
+    quantity: i64,
+    value: i64,
+    now: i64,
+) -> Result<(), DbError> {
+    let doc_id = format!("GI-{reservation}");
+    let payload = serde_json::json!({
+        "MaterialActual": {
+            "ID": doc_id,
+            "Kind": "goods_issue",
+            "PublishedDate": crate::http::rfc3339(now),
+            "SalesOrderReference": reference,
+            "MaterialDefinitionID": sku,
+            "Quantity": {"QuantityString": quantity.to_string(), "UnitOfMeasure": "ea"},
+            "Cost": mes_actors::Money(value).to_string(),
+        }
+    });
+    insert(tx, &doc_id, "goods_issue", None, &payload, now).await
 }

@@ -669,6 +669,7 @@ impl Store {
             .execute(&mut *tx)
             .await?;
             let amount = r.quantity * unit_cost;
+            super::outbox::enqueue_goods_issue(&mut tx, id, &r.reference, &r.sku, r.quantity, amount, now).await?;
             if amount > 0 {
                 use mes_actors::ledger::Account;
                 sqlx::query(

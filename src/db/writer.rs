@@ -87,9 +87,17 @@ pub struct Writer {
     batch_max: usize,
     ledger: Arc<Ledger>,
     live: Option<Arc<crate::live::Live>>,
+    /// Good units between ERP progress documents of an order (0: none).
+    progress_every: i64,
 }
 
 impl Writer {
+    /// An ERP progress document each time an order's good output passes `units` more.
+    pub fn with_progress_every(mut self, units: i64) -> Self {
+        self.progress_every = units.max(0);
+        self
+    }
+
     /// Committed balances and order totals go to these live actors.
     pub fn with_live(mut self, live: Arc<crate::live::Live>) -> Self {
         self.live = Some(live);
@@ -105,7 +113,7 @@ impl Writer {
         batch_max: usize,
         ledger: Arc<Ledger>,
     ) -> Self {
-        Self { store, rx, acks, metrics, events, batch_max, ledger, live: None }
+        Self { store, rx, acks, metrics, events, batch_max, ledger, live: None, progress_every: 0 }
     }
 
     /// Runs until every sender is gone and the queue is drained.
@@ -133,7 +141,7 @@ impl Writer {
         let mut delay = RETRY_MIN;
         loop {
             let started = Instant::now();
-            match commit(&self.store, &self.ledger, batch).await {
+            match commit(&self.store, &self.ledger, self.progress_every, batch).await {
                 Ok(summary) => {
                     self.metrics.commit_latency.observe(started.elapsed().as_secs_f64());
                     self.metrics.commits.fetch_add(1, Relaxed);
@@ -411,7 +419,7 @@ fn to_i64(v: u64, what: &str) -> Result<i64, DbError> {
 }
 
 /// Commits one batch in one transaction.
-async fn commit(store: &Store, ledger: &Ledger, batch: &[Job]) -> Result<Summary, DbError> {
+async fn commit(store: &Store, ledger: &Ledger, progress_every: i64, batch: &[Job]) -> Result<Summary, DbError> {
     let mut summary = Summary::default();
     let mut tx = store.pool.begin().await?;
 
@@ -571,6 +579,15 @@ async fn commit(store: &Store, ledger: &Ledger, batch: &[Job]) -> Result<Summary
         .bind(from.as_str())
         .execute(&mut *tx)
         .await?;
+        // A progress document for each multiple of `progress_every` good units passed below
+        // the quantity (one per multiple, however the readings were batched).
+        if progress_every > 0 {
+            let mut mark = (prev_good / progress_every + 1) * progress_every;
+            while mark <= prev_good + good && mark < quantity {
+                crate::db::outbox::enqueue(&mut tx, &format!("progress-{mark}"), order, now).await?;
+                mark += progress_every;
+            }
+        }
         if to == OrderStatus::Completed && from != OrderStatus::Completed {
             crate::db::outbox::enqueue(&mut tx, "completion", order, now).await?;
         }

@@ -168,6 +168,25 @@ async fn sixty_four_concurrent_reservations_never_oversell() {
         tb["accounts"].as_array().and_then(|a| a.iter().find(|x| x["account"] == "5000").cloned()).expect("COGS");
     assert_eq!(cogs["debit"], "4.8332", "2 × 2.4166");
     assert_eq!(tb["total_debits"], tb["total_credits"]);
+    let (_, docs) = mes.get("/api/v1/erp/outbox").await;
+    let gi: Vec<&Value> = docs.as_array().expect("list").iter().filter(|d| d["kind"] == "goods_issue").collect();
+    assert_eq!(gi.len(), 1, "{docs}");
+    assert_eq!(gi[0]["id"], format!("GI-{id}"));
+    assert_eq!(gi[0]["document"]["MaterialActual"]["Quantity"]["QuantityString"], "2");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn progress_documents_every_n_units() {
+    let extra = "[erp]\nwebhook_url = \"http://127.0.0.1:9/erp\"\nprogress_every_units = 30\n".to_string();
+    let mes = Mes::start(MesOptions { plant: Some(PLANT.into()), extra_config: extra }).await;
+    produce(&mes).await; // good passes 30, 60, 90, then completes at 100
+    let (_, docs) = mes.get("/api/v1/erp/outbox").await;
+    let kinds: Vec<&str> = docs.as_array().expect("list").iter().filter_map(|d| d["kind"].as_str()).collect();
+    assert_eq!(kinds, vec!["progress", "progress", "progress", "completion"], "{docs}");
+    let ids: Vec<&str> = docs.as_array().expect("list").iter().filter_map(|d| d["id"].as_str()).collect();
+    assert_eq!(ids, vec!["PO-1-progress-30", "PO-1-progress-60", "PO-1-progress-90", "PO-1-completion"]);
+    // The ERP is down (nothing listens on port 9): documents wait, ingest did not.
+    assert!(docs.as_array().expect("list").iter().all(|d| d["status"] != "sent"));
 }
 
 /// A tiny ERP: fails the first two requests, stalls the third past the sender's timeout,
