@@ -124,5 +124,124 @@ pub async fn run(
         "  committed {committed} in {secs:.2} s; mean batch {:.0} readings per commit",
         committed as f64 / commits as f64
     );
+    settlement(handle, secs, commits).await?;
+    reservations(handle, 64, 50).await?;
     Ok((raw, mes))
+}
+
+/// Rows the MES wrote for settlement during the run (telemetry, stock movements, journal),
+/// next to raw inserts of as many rows, in transactions of the same mean size, into a
+/// scratch table of the same database. Returns (MES rows/s, raw rows/s).
+pub async fn settlement(handle: &Handle, secs: f64, commits: u64) -> anyhow::Result<(f64, f64)> {
+    use sqlx::Row;
+    let pool = &handle.store.pool;
+    let count = |table: &'static str| async move {
+        let sql = match table {
+            "telemetry" => "SELECT COUNT(*) AS n FROM telemetry",
+            "stock_movements" => "SELECT COUNT(*) AS n FROM stock_movements",
+            _ => "SELECT COUNT(*) AS n FROM journal",
+        };
+        sqlx::query(sql).fetch_one(pool).await.and_then(|r| r.try_get::<i64, _>("n"))
+    };
+    let rows = (count("telemetry").await? + count("stock_movements").await? + count("journal").await?).max(1);
+    let mes_rate = rows as f64 / secs;
+    let per_tx = (rows as u64 / commits.max(1)).max(1) as usize;
+    sqlx::query("CREATE TABLE IF NOT EXISTS bench_raw (a BIGINT NOT NULL, b TEXT NOT NULL, c BIGINT NOT NULL, d TEXT)")
+        .execute(pool)
+        .await?;
+    let started = Instant::now();
+    let mut left = rows as usize;
+    let mut i: i64 = 0;
+    while left > 0 {
+        let n = left.min(per_tx);
+        let mut sql = String::from("INSERT INTO bench_raw (a, b, c, d) VALUES ");
+        for k in 0..n {
+            if k > 0 {
+                sql.push(',');
+            }
+            sql.push_str(match handle.store.backend {
+                crate::db::Backend::Sqlite => "(?,?,?,?)",
+                crate::db::Backend::Postgres => "",
+            });
+            if handle.store.backend == crate::db::Backend::Postgres {
+                let b = k * 4;
+                sql.push_str(&format!("(${},${},${},${})", b + 1, b + 2, b + 3, b + 4));
+            }
+        }
+        let mut tx = pool.begin().await?;
+        let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+        for _ in 0..n {
+            i += 1;
+            q = q.bind(i).bind("press-01:1:1..1:2").bind(i * 3).bind(Some("PO-BENCH"));
+        }
+        q.execute(&mut *tx).await?;
+        tx.commit().await?;
+        left -= n;
+    }
+    let raw_rate = rows as f64 / started.elapsed().as_secs_f64();
+    sqlx::query("DROP TABLE bench_raw").execute(pool).await?;
+    println!("\nsettlement rows (telemetry + stock movements + journal), {rows} rows, {per_tx} per transaction:");
+    println!("  raw inserts of as many rows:        {raw_rate:>10.0} rows/s");
+    println!("  MES, settled inside the ingest run: {mes_rate:>10.0} rows/s");
+    println!("  ratio MES / raw inserts: {:.2}", mes_rate / raw_rate);
+    Ok((mes_rate, raw_rate))
+}
+
+/// 64 concurrent clients reserving one unit at a time through the HTTP API, next to the
+/// same clients calling `/healthz` (the HTTP floor). Returns (reservations/s, p99 ms).
+pub async fn reservations(handle: &Handle, clients: usize, per_client: usize) -> anyhow::Result<(f64, f64)> {
+    // Stock to promise: the bench database is scratch.
+    sqlx::query("UPDATE buffers SET on_hand = 10000000 WHERE id = 'FG-BOXED'").execute(&handle.store.pool).await?;
+    let client = reqwest::Client::builder().timeout(Duration::from_secs(30)).pool_max_idle_per_host(clients).build()?;
+    let base = format!("http://{}", handle.http_addr);
+    let run = |reserve: bool| {
+        let client = client.clone();
+        let base = base.clone();
+        async move {
+            let started = Instant::now();
+            let mut tasks = Vec::new();
+            for c in 0..clients {
+                let client = client.clone();
+                let base = base.clone();
+                tasks.push(tokio::spawn(async move {
+                    let mut lat = Vec::with_capacity(per_client);
+                    for i in 0..per_client {
+                        let t = Instant::now();
+                        let ok = if reserve {
+                            let body = serde_json::json!({"sku": "BASE-BOXED", "quantity": 1, "ref": format!("bench-{reserve}-{c}-{i}")});
+                            client.post(format!("{base}/api/v1/reservations")).json(&body).send().await.map(|r| r.status().as_u16() == 201)
+                        } else {
+                            client.get(format!("{base}/healthz")).send().await.map(|r| r.status().is_success())
+                        };
+                        if matches!(ok, Ok(true)) {
+                            lat.push(t.elapsed().as_secs_f64() * 1000.0);
+                        }
+                    }
+                    lat
+                }));
+            }
+            let mut all = Vec::new();
+            for t in tasks {
+                all.extend(t.await.unwrap_or_default());
+            }
+            (all, started.elapsed().as_secs_f64())
+        }
+    };
+    let (floor, floor_secs) = run(false).await;
+    let (mut lat, secs) = run(true).await;
+    lat.sort_by(f64::total_cmp);
+    let p =
+        |q: f64| lat.get(((lat.len() as f64 * q) as usize).min(lat.len().saturating_sub(1))).copied().unwrap_or(0.0);
+    let rate = lat.len() as f64 / secs;
+    let floor_rate = floor.len() as f64 / floor_secs;
+    println!("\nreservations, {clients} concurrent clients × {per_client}, database {}:", handle.store.backend_name());
+    println!("  GET /healthz (HTTP floor):  {floor_rate:>8.0} req/s");
+    println!(
+        "  POST /reservations (201):   {rate:>8.0} req/s, p50 {:.1} ms, p99 {:.1} ms ({} ok)",
+        p(0.5),
+        p(0.99),
+        lat.len()
+    );
+    println!("  ratio reservations / floor: {:.2}", rate / floor_rate);
+    Ok((rate, p(0.99)))
 }
