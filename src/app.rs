@@ -120,7 +120,7 @@ where
     let pipeline = Pipeline::new(router.clone(), writer_tx, metrics.clone(), cfg.ingest.max_in_flight);
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let board: crate::ingest::modbus::StatusBoard = Default::default();
-    let pollers = crate::ingest::modbus::start(
+    let (pollers, modbus_writers) = crate::ingest::modbus::start(
         &plant,
         &store,
         router.clone(),
@@ -151,6 +151,7 @@ where
         plant: Arc::new(plant.clone()),
         modbus: board,
         live: live.clone(),
+        modbus_writers,
     });
     if cfg.auth.tokens.is_empty() {
         tracing::warn!("no [[auth.tokens]] configured: every caller is admin (loopback only)");

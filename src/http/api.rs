@@ -5,6 +5,7 @@ use crate::config::Role;
 use crate::db::queries::{NewOrder, OrderRow, WorkCenterRow};
 use crate::db::{queries::CommandError, Store};
 use crate::events::Events;
+use crate::ingest::modbus::{WriteError, WriteTarget};
 use crate::ingest::mqtt::MqttHandle;
 use crate::ingest::Router;
 use crate::metrics::Metrics;
@@ -31,6 +32,7 @@ pub struct AppState {
     pub plant: Arc<crate::plant::Plant>,
     pub modbus: crate::ingest::modbus::StatusBoard,
     pub live: Arc<crate::live::Live>,
+    pub modbus_writers: crate::ingest::modbus::Writers,
 }
 
 type Res = Result<HttpResponse, ApiError>;
@@ -50,6 +52,7 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
                 .route("/work-centers", web::get().to(list_work_centers))
                 .route("/work-centers/{id}", web::get().to(get_work_center))
                 .route("/work-centers/{id}/commands", web::post().to(post_command))
+                .route("/work-centers/{id}/points/{name}", web::post().to(write_point))
                 .route("/orders", web::get().to(list_orders))
                 .route("/orders", web::post().to(create_order))
                 .route("/orders/{id}", web::get().to(get_order))
@@ -170,6 +173,18 @@ async fn post_command(req: HttpRequest, st: State, id: web::Path<String>, body: 
     let msg = json!({"cmd": body.cmd, "id": cmd_id});
     let result = match (&st.mqtt, w.device_kind.as_str()) {
         (Some(m), "mqtt") => m.command(&w.device_id, &msg).await,
+        (_, "modbus") => {
+            let value = u64::from(body.cmd == "start");
+            let handle = st.modbus_writers.get(&w.device_id).cloned();
+            match handle {
+                Some(h) => match h.write(WriteTarget::Role(mes_plc_maps::Role::Command), value).await {
+                    Ok(_) => Ok(()),
+                    Err(WriteError::Refused(m)) => return Err(ApiError::unprocessable("not_writable", m)),
+                    Err(WriteError::Failed(m)) => Err(m),
+                },
+                None => Err("the device is not polled".into()),
+            }
+        }
         (_, kind) => Err(format!("commands to {kind} devices are not available")),
     };
     let detail =
@@ -361,6 +376,13 @@ async fn order_command(req: HttpRequest, st: State, id: String, cmd: OrderComman
                 let msg = json!({"cmd": "set_order", "order": order.id, "target": order.quantity, "id": new_id("CMD")});
                 if let Err(e) = m.command(&w.device_id, &msg).await {
                     tracing::warn!(work_center = wc, error = %e, "set_order not sent");
+                }
+            } else if let Some(h) = st.modbus_writers.get(&w.device_id) {
+                // Dispatch: the order's quantity goes to the device's `target` point, if any.
+                if h.check(&WriteTarget::Role(mes_plc_maps::Role::Target), order.quantity as u64).is_ok() {
+                    let r = h.write(WriteTarget::Role(mes_plc_maps::Role::Target), order.quantity as u64).await;
+                    let detail = json!({"point": "target", "value": order.quantity, "result": r.as_ref().err().map(|e| e.to_string())});
+                    st.store.audit(&caller.name, "modbus_write", wc, &detail.to_string()).await?;
                 }
             }
         }
@@ -611,4 +633,47 @@ async fn erp_outbox(req: HttpRequest, st: State, q: web::Query<LimitQuery>) -> R
         })
         .collect();
     Ok(HttpResponse::Ok().json(out))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PointWrite {
+    value: u64,
+}
+
+/// Writes one point of a Modbus device: only points its map marks `writable`; every
+/// attempt is audited (who, what, value before and after, result).
+async fn write_point(
+    req: HttpRequest,
+    st: State,
+    path: web::Path<(String, String)>,
+    body: web::Json<PointWrite>,
+) -> Res {
+    let caller = st.auth.check(&req, Role::Operator)?;
+    let (id, name) = path.into_inner();
+    let w = st
+        .store
+        .work_center(&id)
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("work center `{id}` does not exist")))?;
+    let h = st
+        .modbus_writers
+        .get(&w.device_id)
+        .cloned()
+        .ok_or_else(|| ApiError::unprocessable("not_modbus", format!("work center `{id}` has no Modbus device")))?;
+    let result = h.write(WriteTarget::Name(name.clone()), body.value).await;
+    let detail = match &result {
+        Ok((p, before, after)) => {
+            json!({"point": p, "value": body.value, "before": before, "after": after, "result": "ok"})
+        }
+        Err(e) => json!({"point": name, "value": body.value, "result": e.to_string()}),
+    };
+    st.store.audit(&caller.name, "modbus_write", &w.id, &detail.to_string()).await?;
+    match result {
+        Ok((p, before, after)) => {
+            Ok(HttpResponse::Ok().json(json!({"work_center": w.id, "point": p, "before": before, "after": after})))
+        }
+        Err(WriteError::Refused(m)) => Err(ApiError::unprocessable("not_writable", m)),
+        Err(WriteError::Failed(m)) => Err(ApiError::unavailable(m)),
+    }
 }

@@ -32,6 +32,73 @@ const BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// A reading is submitted at least this often even when nothing changed (liveness).
 const HEARTBEAT: Duration = Duration::from_secs(10);
 
+/// A write asked of a polled device: a point by name (only `writable` points of its map)
+/// or by role (`command`, `target`).
+pub struct WriteCmd {
+    pub point: WriteTarget,
+    pub value: u64,
+    /// `(point, value read back before, value read back after)`, or why not.
+    pub reply: oneshot::Sender<Result<(String, Option<u64>, u64), WriteError>>,
+}
+
+pub enum WriteTarget {
+    Name(String),
+    Role(Role),
+}
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum WriteError {
+    /// Refused before anything was sent.
+    #[error("{0}")]
+    Refused(String),
+    /// Sent, but it failed or did not read back.
+    #[error("{0}")]
+    Failed(String),
+}
+
+/// A polled device's write queue and its map (to refuse a write before anything is sent).
+#[derive(Clone)]
+pub struct WriterHandle {
+    pub tx: tokio::sync::mpsc::Sender<WriteCmd>,
+    pub map: Arc<RegisterMap>,
+}
+
+impl WriterHandle {
+    /// The point a write would go to, or why it is refused (nothing is sent then).
+    pub fn check(&self, target: &WriteTarget, value: u64) -> Result<String, WriteError> {
+        let name = match target {
+            WriteTarget::Name(n) => n.clone(),
+            WriteTarget::Role(r) => self
+                .map
+                .point_by_role(*r)
+                .map(|p| p.name.clone())
+                .ok_or_else(|| WriteError::Refused(format!("map `{}` has no `{r:?}` point", self.map.name)))?,
+        };
+        self.map
+            .write_request(&name, &mes_plc_maps::Value::U64(value))
+            .map_err(|e| WriteError::Refused(e.to_string()))?;
+        Ok(name)
+    }
+
+    /// Checks, queues (bounded wait) and waits for the device's answer (bounded).
+    pub async fn write(&self, target: WriteTarget, value: u64) -> Result<(String, Option<u64>, u64), WriteError> {
+        self.check(&target, value)?;
+        let (reply, rx) = oneshot::channel();
+        let cmd = WriteCmd { point: target, value, reply };
+        match tokio::time::timeout(Duration::from_secs(2), self.tx.send(cmd)).await {
+            Ok(Ok(())) => {}
+            _ => return Err(WriteError::Failed("the device's write queue is full or closed".into())),
+        }
+        match tokio::time::timeout(Duration::from_secs(5), rx).await {
+            Ok(Ok(r)) => r,
+            _ => Err(WriteError::Failed("the device did not answer (unreachable?)".into())),
+        }
+    }
+}
+
+/// Write handles of the polled devices, by device id.
+pub type Writers = Arc<HashMap<String, WriterHandle>>;
+
 /// What the API shows about a polled device.
 #[derive(Debug, Clone, Serialize)]
 pub struct DeviceStatus {
@@ -96,6 +163,7 @@ pub fn check_maps(plant: &Plant) -> Result<(), String> {
 }
 
 struct Poller {
+    writes: tokio::sync::mpsc::Receiver<WriteCmd>,
     device: String,
     addr: SocketAddr,
     unit: u8,
@@ -123,11 +191,12 @@ pub async fn start(
     pipeline: Pipeline,
     board: StatusBoard,
     shutdown: watch::Receiver<bool>,
-) -> Result<Vec<tokio::task::JoinHandle<()>>, String> {
+) -> Result<(Vec<tokio::task::JoinHandle<()>>, Writers), String> {
     let _ = router;
     let cursors = store.cursors().await.map_err(|e| e.to_string())?;
     let raws = store.modbus_raw().await.map_err(|e| e.to_string())?;
     let mut tasks = Vec::new();
+    let mut writers = HashMap::new();
     for w in &plant.work_centers {
         let Device::Modbus(m) = &w.device else { continue };
         let map = load_map(m, plant.base_dir.as_deref())?;
@@ -144,7 +213,10 @@ pub async fn start(
         let good_bits = map.wrap_bits(Role::Good).unwrap_or(64);
         let scrap_bits = map.wrap_bits(Role::Scrap).unwrap_or(64);
         set_status(&board, &device, "connecting", None);
+        let (wtx, wrx) = tokio::sync::mpsc::channel(16);
+        writers.insert(device.clone(), WriterHandle { tx: wtx, map: Arc::new(map.clone()) });
         let p = Poller {
+            writes: wrx,
             device: device.clone(),
             addr,
             unit: m.unit,
@@ -163,7 +235,7 @@ pub async fn start(
         };
         tasks.push(tokio::spawn(p.run(shutdown.clone())));
     }
-    Ok(tasks)
+    Ok((tasks, Arc::new(writers)))
 }
 
 impl Poller {
@@ -203,6 +275,16 @@ impl Poller {
                 tokio::select! {
                     _ = shutdown.changed() => return,
                     _ = ticker.tick() => {}
+                    Some(cmd) = self.writes.recv() => {
+                        let result = self.write(&mut ctx, &cmd.point, cmd.value).await;
+                        let failed = matches!(result, Err(WriteError::Failed(_)));
+                        let _ = cmd.reply.send(result);
+                        if failed {
+                            self.unreachable("write failed".into());
+                            break;
+                        }
+                        continue;
+                    }
                 }
                 match self.poll_once(&mut ctx).await {
                     Ok(()) => backoff = BACKOFF_MIN,
@@ -256,6 +338,54 @@ impl Poller {
                 }
                 Ok(data)
             }
+        }
+    }
+
+    /// Writes one point, only if the map marks it writable, and reads it back.
+    async fn write(
+        &self,
+        ctx: &mut Context,
+        target: &WriteTarget,
+        value: u64,
+    ) -> Result<(String, Option<u64>, u64), WriteError> {
+        let name = match target {
+            WriteTarget::Name(n) => n.clone(),
+            WriteTarget::Role(r) => self
+                .map
+                .point_by_role(*r)
+                .map(|p| p.name.clone())
+                .ok_or_else(|| WriteError::Refused(format!("map `{}` has no `{r:?}` point", self.map.name)))?,
+        };
+        let req = self
+            .map
+            .write_request(&name, &mes_plc_maps::Value::U64(value))
+            .map_err(|e| WriteError::Refused(e.to_string()))?;
+        let point = self.map.point(&name).ok_or_else(|| WriteError::Refused(format!("no point `{name}`")))?;
+        let read_req = ReadRequest { kind: point.kind, start: point.address, count: point.width() };
+        let read_value = |data: RawData| -> Option<u64> {
+            Snapshot::extract(&self.map, &[(read_req, data)]).get(&name).and_then(|v| v.as_u64())
+        };
+        let before = self.read(ctx, &read_req).await.ok().and_then(read_value);
+        let t = self.timeout();
+        let sent = match &req.data {
+            RawData::Registers(words) => {
+                tokio::time::timeout(t, ctx.write_multiple_registers(req.address, words)).await
+            }
+            RawData::Bits(bits) => {
+                let bit = bits.first().copied().unwrap_or(false);
+                tokio::time::timeout(t, ctx.write_single_coil(req.address, bit)).await
+            }
+        };
+        match sent {
+            Err(_) => return Err(WriteError::Failed(format!("write `{name}`: timed out"))),
+            Ok(Err(e)) => return Err(WriteError::Failed(format!("write `{name}`: {e}"))),
+            Ok(Ok(Err(code))) => return Err(WriteError::Failed(format!("write `{name}`: exception {code:?}"))),
+            Ok(Ok(Ok(()))) => {}
+        }
+        let after = self.read(ctx, &read_req).await.map_err(WriteError::Failed)?;
+        match read_value(after) {
+            Some(v) if v == value => Ok((name, before, v)),
+            other => Err(WriteError::Failed(format!("write `{name}` = {value} read back as {other:?}"))),
         }
     }
 

@@ -11,11 +11,21 @@ use tokio_modbus::server::tcp::{accept_tcp_connection, Server};
 
 /// Register image of one press (`press-v1`: CDAB u32 good at 2, u16 scrap at 4, u16 boot at 7).
 #[derive(Clone)]
-struct Press(Arc<Mutex<Vec<u16>>>);
+struct Press(Arc<Mutex<Vec<u16>>>, Arc<Mutex<u32>>);
 
 impl Press {
     fn new() -> Self {
-        Press(Arc::new(Mutex::new(vec![0; 200])))
+        Press(Arc::new(Mutex::new(vec![0; 200])), Arc::new(Mutex::new(0)))
+    }
+    fn writes(&self) -> u32 {
+        *self.1.lock().expect("lock")
+    }
+    fn u32_at(&self, a: usize) -> u32 {
+        let r = self.0.lock().expect("lock");
+        u32::from(r[a]) | (u32::from(r[a + 1]) << 16)
+    }
+    fn reg(&self, a: usize) -> u16 {
+        self.0.lock().expect("lock")[a]
     }
     fn set(&self, good: u32, scrap: u16, boot: u16, state: u16) {
         let mut r = self.0.lock().expect("lock");
@@ -34,7 +44,24 @@ impl tokio_modbus::server::Service for Press {
     type Future = Ready<Result<Response, ExceptionCode>>;
 
     fn call(&self, req: SlaveRequest<'static>) -> Self::Future {
-        let regs = self.0.lock().expect("lock");
+        let mut regs = self.0.lock().expect("lock");
+        match &req.request {
+            Request::WriteMultipleRegisters(a, words) => {
+                *self.1.lock().expect("lock") += 1;
+                let a = usize::from(*a);
+                if a + words.len() > regs.len() {
+                    return ready(Err(ExceptionCode::IllegalDataAddress));
+                }
+                regs[a..a + words.len()].copy_from_slice(words);
+                return ready(Ok(Response::WriteMultipleRegisters(a as u16, words.len() as u16)));
+            }
+            Request::WriteSingleRegister(a, w) => {
+                *self.1.lock().expect("lock") += 1;
+                regs[usize::from(*a)] = *w;
+                return ready(Ok(Response::WriteSingleRegister(*a, *w)));
+            }
+            _ => {}
+        }
         let words = |a: u16, n: u16| -> Result<Vec<u16>, ExceptionCode> {
             let (a, n) = (usize::from(a), usize::from(n));
             regs.get(a..a + n).map(<[u16]>::to_vec).ok_or(ExceptionCode::IllegalDataAddress)
@@ -183,4 +210,50 @@ fn a_bad_map_stops_start_up_naming_the_work_center() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("work center `PRESS-1`") && err.contains("no-such-map"), "{err}");
     let _ = std::fs::remove_dir_all(dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_only_writable_points_audited_and_read_back() {
+    let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
+    let press = Press::new();
+    press.set(0, 0, 1, 2);
+    let server = serve(addr, press.clone());
+    let mes = Mes::start(MesOptions { plant: Some(plant(addr)), ..Default::default() }).await;
+    assert_eq!(wait_status(&mes, "online", Duration::from_secs(10)).await, "online");
+
+    // A counter is not writable: refused, and nothing reaches the device.
+    let (s, e) = mes.post("/api/v1/work-centers/PRESS-1/points/good_count", serde_json::json!({"value": 5}), &[]).await;
+    assert_eq!((s, e["error"]["code"].as_str()), (422, Some("not_writable")), "{e}");
+    let (s, _) = mes.post("/api/v1/work-centers/PRESS-1/points/nope", serde_json::json!({"value": 5}), &[]).await;
+    assert_eq!(s, 422);
+    assert_eq!(press.writes(), 0);
+
+    // A writable u32 in CDAB order, read back.
+    let (s, r) =
+        mes.post("/api/v1/work-centers/PRESS-1/points/order_target", serde_json::json!({"value": 70_000}), &[]).await;
+    assert_eq!((s, r["after"].as_u64(), r["before"].as_u64()), (200, Some(70_000), Some(0)), "{r}");
+    assert_eq!(press.u32_at(100), 70_000);
+
+    // start/stop go to the `command` point.
+    let (s, _) = mes.post("/api/v1/work-centers/PRESS-1/commands", serde_json::json!({"cmd": "start"}), &[]).await;
+    assert_eq!(s, 202);
+    assert_eq!(press.reg(102), 1);
+    let (s, _) = mes.post("/api/v1/work-centers/PRESS-1/commands", serde_json::json!({"cmd": "stop"}), &[]).await;
+    assert_eq!(s, 202);
+    assert_eq!(press.reg(102), 0);
+
+    // Releasing an order dispatches its quantity to the `target` point.
+    let (s, _) = mes
+        .post(
+            "/api/v1/orders",
+            serde_json::json!({"id": "PO-M", "sku": "WIDGET", "quantity": 500, "work_center": "PRESS-1"}),
+            &[],
+        )
+        .await;
+    assert_eq!(s, 201);
+    let (s, _) = mes.post("/api/v1/orders/PO-M/release", serde_json::json!({}), &[]).await;
+    assert_eq!(s, 200);
+    assert_eq!(press.u32_at(100), 500);
+    assert_eq!(press.writes(), 4);
+    server.abort();
 }
