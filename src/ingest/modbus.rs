@@ -38,8 +38,11 @@ pub struct WriteCmd {
     pub point: WriteTarget,
     pub value: u64,
     /// `(point, value read back before, value read back after)`, or why not.
-    pub reply: oneshot::Sender<Result<(String, Option<u64>, u64), WriteError>>,
+    pub reply: oneshot::Sender<WriteResult>,
 }
+
+/// A write's outcome: `(point, value read back before, value read back after)`.
+pub type WriteResult = Result<(String, Option<u64>, u64), WriteError>;
 
 pub enum WriteTarget {
     Name(String),
@@ -81,7 +84,7 @@ impl WriterHandle {
     }
 
     /// Checks, queues (bounded wait) and waits for the device's answer (bounded).
-    pub async fn write(&self, target: WriteTarget, value: u64) -> Result<(String, Option<u64>, u64), WriteError> {
+    pub async fn write(&self, target: WriteTarget, value: u64) -> WriteResult {
         self.check(&target, value)?;
         let (reply, rx) = oneshot::channel();
         let cmd = WriteCmd { point: target, value, reply };
@@ -342,12 +345,7 @@ impl Poller {
     }
 
     /// Writes one point, only if the map marks it writable, and reads it back.
-    async fn write(
-        &self,
-        ctx: &mut Context,
-        target: &WriteTarget,
-        value: u64,
-    ) -> Result<(String, Option<u64>, u64), WriteError> {
+    async fn write(&self, ctx: &mut Context, target: &WriteTarget, value: u64) -> WriteResult {
         let name = match target {
             WriteTarget::Name(n) => n.clone(),
             WriteTarget::Role(r) => self
