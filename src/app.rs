@@ -210,6 +210,35 @@ where
     Ok(())
 }
 
+/// Runs the MES and, once it is up, `driver` (the demo line, the benchmark); stops the MES
+/// when the driver ends and returns the driver's result.
+pub async fn run_with<F, Fut, T>(cfg: Config, driver: F) -> anyhow::Result<T>
+where
+    F: FnOnce(Handle) -> Fut + 'static,
+    Fut: Future<Output = anyhow::Result<T>> + 'static,
+    T: 'static,
+{
+    let (tx, rx) = tokio::sync::oneshot::channel::<Handle>();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let task = actix_rt::spawn(async move {
+        let handle = rx.await.context("the MES did not start")?;
+        let r = driver(handle).await;
+        let _ = stop_tx.send(());
+        r
+    });
+    run(
+        cfg,
+        async move {
+            let _ = stop_rx.await;
+        },
+        move |h| {
+            let _ = tx.send(h);
+        },
+    )
+    .await?;
+    task.await.map_err(|e| anyhow::anyhow!("{e}"))?
+}
+
 /// Completes on SIGINT or SIGTERM.
 pub async fn signal() {
     #[cfg(unix)]

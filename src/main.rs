@@ -1,6 +1,5 @@
 //! The `mes` binary: `serve`, `migrate`, `check-map`, `demo`.
 
-use anyhow::Context;
 use clap::{Parser, Subcommand};
 use mes::config::Config;
 use std::path::PathBuf;
@@ -171,28 +170,9 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
             let devices: Vec<String> = plant.work_centers.iter().map(|w| w.device_id()).collect();
             let broker = format!("127.0.0.1:{broker_port}");
             let prefix = cfg.mqtt.topic_prefix.clone();
-            runtime()?.block_on(async move {
-                let (tx, rx) = tokio::sync::oneshot::channel::<mes::app::Handle>();
-                let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-                let driver = actix_rt::spawn(async move {
-                    let handle = rx.await.context("MES did not start")?;
-                    let r = mes::bench::run(&handle, &broker, &prefix, devices, messages).await;
-                    let _ = stop_tx.send(());
-                    r
-                });
-                mes::app::run(
-                    cfg,
-                    async move {
-                        let _ = stop_rx.await;
-                    },
-                    move |h| {
-                        let _ = tx.send(h);
-                    },
-                )
-                .await?;
-                driver.await.map_err(|e| anyhow::anyhow!("bench failed: {e}"))??;
-                anyhow::Ok(())
-            })?;
+            runtime()?.block_on(mes::app::run_with(cfg, move |handle| async move {
+                mes::bench::run(&handle, &broker, &prefix, devices, messages).await
+            }))?;
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Demo { duration, speed, scenario, seed, keep, config } => {
@@ -220,60 +200,39 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
             };
             init_logging(Some(&cfg), cli.log_json);
             let prefix = cfg.mqtt.topic_prefix.clone();
-            let ok = runtime()?.block_on(async move {
-                let (tx, rx) = tokio::sync::oneshot::channel::<mes::app::Handle>();
-                let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-                let driver = actix_rt::spawn(async move {
-                    let handle = rx.await.context("MES did not start")?;
-                    println!("Dashboard: http://{}/   (metrics: http://{}/metrics)", handle.http_addr, handle.http_addr);
-                    println!("Running the demo line: scenario {scenario}, {duration} simulated at speed {speed}, seed {seed}. Ctrl-C ends the run early.");
-                    let summary = mes::demo::live_summary(handle.clone());
-                    let opts = line_sim::Options {
-                        plant: plant_path,
-                        mqtt: handle.mqtt_url.clone(),
-                        scenario,
-                        seed,
-                        speed,
-                        duration: Some(sim_ms),
-                        truth: Some(PathBuf::from("mes-data/demo-truth.json")),
-                        topic_prefix: prefix,
-                        handle_signals: true,
-                    };
-                    let truth = line_sim::run(opts).await;
-                    summary.abort();
-                    let ok = match truth {
-                        Ok(truth) => {
-                            mes::demo::drain(&handle, &truth, Duration::from_secs(60)).await;
-                            mes::demo::reconcile(&handle, &truth).await?
-                        }
-                        Err(e) => {
-                            eprintln!("the line simulator failed: {e:#}");
-                            false
-                        }
-                    };
-                    if keep {
-                        println!("Serving the dashboard at http://{}/ until Ctrl-C.", handle.http_addr);
-                        mes::app::signal().await;
+            let ok = runtime()?.block_on(mes::app::run_with(cfg, move |handle| async move {
+                println!("Dashboard: http://{}/   (metrics: http://{}/metrics)", handle.http_addr, handle.http_addr);
+                println!("Running the demo line: scenario {scenario}, {duration} simulated at speed {speed}, seed {seed}. Ctrl-C ends the run early.");
+                let summary = mes::demo::live_summary(handle.clone());
+                let opts = line_sim::Options {
+                    plant: plant_path,
+                    mqtt: handle.mqtt_url.clone(),
+                    scenario,
+                    seed,
+                    speed,
+                    duration: Some(sim_ms),
+                    truth: Some(PathBuf::from("mes-data/demo-truth.json")),
+                    topic_prefix: prefix,
+                    handle_signals: true,
+                };
+                let truth = line_sim::run(opts).await;
+                summary.abort();
+                let ok = match truth {
+                    Ok(truth) => {
+                        mes::demo::drain(&handle, &truth, Duration::from_secs(60)).await;
+                        mes::demo::reconcile(&handle, &truth).await?
                     }
-                    let _ = stop_tx.send(());
-                    anyhow::Ok(ok)
-                });
-                mes::app::run(
-                    cfg,
-                    async move {
-                        let _ = stop_rx.await;
-                    },
-                    move |h| {
-                        let _ = tx.send(h);
-                    },
-                )
-                .await?;
-                match tokio::time::timeout(Duration::from_secs(5), driver).await {
-                    Ok(Ok(r)) => r,
-                    Ok(Err(e)) => Err(anyhow::anyhow!("demo failed: {e}")),
-                    Err(_) => Ok(false),
+                    Err(e) => {
+                        eprintln!("the line simulator failed: {e:#}");
+                        false
+                    }
+                };
+                if keep {
+                    println!("Serving the dashboard at http://{}/ until Ctrl-C.", handle.http_addr);
+                    mes::app::signal().await;
                 }
-            })?;
+                anyhow::Ok(ok)
+            }))?;
             Ok(if ok { ExitCode::SUCCESS } else { ExitCode::from(1) })
         }
     }

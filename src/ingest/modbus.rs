@@ -69,18 +69,7 @@ pub struct WriterHandle {
 impl WriterHandle {
     /// The point a write would go to, or why it is refused (nothing is sent then).
     pub fn check(&self, target: &WriteTarget, value: u64) -> Result<String, WriteError> {
-        let name = match target {
-            WriteTarget::Name(n) => n.clone(),
-            WriteTarget::Role(r) => self
-                .map
-                .point_by_role(*r)
-                .map(|p| p.name.clone())
-                .ok_or_else(|| WriteError::Refused(format!("map `{}` has no `{r:?}` point", self.map.name)))?,
-        };
-        self.map
-            .write_request(&name, &mes_plc_maps::Value::U64(value))
-            .map_err(|e| WriteError::Refused(e.to_string()))?;
-        Ok(name)
+        resolve(&self.map, target, value).map(|r| r.point)
     }
 
     /// Checks, queues (bounded wait) and waits for the device's answer (bounded).
@@ -97,6 +86,19 @@ impl WriterHandle {
             _ => Err(WriteError::Failed("the device did not answer (unreachable?)".into())),
         }
     }
+}
+
+/// The write request for a point named directly or by role; refused unless the map marks
+/// the point `writable` and the value fits it.
+fn resolve(map: &RegisterMap, target: &WriteTarget, value: u64) -> Result<mes_plc_maps::WriteRequest, WriteError> {
+    let name = match target {
+        WriteTarget::Name(n) => n.clone(),
+        WriteTarget::Role(r) => map
+            .point_by_role(*r)
+            .map(|p| p.name.clone())
+            .ok_or_else(|| WriteError::Refused(format!("map `{}` has no `{r:?}` point", map.name)))?,
+    };
+    map.write_request(&name, &mes_plc_maps::Value::U64(value)).map_err(|e| WriteError::Refused(e.to_string()))
 }
 
 /// Write handles of the polled devices, by device id.
@@ -346,18 +348,8 @@ impl Poller {
 
     /// Writes one point, only if the map marks it writable, and reads it back.
     async fn write(&self, ctx: &mut Context, target: &WriteTarget, value: u64) -> WriteResult {
-        let name = match target {
-            WriteTarget::Name(n) => n.clone(),
-            WriteTarget::Role(r) => self
-                .map
-                .point_by_role(*r)
-                .map(|p| p.name.clone())
-                .ok_or_else(|| WriteError::Refused(format!("map `{}` has no `{r:?}` point", self.map.name)))?,
-        };
-        let req = self
-            .map
-            .write_request(&name, &mes_plc_maps::Value::U64(value))
-            .map_err(|e| WriteError::Refused(e.to_string()))?;
+        let req = resolve(&self.map, target, value)?;
+        let name = req.point.clone();
         let point = self.map.point(&name).ok_or_else(|| WriteError::Refused(format!("no point `{name}`")))?;
         let read_req = ReadRequest { kind: point.kind, start: point.address, count: point.width() };
         let read_value = |data: RawData| -> Option<u64> {
