@@ -120,16 +120,10 @@ where
     let pipeline = Pipeline::new(router.clone(), writer_tx, metrics.clone(), cfg.ingest.max_in_flight);
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let board: crate::ingest::modbus::StatusBoard = Default::default();
-    let (pollers, modbus_writers) = crate::ingest::modbus::start(
-        &plant,
-        &store,
-        router.clone(),
-        pipeline.clone(),
-        board.clone(),
-        shutdown_rx.clone(),
-    )
-    .await
-    .map_err(anyhow::Error::msg)?;
+    let (pollers, modbus_writers) =
+        crate::ingest::modbus::start(&plant, &store, pipeline.clone(), board.clone(), shutdown_rx.clone())
+            .await
+            .map_err(anyhow::Error::msg)?;
     let (mqtt_handle, mqtt_task) =
         mqtt::start(&cfg.mqtt, &cfg.ingest, pipeline, ack_tx, ack_rx, shutdown_rx).map_err(anyhow::Error::msg)?;
 
@@ -146,7 +140,6 @@ where
         auth: Auth::new(&cfg.auth.tokens),
         router,
         mqtt: Some(mqtt_handle),
-        broker_url: cfg.mqtt.url.clone(),
         ledger: ledger.clone(),
         plant: Arc::new(plant.clone()),
         modbus: board,

@@ -27,7 +27,6 @@ pub struct AppState {
     pub auth: Auth,
     pub router: Arc<Router>,
     pub mqtt: Option<MqttHandle>,
-    pub broker_url: String,
     pub ledger: Arc<crate::settlement::Ledger>,
     pub plant: Arc<crate::plant::Plant>,
     pub modbus: crate::ingest::modbus::StatusBoard,

@@ -9,7 +9,7 @@
 //! device counted meanwhile is counted, once. A device that stops answering is marked
 //! `unreachable` and retried with capped backoff, in its own task: it never delays another.
 
-use super::{Pipeline, Router};
+use super::Pipeline;
 use crate::db::writer::Completion;
 use crate::db::Store;
 use crate::metrics::Metrics;
@@ -192,12 +192,10 @@ struct Poller {
 pub async fn start(
     plant: &Plant,
     store: &Store,
-    router: Arc<Router>,
     pipeline: Pipeline,
     board: StatusBoard,
     shutdown: watch::Receiver<bool>,
 ) -> Result<(Vec<tokio::task::JoinHandle<()>>, Writers), String> {
-    let _ = router;
     let cursors = store.cursors().await.map_err(|e| e.to_string())?;
     let raws = store.modbus_raw().await.map_err(|e| e.to_string())?;
     let mut tasks = Vec::new();
