@@ -11,6 +11,44 @@ use std::time::{Duration, Instant};
 /// The demo line with every device on MQTT.
 pub const TEST_LINE: &str = include_str!("../../plants/line-mqtt.toml");
 
+/// The contract's example plant (SHEET → WIDGET at PRESS-1), with `device` as PRESS-1's
+/// device, e.g. `{ mqtt = { id = "press-01" } }`.
+pub fn widget_plant(device: &str) -> String {
+    format!(
+        r#"
+[[materials]]
+sku = "SHEET"
+unit = "ea"
+standard_cost = "1.20"
+[[materials]]
+sku = "WIDGET"
+unit = "ea"
+standard_cost = "5.00"
+[[boms]]
+sku = "WIDGET"
+components = [{{ sku = "SHEET", quantity = "2" }}]
+[[buffers]]
+id = "RM"
+sku = "SHEET"
+capacity = 100000
+initial = 50000
+[[buffers]]
+id = "FG"
+sku = "WIDGET"
+capacity = 100000
+initial = 0
+[[work_centers]]
+id = "PRESS-1"
+name = "Press 1"
+ideal_cycle_s = 1.0
+conversion_rate_per_hour = "60.00"
+inputs = ["RM"]
+output = "FG"
+device = {device}
+"#
+    )
+}
+
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("free port")
 }

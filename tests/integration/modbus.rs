@@ -92,35 +92,9 @@ fn serve(addr: SocketAddr, press: Press) -> tokio::task::JoinHandle<()> {
 }
 
 fn plant(addr: SocketAddr) -> String {
-    format!(
-        r#"
-[[materials]]
-sku = "SHEET"
-standard_cost = "1.20"
-[[materials]]
-sku = "WIDGET"
-standard_cost = "5.00"
-[[boms]]
-sku = "WIDGET"
-components = [{{ sku = "SHEET", quantity = "2" }}]
-[[buffers]]
-id = "RM"
-sku = "SHEET"
-capacity = 100000
-initial = 50000
-[[buffers]]
-id = "FG"
-sku = "WIDGET"
-capacity = 100000
-[[work_centers]]
-id = "PRESS-1"
-ideal_cycle_s = 1.0
-conversion_rate_per_hour = "60.00"
-inputs = ["RM"]
-output = "FG"
-device = {{ modbus = {{ address = "{addr}", unit = 1, map = "press-v1", poll_ms = 50 }} }}
-"#
-    )
+    crate::harness::widget_plant(&format!(
+        r#"{{ modbus = {{ address = "{addr}", unit = 1, map = "press-v1", poll_ms = 50 }} }}"#
+    ))
 }
 
 async fn device_status(mes: &Mes) -> String {

@@ -1,6 +1,6 @@
 //! Settlement: backflush, stock, double-entry books, order cost, reservations, ERP outbox.
 
-use crate::harness::{Mes, MesOptions};
+use crate::harness::{widget_plant, Mes, MesOptions};
 use mes_actors::Money;
 use serde_json::{json, Value};
 use std::collections::BTreeSet;
@@ -8,37 +8,9 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-const PLANT: &str = r#"
-[[materials]]
-sku = "SHEET"
-unit = "ea"
-standard_cost = "1.20"
-[[materials]]
-sku = "WIDGET"
-unit = "ea"
-standard_cost = "5.00"
-[[boms]]
-sku = "WIDGET"
-components = [{ sku = "SHEET", quantity = "2" }]
-[[buffers]]
-id = "RM"
-sku = "SHEET"
-capacity = 100000
-initial = 50000
-[[buffers]]
-id = "FG"
-sku = "WIDGET"
-capacity = 100000
-initial = 0
-[[work_centers]]
-id = "PRESS-1"
-name = "Press 1"
-ideal_cycle_s = 1.0
-conversion_rate_per_hour = "60.00"
-inputs = ["RM"]
-output = "FG"
-device = { mqtt = { id = "press-01" } }
-"#;
+fn plant() -> String {
+    widget_plant(r#"{ mqtt = { id = "press-01" } }"#)
+}
 
 fn m(v: &Value) -> Money {
     v.as_str().and_then(|s| s.parse().ok()).unwrap_or_else(|| panic!("not money: {v}"))
@@ -72,7 +44,7 @@ async fn produce(mes: &Mes) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_known_run_settles_stock_books_and_cost_exactly() {
-    let mes = Mes::start(MesOptions { plant: Some(PLANT.into()), ..Default::default() }).await;
+    let mes = Mes::start(MesOptions { plant: Some(plant()), ..Default::default() }).await;
     produce(&mes).await;
     assert_eq!(buffer(&mes, "FG").await["on_hand"], 100);
     assert_eq!(buffer(&mes, "RM").await["on_hand"], 50_000 - 2 * 104);
@@ -118,7 +90,7 @@ async fn a_known_run_settles_stock_books_and_cost_exactly() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sixty_four_concurrent_reservations_never_oversell() {
-    let mes = Arc::new(Mes::start(MesOptions { plant: Some(PLANT.into()), ..Default::default() }).await);
+    let mes = Arc::new(Mes::start(MesOptions { plant: Some(plant()), ..Default::default() }).await);
     produce(&mes).await; // 100 WIDGET on hand
     let mut tasks = Vec::new();
     for i in 0..64 {
@@ -178,7 +150,7 @@ async fn sixty_four_concurrent_reservations_never_oversell() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn progress_documents_every_n_units() {
     let extra = "[erp]\nwebhook_url = \"http://127.0.0.1:9/erp\"\nprogress_every_units = 30\n".to_string();
-    let mes = Mes::start(MesOptions { plant: Some(PLANT.into()), extra_config: extra }).await;
+    let mes = Mes::start(MesOptions { plant: Some(plant()), extra_config: extra }).await;
     produce(&mes).await; // good passes 30, 60, 90, then completes at 100
     let (_, docs) = mes.get("/api/v1/erp/outbox").await;
     let kinds: Vec<&str> = docs.as_array().expect("list").iter().filter_map(|d| d["kind"].as_str()).collect();
@@ -237,7 +209,7 @@ fn flaky_erp() -> (String, Arc<Mutex<Vec<String>>>) {
 async fn erp_receiver_failing_and_timing_out_still_gets_every_document_once() {
     let (url, accepted) = flaky_erp();
     let extra = format!("[erp]\nwebhook_url = \"{url}\"\n");
-    let mes = Mes::start(MesOptions { plant: Some(PLANT.into()), extra_config: extra }).await;
+    let mes = Mes::start(MesOptions { plant: Some(plant()), extra_config: extra }).await;
     produce(&mes).await;
     let (s, _) = mes.post("/api/v1/orders/PO-1/close", json!({}), &[]).await;
     assert_eq!(s, 200);
@@ -266,7 +238,7 @@ async fn erp_receiver_failing_and_timing_out_still_gets_every_document_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_shortage_is_booked_and_alerted_once() {
-    let plant = PLANT.replace("initial = 50000", "initial = 50");
+    let plant = plant().replace("initial = 50000", "initial = 50");
     let mes = Mes::start(MesOptions { plant: Some(plant), ..Default::default() }).await;
     let mut events = mes.client.get(format!("{}/api/v1/events", mes.http)).send().await.expect("events");
     assert_eq!(events.status().as_u16(), 200);
