@@ -101,10 +101,8 @@ fn options(client_id: &str, host: &str, port: u16, clean: bool) -> MqttOptions {
     o
 }
 
-/// Connects with a clean session and leaves, which deletes any session the broker keeps
-/// for `client_id`.
-async fn wipe_session(client_id: &str, host: &str, port: u16) -> anyhow::Result<()> {
-    let (client, mut el) = AsyncClient::new(options(client_id, host, port, true), 8);
+/// Polls `el` until the broker's ConnAck, within [`CONNECT_TIMEOUT`].
+async fn await_connack(el: &mut rumqttc::EventLoop, broker: &str) -> anyhow::Result<()> {
     let connected = timeout(CONNECT_TIMEOUT, async {
         loop {
             match el.poll().await {
@@ -116,10 +114,17 @@ async fn wipe_session(client_id: &str, host: &str, port: u16) -> anyhow::Result<
     })
     .await;
     match connected {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => bail!("cannot connect to the MQTT broker at {host}:{port}: {e}"),
-        Err(_) => bail!("the MQTT broker at {host}:{port} did not answer within {CONNECT_TIMEOUT:?}"),
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => bail!("cannot connect to the MQTT broker at {broker}: {e}"),
+        Err(_) => bail!("the MQTT broker at {broker} did not answer within {CONNECT_TIMEOUT:?}"),
     }
+}
+
+/// Connects with a clean session and leaves, which deletes any session the broker keeps
+/// for `client_id`.
+async fn wipe_session(client_id: &str, host: &str, port: u16) -> anyhow::Result<()> {
+    let (client, mut el) = AsyncClient::new(options(client_id, host, port, true), 8);
+    await_connack(&mut el, &format!("{host}:{port}")).await?;
     let _ = client.try_disconnect();
     // Let the DISCONNECT go out; the loop ends with an error when the broker closes.
     let _ = timeout(Duration::from_secs(2), async { while el.poll().await.is_ok() {} }).await;
@@ -149,21 +154,7 @@ impl Link {
             progress: Notify::new(),
         });
         // Wait for the first connection here, so a bad broker fails fast.
-        let first = timeout(CONNECT_TIMEOUT, async {
-            loop {
-                match el.poll().await {
-                    Ok(Event::Incoming(Packet::ConnAck(_))) => return Ok(()),
-                    Ok(_) => {}
-                    Err(e) => return Err(e),
-                }
-            }
-        })
-        .await;
-        match first {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => bail!("cannot connect to the MQTT broker at {url}: {e}"),
-            Err(_) => bail!("the MQTT broker at {url} did not answer within {CONNECT_TIMEOUT:?}"),
-        }
+        await_connack(&mut el, url).await?;
         shared.connected.store(true, Relaxed);
         let filter = format!("{prefix}/devices/+/cmd");
         client.try_subscribe(filter.clone(), QoS::AtLeastOnce).context("cannot subscribe to commands")?;
