@@ -5,6 +5,7 @@
 
 pub mod app;
 pub mod bench;
+pub mod bench_modbus;
 pub mod broker;
 pub mod config;
 pub mod dashboard;

@@ -47,6 +47,19 @@ enum Cmd {
         #[arg(long)]
         database: Option<String>,
     },
+    /// Measure polling of many simulated Modbus TCP devices (loopback) against a raw
+    /// tokio-modbus read loop, in one run.
+    BenchModbus {
+        /// Simulated devices.
+        #[arg(long, default_value_t = 100)]
+        devices: usize,
+        /// Poll period per device.
+        #[arg(long, default_value_t = 200)]
+        poll_ms: u64,
+        /// Length of each measurement.
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+    },
     /// The main job on embedded defaults: the MES, its embedded broker and SQLite, and
     /// the line simulator playing the demo plant (MQTT and Modbus devices) under a promo
     /// surge; prints the dashboard URL, a live summary and a reconciliation at the end.
@@ -173,6 +186,35 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
             runtime()?.block_on(mes::app::run_with(cfg, move |handle| async move {
                 mes::bench::run(&handle, &broker, &prefix, devices, messages).await
             }))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::BenchModbus { devices, poll_ms, seconds } => {
+            let mut cfg = Config::load(None)?;
+            let broker_port = free_port()?;
+            cfg.http.listen = format!("127.0.0.1:{}", free_port()?);
+            cfg.mqtt.url = format!("mqtt://127.0.0.1:{broker_port}");
+            cfg.mqtt.embedded_broker = Some(format!("127.0.0.1:{broker_port}"));
+            cfg.mqtt.client_id = "mes-bench-modbus".into();
+            std::fs::create_dir_all("mes-data")?;
+            for suffix in ["", "-wal", "-shm"] {
+                let _ = std::fs::remove_file(format!("mes-data/bench-modbus.db{suffix}"));
+            }
+            cfg.database.url = "sqlite://mes-data/bench-modbus.db".into();
+            init_logging(Some(&cfg), cli.log_json);
+            runtime()?.block_on(async move {
+                let (addrs, servers) = mes::bench_modbus::start_devices(devices).await?;
+                let plant_path = PathBuf::from("mes-data/bench-modbus-plant.toml");
+                std::fs::write(&plant_path, mes::bench_modbus::plant(&addrs, poll_ms))?;
+                cfg.plant.file = Some(plant_path);
+                let r = mes::app::run_with(cfg, move |handle| async move {
+                    mes::bench_modbus::run(&handle, &addrs, poll_ms, seconds).await
+                })
+                .await;
+                for s in servers {
+                    s.abort();
+                }
+                r
+            })?;
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Demo { duration, speed, scenario, seed, keep, config } => {

@@ -25,6 +25,25 @@ impl Histogram {
         self.sum_us.fetch_add((secs * 1e6) as u64, Relaxed);
     }
 
+    /// The upper bound of the bucket holding quantile `q` (0..1); `None` with no samples.
+    pub fn quantile(&self, q: f64) -> Option<f64> {
+        let n = self.count.load(Relaxed);
+        if n == 0 {
+            return None;
+        }
+        let want = (q * n as f64).ceil() as u64;
+        for (i, b) in BUCKETS.iter().enumerate() {
+            if self.counts[i].load(Relaxed) >= want {
+                return Some(*b);
+            }
+        }
+        Some(f64::INFINITY)
+    }
+
+    pub fn count(&self) -> u64 {
+        self.count.load(Relaxed)
+    }
+
     fn render(&self, out: &mut String, name: &str, help: &str) {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
         for (i, b) in BUCKETS.iter().enumerate() {
@@ -49,6 +68,7 @@ pub struct Metrics {
     pub committed_jobs: AtomicU64,
     pub commit_errors: AtomicU64,
     pub commit_latency: Histogram,
+    pub modbus_poll_to_commit: Histogram,
     pub acks_sent: AtomicU64,
     pub mailbox_full: AtomicU64,
     pub in_flight: AtomicI64,
@@ -163,6 +183,11 @@ impl Metrics {
             i64::from(self.writer_healthy.load(Relaxed)),
         );
         self.commit_latency.render(&mut out, "mes_commit_seconds", "Group commit latency.");
+        self.modbus_poll_to_commit.render(
+            &mut out,
+            "mes_modbus_poll_to_commit_seconds",
+            "From the start of a Modbus poll to the commit of the reading it produced.",
+        );
         out
     }
 }

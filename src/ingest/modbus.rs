@@ -378,6 +378,7 @@ impl Poller {
     }
 
     async fn poll_once(&mut self, ctx: &mut Context) -> Result<(), String> {
+        let started = std::time::Instant::now();
         let mut replies = Vec::with_capacity(self.requests.len());
         for r in &self.requests {
             let data = self.read(ctx, r).await?;
@@ -440,6 +441,7 @@ impl Poller {
         if rx.await.is_err() {
             return Err("writer stopped before committing".into());
         }
+        self.pipeline.metrics.modbus_poll_to_commit.observe(started.elapsed().as_secs_f64());
         self.last_raw = Some(raw);
         self.cursor = Some(next);
         self.last_state = c.state;
