@@ -97,7 +97,29 @@ async fn readyz(st: State) -> HttpResponse {
 }
 
 async fn metrics(st: State) -> HttpResponse {
-    HttpResponse::Ok().content_type("text/plain; version=0.0.4").body(st.metrics.render())
+    let mut text = st.metrics.render();
+    // Polled devices by status, and each unreachable device with the time it went so.
+    if let Ok(board) = st.modbus.read() {
+        use std::fmt::Write;
+        let _ = writeln!(
+            text,
+            "# HELP mes_modbus_devices Polled Modbus devices by status.\n# TYPE mes_modbus_devices gauge"
+        );
+        for status in ["online", "unreachable", "connecting"] {
+            let n = board.values().filter(|d| d.status == status).count();
+            let _ = writeln!(text, "mes_modbus_devices{{status=\"{status}\"}} {n}");
+        }
+        let _ = writeln!(
+            text,
+            "# HELP mes_modbus_unreachable_since_seconds Unix time an unreachable device went unreachable.\n# TYPE mes_modbus_unreachable_since_seconds gauge"
+        );
+        let mut down: Vec<_> = board.iter().filter(|(_, d)| d.status == "unreachable").collect();
+        down.sort_by(|a, b| a.0.cmp(b.0));
+        for (device, d) in down {
+            let _ = writeln!(text, "mes_modbus_unreachable_since_seconds{{device=\"{device}\"}} {}", d.since_ms / 1000);
+        }
+    }
+    HttpResponse::Ok().content_type("text/plain; version=0.0.4").body(text)
 }
 
 async fn openapi() -> HttpResponse {

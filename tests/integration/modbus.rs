@@ -148,6 +148,7 @@ async fn wraps_restarts_and_outages_count_exactly() {
     assert!(t.elapsed() < Duration::from_millis(1500), "took {:?}", t.elapsed());
     let (_, w) = mes.get("/api/v1/work-centers/PRESS-1").await;
     assert!(w["device"]["last_error"].as_str().is_some_and(|e| !e.is_empty()), "{w}");
+    assert_eq!(mes.metric("mes_modbus_devices{status=\"unreachable\"}").await, 1);
     press.set(25, 3, 2, 1);
     server = serve(addr, press.clone());
     assert_eq!(mes.wait_totals("PRESS-1", (35, 11)).await, (35, 11));
