@@ -15,12 +15,11 @@ pub const MAILBOX_CAPACITY: usize = 1024;
 /// One actor per work center: owns its device cursor and current order.
 pub struct WorkCenterActor {
     state: WorkCenterState,
-    mailbox: usize,
 }
 
 impl WorkCenterActor {
     pub fn new(state: WorkCenterState) -> Self {
-        Self { state, mailbox: MAILBOX_CAPACITY }
+        Self { state }
     }
 }
 
@@ -28,20 +27,7 @@ impl Actor for WorkCenterActor {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Self::Context) {
-        ctx.set_mailbox_capacity(self.mailbox);
-    }
-}
-
-/// Apply a reading; the reply says what to commit.
-#[derive(Message)]
-#[rtype(result = "Outcome")]
-pub struct Apply(pub Reading);
-
-impl Handler<Apply> for WorkCenterActor {
-    type Result = MessageResult<Apply>;
-
-    fn handle(&mut self, msg: Apply, _ctx: &mut Self::Context) -> Self::Result {
-        MessageResult(self.state.apply(&msg.0))
+        ctx.set_mailbox_capacity(MAILBOX_CAPACITY);
     }
 }
 
@@ -226,7 +212,7 @@ mod tests {
                 order: None,
                 metrics: BTreeMap::new(),
             };
-            addr.send(Apply(reading)).await.expect("actor alive");
+            addr.send(ApplyThen(reading, Box::new(|_| {}))).await.expect("actor alive");
         }
         let s = addr.send(GetState).await.expect("actor alive");
         assert_eq!(s.good_total, 9);
