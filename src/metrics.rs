@@ -71,6 +71,8 @@ pub struct Metrics {
     pub modbus_poll_to_commit: Histogram,
     pub acks_sent: AtomicU64,
     pub mailbox_full: AtomicU64,
+    /// Counted readings that reached the writer out of apply order (must stay 0).
+    pub order_violations: AtomicU64,
     pub in_flight: AtomicI64,
     pub writer_queue: AtomicI64,
     pub mqtt_connected: AtomicBool,
@@ -146,6 +148,12 @@ impl Metrics {
             "mes_mailbox_full_total",
             "Times an actor mailbox was full (back-pressure).",
             self.mailbox_full.load(Relaxed),
+        );
+        counter(
+            &mut out,
+            "mes_writer_order_violations_total",
+            "Counted readings that reached the writer out of apply order (an invariant: 0).",
+            self.order_violations.load(Relaxed),
         );
         counter(&mut out, "mes_mqtt_reconnects_total", "MQTT connection losses.", self.mqtt_reconnects.load(Relaxed));
         counter(&mut out, "mes_http_requests_total", "HTTP requests served.", self.http_requests.load(Relaxed));

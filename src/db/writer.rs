@@ -89,6 +89,9 @@ pub struct Writer {
     live: Option<Arc<crate::live::Live>>,
     /// Good units between ERP progress documents of an order (0: none).
     progress_every: i64,
+    /// The last counted (boot, seq) queued per device: counted readings must arrive in
+    /// the order their work center applied them (see [`Writer::check_order`]).
+    last_counted: std::collections::HashMap<String, (u64, u64)>,
 }
 
 impl Writer {
@@ -113,7 +116,18 @@ impl Writer {
         batch_max: usize,
         ledger: Arc<Ledger>,
     ) -> Self {
-        Self { store, rx, acks, metrics, events, batch_max, ledger, live: None, progress_every: 0 }
+        Self {
+            store,
+            rx,
+            acks,
+            metrics,
+            events,
+            batch_max,
+            ledger,
+            live: None,
+            progress_every: 0,
+            last_counted: Default::default(),
+        }
     }
 
     /// Runs until every sender is gone and the queue is drained.
@@ -132,9 +146,28 @@ impl Writer {
                 }
             }
             self.metrics.writer_queue.store(self.rx.len() as i64, Relaxed);
+            self.check_order(&batch);
             self.commit_with_retry(&mut batch).await;
         }
         tracing::info!("writer drained and stopped");
+    }
+
+    /// Invariant: a device's counted readings reach the writer in apply order. Otherwise
+    /// a commit could move the device's cursor past a reading whose delta is not yet
+    /// committed, and a crash in between would lose that delta.
+    fn check_order(&mut self, batch: &[Job]) {
+        for job in batch {
+            if let Work::Counted(d) = &job.work {
+                let at = (d.boot, d.seq);
+                if let Some(prev) = self.last_counted.insert(d.device.clone(), at) {
+                    if prev >= at {
+                        self.metrics.order_violations.fetch_add(1, Relaxed);
+                        tracing::error!(device = %d.device, ?prev, ?at, "counted readings reached the writer out of order");
+                        debug_assert!(prev < at, "device {}: {prev:?} queued before {at:?}", d.device);
+                    }
+                }
+            }
+        }
     }
 
     async fn commit_with_retry(&mut self, batch: &mut Vec<Job>) {

@@ -68,11 +68,27 @@ pub struct Pipeline {
     pub metrics: Arc<Metrics>,
     /// Bounds the inputs received but not yet committed.
     pub in_flight: Arc<Semaphore>,
+    /// Applied readings, in the order their actors applied them, on their way to the
+    /// writer. Unbounded as a channel but bounded in fact: every job holds an
+    /// [`InFlight`] permit, so it never holds more than `max_in_flight` jobs.
+    applied: mpsc::UnboundedSender<Job>,
 }
 
 impl Pipeline {
+    /// Must be called inside a Tokio runtime: it starts the task that forwards applied
+    /// readings to the writer in apply order.
     pub fn new(router: Arc<Router>, writer: mpsc::Sender<Job>, metrics: Arc<Metrics>, max_in_flight: usize) -> Self {
-        Self { router, writer, metrics, in_flight: Arc::new(Semaphore::new(max_in_flight)) }
+        let (applied, mut rx) = mpsc::unbounded_channel::<Job>();
+        let to_writer = writer.clone();
+        tokio::spawn(async move {
+            while let Some(job) = rx.recv().await {
+                if to_writer.send(job).await.is_err() {
+                    tracing::error!("writer stopped; input will be redelivered by its source");
+                    return;
+                }
+            }
+        });
+        Self { router, writer, metrics, in_flight: Arc::new(Semaphore::new(max_in_flight)), applied }
     }
 
     /// Waits for room for one more input in flight (back-pressure on the source).
@@ -98,16 +114,37 @@ impl Pipeline {
         let Some(addr) = self.router.device(&reading.device) else {
             return Some(done);
         };
-        let (tx, rx) = tokio::sync::oneshot::channel();
+        // The outcome goes to the writer from inside the actor, in the order the actor
+        // applied the readings. A device's jobs must reach the writer in that order: a
+        // commit that moved the device's cursor past a reading whose delta is still
+        // waiting would make that reading look stale after a crash, and its units lost.
+        let applied = self.applied.clone();
+        let metrics = self.metrics.clone();
+        // Shared so that the completion can be taken back if the actor is gone.
+        let done = Arc::new(std::sync::Mutex::new(Some(done)));
+        let taken = done.clone();
         let mut msg = ApplyThen(
             reading,
             Box::new(move |o| {
-                let _ = tx.send(o);
+                let work = match o {
+                    Outcome::Duplicate => {
+                        metrics.telemetry_duplicates.fetch_add(1, Relaxed);
+                        Work::Duplicate
+                    }
+                    Outcome::Counted(d) => {
+                        metrics.telemetry_counted.fetch_add(1, Relaxed);
+                        Work::Counted(d)
+                    }
+                };
+                let done = taken.lock().ok().and_then(|mut d| d.take()).unwrap_or(Completion::None);
+                if applied.send(Job { work, received_ms, done, slot: Some(slot), raw }).is_err() {
+                    tracing::error!("ingest pipeline stopped; input left unacknowledged");
+                }
             }),
         );
         loop {
             match addr.try_send(msg) {
-                Ok(()) => break,
+                Ok(()) => return None,
                 Err(SendError::Full(m)) => {
                     self.metrics.mailbox_full.fetch_add(1, Relaxed);
                     msg = m;
@@ -115,29 +152,11 @@ impl Pipeline {
                 }
                 Err(SendError::Closed(m)) => {
                     tracing::error!(device = %m.0.device, "work center actor gone; input left unacknowledged");
-                    return Some(done);
+                    drop(m);
+                    return done.lock().ok().and_then(|mut d| d.take());
                 }
             }
         }
-        let this = self.clone();
-        tokio::spawn(async move {
-            let Ok(outcome) = rx.await else {
-                tracing::error!("work center actor stopped before applying a reading; left unacknowledged");
-                return;
-            };
-            let work = match outcome {
-                Outcome::Duplicate => {
-                    this.metrics.telemetry_duplicates.fetch_add(1, Relaxed);
-                    Work::Duplicate
-                }
-                Outcome::Counted(d) => {
-                    this.metrics.telemetry_counted.fetch_add(1, Relaxed);
-                    Work::Counted(d)
-                }
-            };
-            this.queue(Job { work, received_ms, done, slot: Some(slot), raw }).await;
-        });
-        None
     }
 
     /// Whether a device is known (its readings have a work center).

@@ -60,6 +60,7 @@ async fn sigkill_while_publishing_loses_and_doubles_nothing() {
     }
     let want = (good as i64, scrap as i64);
     assert_eq!(mes.wait_totals("FORM-1", want).await, want, "log:\n{}", mes.log());
+    assert_eq!(mes.metric("mes_writer_order_violations_total").await, 0);
     // Stock and books equal what an uninterrupted run gives.
     let (_, buffers) = mes.get("/api/v1/buffers").await;
     let on_hand =

@@ -81,4 +81,5 @@ async fn demo_plant_with_mqtt_and_modbus_under_faults_matches_the_truth_exactly(
     }
     let (_, tb) = mes.get("/api/v1/trial-balance").await;
     assert_eq!(tb["total_debits"], tb["total_credits"]);
+    assert_eq!(mes.metric("mes_writer_order_violations_total").await, 0);
 }
