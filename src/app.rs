@@ -32,6 +32,8 @@ pub struct Handle {
     pub metrics: Arc<Metrics>,
     pub http_addr: SocketAddr,
     pub mqtt_url: String,
+    /// The time-series exporter's tap, when `[influx]` is configured.
+    pub influx: Option<crate::influx::Tap>,
 }
 
 /// Connects, migrates and loads master data.
@@ -116,6 +118,15 @@ where
     let writer = writer
         .with_live(live.clone())
         .with_progress_every(cfg.erp.as_ref().map(|e| e.progress_every_units).unwrap_or(0));
+    // Time series out (optional): fed by the writer after each commit, never waited for.
+    let influx = match &cfg.influx {
+        Some(i) => Some(crate::influx::Exporter::start(i, store.clone(), metrics.clone()).map_err(anyhow::Error::msg)?),
+        None => None,
+    };
+    let writer = match &influx {
+        Some(x) => writer.with_tap(x.tap.clone()),
+        None => writer,
+    };
     let writer_task = tokio::spawn(writer.run());
     let pipeline = Pipeline::new(router.clone(), writer_tx, metrics.clone(), cfg.ingest.max_in_flight);
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
@@ -124,8 +135,12 @@ where
         crate::ingest::modbus::start(&plant, &store, pipeline.clone(), board.clone(), shutdown_rx.clone())
             .await
             .map_err(anyhow::Error::msg)?;
-    let (mqtt_handle, mqtt_task) =
-        mqtt::start(&cfg.mqtt, &cfg.ingest, pipeline, ack_tx, ack_rx, shutdown_rx).map_err(anyhow::Error::msg)?;
+    // Sparkplug B primary host, when the plant binds a work center to a Sparkplug device;
+    // device births and deaths show on the same status board as polled devices.
+    let spb = Arc::new(crate::ingest::sparkplug::Bindings::from_plant(&plant));
+    let spb = (!spb.is_empty()).then(|| crate::ingest::sparkplug::Host::new(spb, board.clone(), Some(store.clone())));
+    let (mqtt_handle, mqtt_task) = mqtt::start(&cfg.mqtt, &cfg.ingest, pipeline, ack_tx, ack_rx, shutdown_rx, spb)
+        .map_err(anyhow::Error::msg)?;
 
     let erp_task = cfg
         .erp
@@ -145,7 +160,9 @@ where
         modbus: board,
         live: live.clone(),
         modbus_writers,
+        oee: Default::default(),
     });
+    let background = tokio::spawn(crate::http::planner::run_background(state.clone(), shutdown_tx.subscribe()));
     if cfg.auth.tokens.is_empty() {
         tracing::warn!("no [[auth.tokens]] configured: every caller is admin (loopback only)");
     }
@@ -160,8 +177,13 @@ where
         let counted = state.metrics.clone();
         actix_web::App::new()
             .wrap_fn(move |req, srv| {
+                use futures_util::future::{ready, Either};
                 counted.http_requests.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                actix_web::dev::Service::call(srv, req)
+                if crate::http::has_control_chars(req.uri()) {
+                    let e = ApiError::bad_request("invalid_path", "control characters are not accepted in a URL");
+                    return Either::Left(ready(Err(e.into())));
+                }
+                Either::Right(actix_web::dev::Service::call(srv, req))
             })
             .app_data(state.clone())
             .app_data(json_cfg.clone())
@@ -180,24 +202,40 @@ where
     let server_handle = server.handle();
     let server_task = actix_rt::spawn(server);
     tracing::info!(%http_addr, mqtt = %cfg.mqtt.url, database = %redact(&cfg.database.url), "MES ready");
-    on_ready(Handle { store: store.clone(), metrics: metrics.clone(), http_addr, mqtt_url: cfg.mqtt.url.clone() });
+    on_ready(Handle {
+        store: store.clone(),
+        metrics: metrics.clone(),
+        http_addr,
+        mqtt_url: cfg.mqtt.url.clone(),
+        influx: influx.as_ref().map(|x| x.tap.clone()),
+    });
 
     stop.await;
     tracing::info!("shutting down: stopping intake, committing what is in flight");
     server_handle.stop(true).await;
     let _ = server_task.await;
     let _ = shutdown_tx.send(true);
+    // The ERP sender, the planner's background task and the pollers stop together, within
+    // one second in all (the whole shutdown stays under the contract's 10 s).
+    let side_deadline = tokio::time::Instant::now() + Duration::from_secs(1);
     if let Some(t) = erp_task {
-        let _ = tokio::time::timeout(Duration::from_secs(1), t).await;
+        let _ = tokio::time::timeout_at(side_deadline, t).await;
     }
+    let _ = tokio::time::timeout_at(side_deadline, background).await;
     for p in pollers {
-        let _ = tokio::time::timeout(Duration::from_millis(500), p).await;
+        let _ = tokio::time::timeout_at(side_deadline, p).await;
     }
     if tokio::time::timeout(Duration::from_secs(4), mqtt_task).await.is_err() {
         tracing::warn!("MQTT intake did not stop in time");
     }
     if tokio::time::timeout(Duration::from_secs(2), writer_task).await.is_err() {
         tracing::warn!("writer did not drain in time; uncommitted inputs stay unacknowledged and will be redelivered");
+    }
+    if let Some(x) = influx {
+        // A last flush of at most about a second; the rest is left to a backfill.
+        if tokio::time::timeout(Duration::from_millis(800), x.stop()).await.is_err() {
+            tracing::warn!("time-series exporter did not flush in time; a backfill fills the hole");
+        }
     }
     tracing::info!("stopped");
     Ok(())

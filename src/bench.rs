@@ -27,8 +27,9 @@ fn payload(device_seq: u64) -> Vec<u8> {
     .into_bytes()
 }
 
-/// Publishes `n` messages round-robin over `devices` under `prefix`; returns when all are acked by the broker.
-async fn publish(addr: &str, prefix: &str, devices: &[String], n: u64) -> anyhow::Result<()> {
+/// Publishes `n` messages round-robin over `devices` under `prefix`, each device's `seq`
+/// counting from `first_seq`; returns when all are acked by the broker.
+pub async fn publish(addr: &str, prefix: &str, devices: &[String], n: u64, first_seq: u64) -> anyhow::Result<()> {
     let (client, mut el) = AsyncClient::new(options("bench-pub", addr)?, 10_000);
     let acked = Arc::new(AtomicU64::new(0));
     let a = acked.clone();
@@ -46,7 +47,7 @@ async fn publish(addr: &str, prefix: &str, devices: &[String], n: u64) -> anyhow
     let d = devices.len().max(1) as u64;
     for i in 0..n {
         let dev = &devices[(i % d) as usize];
-        let seq = i / d + 1;
+        let seq = i / d + first_seq;
         client.publish(format!("{prefix}/devices/{dev}/telemetry"), QoS::AtLeastOnce, false, payload(seq)).await?;
     }
     let deadline = Instant::now() + Duration::from_secs(300);
@@ -83,7 +84,7 @@ async fn baseline(addr: &str, devices: &[String], n: u64) -> anyhow::Result<f64>
     });
     let _ = tokio::time::timeout(Duration::from_secs(5), ready_rx).await;
     let started = Instant::now();
-    publish(addr, "bench-raw", devices, n).await?;
+    publish(addr, "bench-raw", devices, n, 1).await?;
     let deadline = Instant::now() + Duration::from_secs(300);
     while got.load(Relaxed) < n && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(1)).await;
@@ -107,7 +108,7 @@ pub async fn run(
     eprintln!("[bench] MES: {n} telemetry messages over {} devices, timed until committed...", devices.len());
     let before = handle.metrics.committed_jobs.load(Relaxed);
     let started = Instant::now();
-    publish(broker, prefix, &devices, n).await?;
+    publish(broker, prefix, &devices, n, 1).await?;
     let deadline = Instant::now() + Duration::from_secs(600);
     while handle.metrics.committed_jobs.load(Relaxed) - before < n && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(1)).await;

@@ -166,6 +166,44 @@ pub struct InfluxConfig {
     pub org: String,
     pub bucket: String,
     pub token: String,
+    /// Most points per write request.
+    #[serde(default = "default_influx_batch")]
+    pub batch_size: usize,
+    /// A smaller batch is sent once its oldest point has waited this long.
+    #[serde(default = "default_influx_flush")]
+    pub flush_interval: String,
+    /// Most points waiting to be written; beyond it the oldest are dropped (and counted).
+    #[serde(default = "default_influx_queue")]
+    pub queue: usize,
+    /// Timeout of one write request.
+    #[serde(default = "default_influx_timeout")]
+    pub timeout: String,
+    /// Longest wait between retries of a failed write (the backoff doubles from 100 ms).
+    #[serde(default = "default_influx_retry_max")]
+    pub retry_max: String,
+    /// A minute's rollup (counts, running time, OEE) is computed once no reading has
+    /// touched it for this long.
+    #[serde(default = "default_influx_rollup_delay")]
+    pub rollup_delay: String,
+}
+
+fn default_influx_batch() -> usize {
+    5000
+}
+fn default_influx_flush() -> String {
+    "1s".into()
+}
+fn default_influx_queue() -> usize {
+    200_000
+}
+fn default_influx_timeout() -> String {
+    "5s".into()
+}
+fn default_influx_retry_max() -> String {
+    "10s".into()
+}
+fn default_influx_rollup_delay() -> String {
+    "5s".into()
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -408,6 +446,25 @@ impl Config {
             if !i.url.starts_with("http://") && !i.url.starts_with("https://") {
                 return Err(key_err("influx.url", "must start with http:// or https://"));
             }
+            if let Err(e) = reqwest::Url::parse(&i.url) {
+                return Err(key_err("influx.url", format!("`{}` is not a URL: {e}", i.url)));
+            }
+            if i.batch_size == 0 || i.batch_size > 100_000 {
+                return Err(key_err("influx.batch_size", "must be between 1 and 100000"));
+            }
+            if i.queue < i.batch_size {
+                return Err(key_err("influx.queue", "must be at least influx.batch_size"));
+            }
+            for (key, v) in [
+                ("influx.flush_interval", &i.flush_interval),
+                ("influx.timeout", &i.timeout),
+                ("influx.retry_max", &i.retry_max),
+                ("influx.rollup_delay", &i.rollup_delay),
+            ] {
+                if parse_duration(v).is_none_or(|d| d.is_zero()) {
+                    return Err(key_err(key, format!("`{v}` is not a duration like 5s")));
+                }
+            }
         }
         let ing = &self.ingest;
         if ing.batch_max == 0 || ing.batch_max > 50_000 {
@@ -555,6 +612,30 @@ mod tests {
         let f = file("[http\nlisten = 5\n");
         let e = Config::load_with_env(Some(&f.0), &[]).expect_err("fails").to_string();
         assert!(e.contains("line 1"), "{e}");
+    }
+
+    #[test]
+    fn influx_defaults_and_bad_values() {
+        let base = [
+            ("MES_INFLUX__URL", "http://127.0.0.1:8086"),
+            ("MES_INFLUX__ORG", "mes"),
+            ("MES_INFLUX__BUCKET", "mes"),
+            ("MES_INFLUX__TOKEN", "t"),
+        ];
+        let c = Config::load_with_env(None, &env(&base)).expect("loads");
+        let i = c.influx.expect("influx section");
+        assert_eq!((i.batch_size, i.queue, i.timeout.as_str(), i.flush_interval.as_str()), (5000, 200_000, "5s", "1s"));
+        for (k, v, key) in [
+            ("MES_INFLUX__TIMEOUT", "soon", "influx.timeout"),
+            ("MES_INFLUX__BATCH_SIZE", "0", "influx.batch_size"),
+            ("MES_INFLUX__QUEUE", "10", "influx.queue"),
+            ("MES_INFLUX__URL", "http://", "influx.url"),
+        ] {
+            let mut e = env(&base);
+            e.push((k.to_string(), v.to_string()));
+            let err = Config::load_with_env(None, &e).expect_err("fails").to_string();
+            assert!(err.contains(key), "{err}");
+        }
     }
 
     #[test]

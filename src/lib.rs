@@ -5,6 +5,7 @@
 
 pub mod app;
 pub mod bench;
+pub mod bench_http;
 pub mod bench_modbus;
 pub mod broker;
 pub mod config;
@@ -14,6 +15,7 @@ pub mod demo;
 pub mod erp;
 pub mod events;
 pub mod http;
+pub mod influx;
 pub mod ingest;
 pub mod live;
 pub mod metrics;

@@ -1,4 +1,4 @@
-//! The `mes` binary: `serve`, `migrate`, `check-map`, `demo`.
+//! The `mes` binary: `serve`, `migrate`, `check-map`, `demo`, `export-timeseries`, benchmarks.
 
 use clap::{Parser, Subcommand};
 use mes::config::Config;
@@ -46,6 +46,40 @@ enum Cmd {
         /// Database URL (default: a fresh SQLite file under mes-data/).
         #[arg(long)]
         database: Option<String>,
+        /// Instead: ingest with the time-series exporter on vs off in one run, and points/s
+        /// exported (to a local `victoria-metrics` from PATH, at nice 19, unless --influx-url).
+        #[arg(long)]
+        exporter: bool,
+        /// With --exporter: an InfluxDB 2 write API to export to (org and bucket `mes`,
+        /// token from MES_INFLUX__TOKEN).
+        #[arg(long)]
+        influx_url: Option<String>,
+    },
+    /// Re-send the time series (telemetry, counts, state changes, per-minute OEE) of a time
+    /// range from the database of record to the `[influx]` server: a backfill after an
+    /// outage, or for a new bucket. Exits 1 if InfluxDB rejected any points.
+    ExportTimeseries {
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Start (inclusive): RFC 3339 time, ms since the epoch, or a duration ago (`90m`).
+        #[arg(long)]
+        from: String,
+        /// End (exclusive): same forms as --from, or `now`.
+        #[arg(long, default_value = "now")]
+        to: String,
+    },
+    /// Measure the planner API (`GET /api/v1/work-centers`, `POST /api/v1/reservations`)
+    /// against a trivial actix-web handler, both in child processes, in one run.
+    BenchHttp {
+        /// Requests in flight.
+        #[arg(long, default_value_t = 32)]
+        concurrency: usize,
+        /// Length of each measurement.
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+        /// Internal: serve the trivial baseline on this port.
+        #[arg(long, hide = true)]
+        trivial_server: Option<u16>,
     },
     /// Measure polling of many simulated Modbus TCP devices (loopback) against a raw
     /// tokio-modbus read loop, in one run.
@@ -155,7 +189,7 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
                 Ok(ExitCode::from(1))
             }
         },
-        Cmd::Bench { messages, database } => {
+        Cmd::Bench { messages, database, exporter, influx_url } => {
             let mut cfg = Config::load(None)?;
             let broker_port = free_port()?;
             let http_port = free_port()?;
@@ -183,9 +217,73 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
             let devices: Vec<String> = plant.work_centers.iter().map(|w| w.device_id()).collect();
             let broker = format!("127.0.0.1:{broker_port}");
             let prefix = cfg.mqtt.topic_prefix.clone();
+            if exporter {
+                let (vm, url) = match influx_url {
+                    Some(url) => (None, url),
+                    None => {
+                        let vm = mes::influx::bench::LocalVm::start(
+                            std::path::Path::new("mes-data/bench-vm"),
+                            free_port()?,
+                        )?;
+                        let url = vm.url.clone();
+                        (Some(vm), url)
+                    }
+                };
+                let token = std::env::var("MES_INFLUX__TOKEN").unwrap_or_else(|_| "bench".into());
+                let influx: mes::config::InfluxConfig =
+                    toml::from_str(&format!("url = {url:?}\norg = \"mes\"\nbucket = \"mes\"\ntoken = {token:?}\n"))?;
+                let settings = mes::influx::Settings::from_config(&influx).map_err(anyhow::Error::msg)?;
+                cfg.influx = Some(influx);
+                cfg.validate()?;
+                runtime()?.block_on(mes::app::run_with(cfg, move |handle| async move {
+                    mes::influx::bench::run(&handle, &settings, &broker, &prefix, devices, messages, 5).await
+                }))?;
+                drop(vm);
+                return Ok(ExitCode::SUCCESS);
+            }
             runtime()?.block_on(mes::app::run_with(cfg, move |handle| async move {
                 mes::bench::run(&handle, &broker, &prefix, devices, messages).await
             }))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::ExportTimeseries { config, from, to } => {
+            let cfg = Config::load(config.as_deref())?;
+            init_logging(Some(&cfg), cli.log_json);
+            let influx = cfg.influx.as_ref().ok_or_else(|| {
+                anyhow::anyhow!("export-timeseries needs an [influx] section (url, org, bucket, token) in the config")
+            })?;
+            let settings = mes::influx::Settings::from_config(influx).map_err(anyhow::Error::msg)?;
+            let now = mes::now_ms();
+            let from = mes::influx::backfill::parse_time(&from, now).map_err(|e| anyhow::anyhow!("--from: {e}"))?;
+            let to = mes::influx::backfill::parse_time(&to, now).map_err(|e| anyhow::anyhow!("--to: {e}"))?;
+            let started = std::time::Instant::now();
+            let report = runtime()?.block_on(async {
+                let store = mes::db::Store::connect(&cfg.database.url, cfg.database.max_connections).await?;
+                store.migrate().await?;
+                mes::influx::backfill::run(&settings, &store, from, to).await.map_err(anyhow::Error::msg)
+            })?;
+            let secs = started.elapsed().as_secs_f64();
+            println!(
+                "re-sent {} points ({} readings, {} state changes, {} minutes) in {} requests, {secs:.2} s ({:.0} points/s); {} rejected",
+                report.points,
+                report.readings,
+                report.state_changes,
+                report.minutes,
+                report.requests,
+                report.points as f64 / secs.max(1e-9),
+                report.rejected
+            );
+            Ok(if report.rejected > 0 { ExitCode::from(1) } else { ExitCode::SUCCESS })
+        }
+        Cmd::BenchHttp { concurrency, seconds, trivial_server } => {
+            if let Some(port) = trivial_server {
+                actix_rt::System::new().block_on(mes::bench_http::trivial_server(port))?;
+                return Ok(ExitCode::SUCCESS);
+            }
+            init_logging(None, cli.log_json);
+            let md = runtime()?.block_on(mes::bench_http::run(concurrency.clamp(1, 1024), seconds.clamp(1, 600)))?;
+            println!("{md}");
+            println!("written to target/bench/http.md and target/bench/http.json");
             Ok(ExitCode::SUCCESS)
         }
         Cmd::BenchModbus { devices, poll_ms, seconds } => {

@@ -83,6 +83,8 @@ pub struct Metrics {
     pub alerts: AtomicU64,
     pub live_dropped: AtomicU64,
     pub modbus_errors: AtomicU64,
+    /// The time-series exporter's counters (`src/influx`).
+    pub influx: crate::influx::InfluxMetrics,
 }
 
 impl Metrics {
@@ -196,6 +198,7 @@ impl Metrics {
             "mes_modbus_poll_to_commit_seconds",
             "From the start of a Modbus poll to the commit of the reading it produced.",
         );
+        self.influx.render(&mut out);
         out
     }
 }

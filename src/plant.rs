@@ -123,6 +123,51 @@ fn default_cycle() -> f64 {
 pub enum Device {
     Mqtt { id: String },
     Modbus(ModbusDevice),
+    Sparkplug(SparkplugDevice),
+}
+
+/// A device behind a Sparkplug B edge node (`src/ingest/sparkplug`): where it publishes
+/// and which of its metrics are the counters, the state and the order.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SparkplugDevice {
+    pub group: String,
+    pub edge_node: String,
+    /// The Sparkplug device id; absent: the edge node's own metrics (NBIRTH/NDATA).
+    #[serde(default)]
+    pub device: Option<String>,
+    /// Metric holding the cumulative good count.
+    pub good: String,
+    /// Metric holding the cumulative scrap count.
+    pub scrap: String,
+    /// Metric holding the machine state (a String: running, idle, setup, down, stopped).
+    #[serde(default)]
+    pub state: Option<String>,
+    /// Metric holding the order being worked on (a String); written by order dispatch.
+    #[serde(default)]
+    pub order: Option<String>,
+    /// Metric that order dispatch writes the order quantity to.
+    #[serde(default)]
+    pub target: Option<String>,
+    /// Device id used in telemetry and the API; defaults to the work center id.
+    #[serde(default)]
+    pub id: Option<String>,
+}
+
+impl SparkplugDevice {
+    /// The bound metric names: good, scrap, then the optional ones.
+    pub fn bound(&self) -> impl Iterator<Item = &str> {
+        [Some(&self.good), Some(&self.scrap), self.state.as_ref(), self.order.as_ref(), self.target.as_ref()]
+            .into_iter()
+            .flatten()
+            .map(String::as_str)
+    }
+}
+
+/// A Sparkplug id (group, edge node, device) is one MQTT topic level: 1-128 characters,
+/// none of `/ + #` and no control characters.
+pub fn valid_sparkplug_id(s: &str) -> bool {
+    !s.is_empty() && s.chars().count() <= 128 && !s.chars().any(|c| matches!(c, '/' | '+' | '#') || c.is_control())
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -152,6 +197,7 @@ impl WorkCenter {
         match &self.device {
             Device::Mqtt { id } => id.clone(),
             Device::Modbus(m) => m.id.clone().unwrap_or_else(|| self.id.to_ascii_lowercase()),
+            Device::Sparkplug(s) => s.id.clone().unwrap_or_else(|| self.id.to_ascii_lowercase()),
         }
     }
 
@@ -159,6 +205,7 @@ impl WorkCenter {
         match self.device {
             Device::Mqtt { .. } => "mqtt",
             Device::Modbus(_) => "modbus",
+            Device::Sparkplug(_) => "sparkplug",
         }
     }
 
@@ -259,6 +306,7 @@ impl Plant {
         }
         let mut wcs = BTreeSet::new();
         let mut devices = BTreeSet::new();
+        let mut sparkplug = BTreeSet::new();
         for w in &self.work_centers {
             if !valid_id(&w.id) {
                 out.push(format!("work_centers: id `{}` must be 1-64 letters, digits, '-', '_' or '.'", w.id));
@@ -313,6 +361,35 @@ impl Plant {
                 }
                 if m.poll_ms < 10 {
                     out.push(format!("work_centers `{}`: poll_ms must be at least 10", w.id));
+                }
+            }
+            if let Device::Sparkplug(s) = &w.device {
+                let ids = [("group", Some(&s.group)), ("edge_node", Some(&s.edge_node)), ("device", s.device.as_ref())];
+                for (what, v) in ids {
+                    if v.is_some_and(|v| !valid_sparkplug_id(v)) {
+                        out.push(format!(
+                            "work_centers `{}`: sparkplug {what} must be 1-128 characters without '/', '+', '#' or control characters",
+                            w.id
+                        ));
+                    }
+                }
+                let mut names = BTreeSet::new();
+                for m in s.bound() {
+                    if m.is_empty() || m.chars().any(char::is_control) {
+                        out.push(format!("work_centers `{}`: sparkplug metric name {m:?} is empty or holds a control character", w.id));
+                    }
+                    if !names.insert(m) {
+                        out.push(format!("work_centers `{}`: sparkplug metric `{m}` is bound twice", w.id));
+                    }
+                }
+                if !sparkplug.insert((s.group.clone(), s.edge_node.clone(), s.device.clone())) {
+                    out.push(format!(
+                        "work_centers `{}`: sparkplug device {}/{}/{} is used by another work center",
+                        w.id,
+                        s.group,
+                        s.edge_node,
+                        s.device.as_deref().unwrap_or("(node)")
+                    ));
                 }
             }
         }
@@ -415,6 +492,25 @@ device = { mqtt = { id = "d" } }
         assert!(e.contains("component sku `NOPE`"), "{e}");
         assert!(e.contains("duplicate id `B`"), "{e}");
         assert!(e.contains("output buffer `MISSING`"), "{e}");
+    }
+
+    #[test]
+    fn sparkplug_devices_parse_and_validate() {
+        let ok = widget("{ sparkplug = { group = \"Plant 1\", edge_node = \"edge-a\", device = \"press\", good = \"Counts/Good\", scrap = \"Counts/Scrap\", state = \"State\", order = \"Order\" } }");
+        let p = Plant::parse(&ok, "t", None).expect("parses");
+        assert_eq!(p.work_centers[0].device_kind(), "sparkplug");
+        assert_eq!(p.work_centers[0].device_id(), "press-1");
+        let bad = widget("{ sparkplug = { group = \"a/b\", edge_node = \"e\", good = \"G\", scrap = \"G\" } }");
+        let e = Plant::parse(&bad, "t", None).expect_err("invalid").to_string();
+        assert!(e.contains("sparkplug group"), "{e}");
+        assert!(e.contains("metric `G` is bound twice"), "{e}");
+    }
+
+    fn widget(device: &str) -> String {
+        format!(
+            "[[materials]]\nsku = \"A\"\nstandard_cost = \"1\"\n[[buffers]]\nid = \"B\"\nsku = \"A\"\ncapacity = 10\n\
+             [[work_centers]]\nid = \"PRESS-1\"\noutput = \"B\"\ndevice = {device}\n"
+        )
     }
 
     #[test]

@@ -11,7 +11,9 @@ pub mod clock;
 pub mod counter;
 pub mod ledger;
 pub mod money;
+pub mod oee;
 pub mod order;
+pub mod planning;
 pub mod reading;
 pub mod work_center;
 

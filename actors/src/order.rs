@@ -25,10 +25,12 @@ pub enum OrderCommand {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("cannot {command} an order that is {from}")]
+#[error("cannot {command} an order that is {from} ({from} → {to} is not allowed)")]
 pub struct TransitionError {
     pub command: &'static str,
     pub from: OrderStatus,
+    /// The status the command would have led to.
+    pub to: OrderStatus,
 }
 
 impl OrderStatus {
@@ -50,9 +52,9 @@ impl OrderStatus {
             (OrderCommand::Release, Planned) => ("release", Released),
             (OrderCommand::Close, Running | Completed) => ("close", Closed),
             (OrderCommand::Cancel, Planned | Released) => ("cancel", Cancelled),
-            (OrderCommand::Release, _) => return Err(TransitionError { command: "release", from: self }),
-            (OrderCommand::Close, _) => return Err(TransitionError { command: "close", from: self }),
-            (OrderCommand::Cancel, _) => return Err(TransitionError { command: "cancel", from: self }),
+            (OrderCommand::Release, _) => return Err(TransitionError { command: "release", from: self, to: Released }),
+            (OrderCommand::Close, _) => return Err(TransitionError { command: "close", from: self, to: Closed }),
+            (OrderCommand::Cancel, _) => return Err(TransitionError { command: "cancel", from: self, to: Cancelled }),
         };
         debug_assert!(!name.is_empty());
         Ok(to)
@@ -164,7 +166,7 @@ mod tests {
         assert!(Closed.apply(Cancel).is_err());
         assert_eq!(
             Closed.apply(Release).map_err(|e| e.to_string()),
-            Err("cannot release an order that is closed".to_string())
+            Err("cannot release an order that is closed (closed → released is not allowed)".to_string())
         );
     }
 

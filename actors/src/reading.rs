@@ -87,12 +87,18 @@ impl Reading {
         let check = |name: &'static str, v: &Option<String>| match v {
             Some(s) if s.chars().count() > MAX_ID_LEN => Err(ReadingError::TooLong(name, MAX_ID_LEN)),
             Some(s) if s.is_empty() => Err(ReadingError::Invalid(format!("field `{name}` is empty"))),
+            Some(s) if s.chars().any(char::is_control) => {
+                Err(ReadingError::Invalid(format!("field `{name}` holds a control character")))
+            }
             _ => Ok(()),
         };
         check("order", &self.order)?;
         check("reason", &self.reason)?;
         if self.device.is_empty() || self.device.chars().count() > MAX_ID_LEN {
             return Err(ReadingError::TooLong("device", MAX_ID_LEN));
+        }
+        if let Some(k) = self.metrics.keys().find(|k| k.is_empty() || k.chars().any(char::is_control)) {
+            return Err(ReadingError::Invalid(format!("metric name {k:?} is empty or holds a control character")));
         }
         if self.metrics.len() > MAX_METRICS {
             return Err(ReadingError::Invalid(format!(
@@ -114,5 +120,26 @@ mod tests {
             assert_eq!(s.parse::<MachineState>().map(|m| m.as_str()), Ok(s));
         }
         assert!(matches!("exploded".parse::<MachineState>(), Err(ReadingError::UnknownState(_))));
+    }
+
+    #[test]
+    fn control_characters_are_refused() {
+        let mut r = Reading {
+            device: "d".into(),
+            boot: 1,
+            seq: 1,
+            ts_ms: None,
+            good: 0,
+            scrap: 0,
+            state: None,
+            reason: None,
+            order: Some("PO\u{0}1".into()),
+            metrics: BTreeMap::new(),
+        };
+        assert!(matches!(r.validate(), Err(ReadingError::Invalid(_))));
+        r.order = Some("PO-1".into());
+        assert_eq!(r.validate(), Ok(()));
+        r.metrics.insert("t\u{7}".into(), 1.0);
+        assert!(matches!(r.validate(), Err(ReadingError::Invalid(_))));
     }
 }

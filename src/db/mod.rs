@@ -6,6 +6,7 @@
 //! enforces every rule that matters (idempotency, no oversell, legal transitions).
 
 pub mod outbox;
+pub mod planner;
 pub mod queries;
 pub mod writer;
 

@@ -61,6 +61,9 @@ pub struct Job {
     pub slot: Option<crate::ingest::InFlight>,
     /// Raw counter registers of a polled device, stored with the reading they produced.
     pub raw: Option<(String, RawCounters)>,
+    /// The reading's device metrics, stored with its telemetry row (`metrics` column) so
+    /// the time series can be rebuilt from the database.
+    pub metrics: BTreeMap<String, f64>,
 }
 
 /// A committed (or abandoned) MQTT publish, tagged with its place in the connection's
@@ -92,6 +95,8 @@ pub struct Writer {
     /// The last counted (boot, seq) queued per device: counted readings must arrive in
     /// the order their work center applied them (see [`Writer::check_order`]).
     last_counted: std::collections::HashMap<String, (u64, u64)>,
+    /// Committed rows go on to the time-series exporter (never waits).
+    tap: Option<crate::influx::Tap>,
 }
 
 impl Writer {
@@ -102,6 +107,12 @@ impl Writer {
     }
 
     /// Committed balances and order totals go to these live actors.
+    /// Committed telemetry rows go to the time-series exporter after each commit.
+    pub fn with_tap(mut self, tap: crate::influx::Tap) -> Self {
+        self.tap = Some(tap);
+        self
+    }
+
     pub fn with_live(mut self, live: Arc<crate::live::Live>) -> Self {
         self.live = Some(live);
         self
@@ -127,6 +138,7 @@ impl Writer {
             live: None,
             progress_every: 0,
             last_counted: Default::default(),
+            tap: None,
         }
     }
 
@@ -194,7 +206,7 @@ impl Writer {
                             live.order(o, *q, *g, *s, *st);
                         }
                     }
-                    self.complete(batch).await;
+                    self.complete(batch, &summary.inserted).await;
                     return;
                 }
                 Err(e) => {
@@ -208,9 +220,19 @@ impl Writer {
         }
     }
 
-    async fn complete(&mut self, batch: &mut Vec<Job>) {
+    /// `inserted`: positions in `batch` of the counted jobs whose telemetry rows were
+    /// inserted, ascending.
+    async fn complete(&mut self, batch: &mut Vec<Job>, inserted: &[usize]) {
         let mut publishes = Vec::new();
-        for job in batch.drain(..) {
+        let mut exported = Vec::with_capacity(if self.tap.is_some() { inserted.len() } else { 0 });
+        let mut next = inserted.iter().peekable();
+        for (i, job) in batch.drain(..).enumerate() {
+            if next.next_if_eq(&&i).is_some() && self.tap.is_some() {
+                if let Work::Counted(delta) = job.work {
+                    let (metrics, received_ms) = (job.metrics, job.received_ms);
+                    exported.push(crate::influx::Committed { delta, metrics, received_ms });
+                }
+            }
             match job.done {
                 Completion::None => {}
                 Completion::Mqtt(p) => publishes.push(p),
@@ -227,6 +249,9 @@ impl Writer {
                 }
             }
         }
+        if let Some(tap) = &self.tap {
+            tap.committed(exported);
+        }
     }
 }
 
@@ -240,6 +265,8 @@ struct Summary {
     good: u64,
     scrap: u64,
     events: Vec<serde_json::Value>,
+    /// Positions in the batch of the counted jobs whose telemetry rows were inserted.
+    inserted: Vec<usize>,
 }
 
 /// Where a batch-aggregated row came from: the device and its first and last reading.
@@ -457,22 +484,24 @@ async fn commit(store: &Store, ledger: &Ledger, progress_every: i64, batch: &[Jo
     let mut tx = store.pool.begin().await?;
 
     // 1. Telemetry rows; only the rows actually inserted count (database idempotency).
-    let counted: Vec<(&Delta, i64)> = batch
+    // (delta, received, position in the batch, device metrics)
+    let counted: Vec<(&Delta, i64, usize, &BTreeMap<String, f64>)> = batch
         .iter()
-        .filter_map(|j| match &j.work {
-            Work::Counted(d) => Some((d.as_ref(), j.received_ms)),
+        .enumerate()
+        .filter_map(|(i, j)| match &j.work {
+            Work::Counted(d) => Some((d.as_ref(), j.received_ms, i, &j.metrics)),
             _ => None,
         })
         .collect();
     let mut inserted: HashSet<(String, i64, i64)> = HashSet::with_capacity(counted.len());
     for chunk in counted.chunks(INSERT_CHUNK) {
         let mut sql = String::from(
-            "INSERT INTO telemetry (device, boot, seq, work_center, order_id, ts_ms, received_ms, good, scrap, state) VALUES ",
+            "INSERT INTO telemetry (device, boot, seq, work_center, order_id, ts_ms, received_ms, good, scrap, state, metrics) VALUES ",
         );
-        sql.push_str(&rows_sql(store.backend, chunk.len(), 10));
+        sql.push_str(&rows_sql(store.backend, chunk.len(), 11));
         sql.push_str(" ON CONFLICT (device, boot, seq) DO NOTHING RETURNING device, boot, seq");
         let mut q = sqlx::query(AssertSqlSafe(sql));
-        for (d, received) in chunk {
+        for (d, received, _, metrics) in chunk {
             q = q
                 .bind(d.device.as_str())
                 .bind(to_i64(d.boot, "boot")?)
@@ -483,7 +512,8 @@ async fn commit(store: &Store, ledger: &Ledger, progress_every: i64, batch: &[Jo
                 .bind(*received)
                 .bind(to_i64(d.good, "good")?)
                 .bind(to_i64(d.scrap, "scrap")?)
-                .bind(d.state.as_str());
+                .bind(d.state.as_str())
+                .bind((!metrics.is_empty()).then(|| serde_json::to_string(metrics).ok()).flatten());
         }
         for row in q.fetch_all(&mut *tx).await? {
             inserted.insert((row.try_get("device")?, row.try_get("boot")?, row.try_get("seq")?));
@@ -496,11 +526,12 @@ async fn commit(store: &Store, ledger: &Ledger, progress_every: i64, batch: &[Jo
     let mut orders: BTreeMap<&str, (i64, i64)> = BTreeMap::new();
     let mut state_changes: Vec<(&Delta, i64)> = Vec::new();
     let mut books = Books::default();
-    for (d, received) in &counted {
+    for (d, received, i, _) in &counted {
         let key = (d.device.clone(), d.boot as i64, d.seq as i64);
         if !inserted.remove(&key) {
             continue;
         }
+        summary.inserted.push(*i);
         let c = cursors.entry(d.device.as_str()).or_insert(d);
         if (d.boot, d.seq) > (c.boot, c.seq) {
             *c = d;

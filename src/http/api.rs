@@ -1,6 +1,6 @@
 //! Route handlers.
 
-use super::{rfc3339, ApiError, Auth};
+use super::{rfc3339, ApiError, Auth, Caller};
 use crate::config::Role;
 use crate::db::queries::{NewOrder, OrderRow, WorkCenterRow};
 use crate::db::{queries::CommandError, Store};
@@ -9,6 +9,7 @@ use crate::ingest::modbus::{WriteError, WriteTarget};
 use crate::ingest::mqtt::MqttHandle;
 use crate::ingest::Router;
 use crate::metrics::Metrics;
+use crate::openapi::RouteDoc;
 use actix_web::http::StatusCode;
 use actix_web::{web, HttpRequest, HttpResponse};
 use mes_actors::actor::SetOrder;
@@ -32,6 +33,8 @@ pub struct AppState {
     pub modbus: crate::ingest::modbus::StatusBoard,
     pub live: Arc<crate::live::Live>,
     pub modbus_writers: crate::ingest::modbus::Writers,
+    /// Live OEE per work center, refreshed in the background.
+    pub oee: super::planner::OeeCache,
 }
 
 type Res = Result<HttpResponse, ApiError>;
@@ -40,39 +43,174 @@ type State = web::Data<AppState>;
 /// Seconds without a reading after which an MQTT device shows as offline.
 const DEVICE_OFFLINE_AFTER_MS: i64 = 60_000;
 
+/// Every route the server serves, with what the OpenAPI document says about it. The
+/// server registers exactly these ([`routes`]) and the document is generated from them.
+pub fn table() -> Vec<(RouteDoc, actix_web::Route)> {
+    use super::planner as pl;
+    const V: Option<Role> = Some(Role::Viewer);
+    const O: Option<Role> = Some(Role::Operator);
+    const P: Option<Role> = Some(Role::Planner);
+    const A: Option<Role> = Some(Role::Admin);
+    const LIMIT: &[(&str, &str)] = &[("limit", "integer")];
+    let d = RouteDoc::new;
+    vec![
+        (d("GET", "/healthz", None, "Liveness"), web::get().to(healthz)),
+        (d("GET", "/readyz", None, "Readiness: database, broker, writer"), web::get().to(readyz)),
+        (d("GET", "/metrics", None, "Prometheus metrics"), web::get().to(metrics)),
+        (d("GET", "/openapi.json", None, "This document"), web::get().to(openapi)),
+        (d("GET", "/", None, "The live dashboard page"), web::get().to(dashboard)),
+        (
+            d("GET", "/api/v1/work-centers", V, "Work centers with state, totals, current order, live OEE")
+                .ok(200, Some("[WorkCenter]")),
+            web::get().to(list_work_centers),
+        ),
+        (
+            d("GET", "/api/v1/work-centers/{id}", V, "One work center").ok(200, Some("WorkCenter")),
+            web::get().to(get_work_center),
+        ),
+        (
+            d("GET", "/api/v1/work-centers/{id}/oee", V, "OEE (ISO 22400) and the six big losses over a window")
+                .query(&[("from", "string"), ("to", "string")])
+                .ok(200, Some("Oee")),
+            web::get().to(pl::work_center_oee),
+        ),
+        (
+            d("GET", "/api/v1/work-centers/{id}/queue", V, "The work center's open orders in work order"),
+            web::get().to(pl::work_center_queue),
+        ),
+        (
+            d("POST", "/api/v1/work-centers/{id}/commands", O, "Start or stop the device (audited)")
+                .body("Command")
+                .ok(202, None),
+            web::post().to(post_command),
+        ),
+        (
+            d(
+                "POST",
+                "/api/v1/work-centers/{id}/points/{name}",
+                O,
+                "Write a writable Modbus point (audited, read back)",
+            )
+            .body("PointWrite"),
+            web::post().to(write_point),
+        ),
+        (
+            d("GET", "/api/v1/orders", V, "Orders, oldest first; next page in X-Next-Cursor")
+                .query(&[
+                    ("status", "string"),
+                    ("sku", "string"),
+                    ("work_center", "string"),
+                    ("limit", "integer"),
+                    ("cursor", "string"),
+                ])
+                .ok(200, Some("[Order]")),
+            web::get().to(list_orders),
+        ),
+        (
+            d("POST", "/api/v1/orders", P, "Create an order").body("NewOrder").ok(201, Some("Order")).idempotent(),
+            web::post().to(create_order),
+        ),
+        (
+            d("GET", "/api/v1/orders/{id}", V, "One order, with its dispatch").ok(200, Some("Order")),
+            web::get().to(get_order),
+        ),
+        (
+            d("POST", "/api/v1/orders/{id}/release", P, "Release (dispatches to the device)").ok(200, Some("Order")),
+            web::post().to(release_order),
+        ),
+        (
+            d("POST", "/api/v1/orders/{id}/close", P, "Close and settle variances").ok(200, Some("Order")),
+            web::post().to(close_order),
+        ),
+        (d("POST", "/api/v1/orders/{id}/cancel", P, "Cancel").ok(200, Some("Order")), web::post().to(cancel_order)),
+        (
+            d("GET", "/api/v1/orders/{id}/cost", V, "Standard vs actual cost and variances").ok(200, Some("OrderCost")),
+            web::get().to(order_cost),
+        ),
+        (
+            d("GET", "/api/v1/orders/{id}/oee", V, "OEE of one order over its run").ok(200, Some("Oee")),
+            web::get().to(pl::order_oee),
+        ),
+        (d("GET", "/api/v1/buffers", V, "Material buffers with levels and alerts"), web::get().to(list_buffers)),
+        (
+            d("GET", "/api/v1/inventory", V, "Inventory per sku").ok(200, Some("[InventoryRow]")),
+            web::get().to(list_inventory),
+        ),
+        (
+            d("GET", "/api/v1/inventory/{sku}", V, "Inventory of one sku").ok(200, Some("InventoryRow")),
+            web::get().to(get_inventory),
+        ),
+        (
+            d("GET", "/api/v1/journal", V, "Double-entry postings").query(&[("order", "string"), ("limit", "integer")]),
+            web::get().to(journal),
+        ),
+        (
+            d("GET", "/api/v1/trial-balance", V, "Trial balance").ok(200, Some("TrialBalance")),
+            web::get().to(trial_balance),
+        ),
+        (
+            d("POST", "/api/v1/reservations", P, "Promise finished goods (409 when short; never oversells)")
+                .body("NewReservation")
+                .ok(201, Some("Reservation")),
+            web::post().to(create_reservation),
+        ),
+        (
+            d("GET", "/api/v1/reservations/{id}", V, "One reservation").ok(200, Some("Reservation")),
+            web::get().to(get_reservation),
+        ),
+        (
+            d("DELETE", "/api/v1/reservations/{id}", P, "Release a reservation").ok(200, Some("Reservation")),
+            web::delete().to(release_reservation),
+        ),
+        (
+            d("POST", "/api/v1/reservations/{id}/ship", P, "Goods issue").ok(200, Some("Reservation")),
+            web::post().to(ship_reservation),
+        ),
+        (
+            d("POST", "/api/v1/surge-plans", P, "Capacity and material check for a promotion")
+                .body("NewSurgePlan")
+                .ok(201, Some("SurgePlan")),
+            web::post().to(pl::create_surge_plan),
+        ),
+        (
+            d("GET", "/api/v1/surge-plans", V, "Surge plans, newest first").query(LIMIT),
+            web::get().to(pl::list_surge_plans),
+        ),
+        (
+            d("GET", "/api/v1/surge-plans/{id}", V, "One surge plan").ok(200, Some("SurgePlan")),
+            web::get().to(pl::get_surge_plan),
+        ),
+        (
+            d("POST", "/api/v1/surge-plans/{id}/release", P, "Create and release the proposed orders (idempotent)"),
+            web::post().to(pl::release_surge_plan),
+        ),
+        (d("GET", "/api/v1/erp/outbox", V, "Settlement documents for the ERP").query(LIMIT), web::get().to(erp_outbox)),
+        (d("GET", "/api/v1/dead-letters", V, "Invalid telemetry kept").query(LIMIT), web::get().to(dead_letters)),
+        (d("GET", "/api/v1/events", V, "Server-Sent Events: counts, states, alerts, orders"), web::get().to(events)),
+        (
+            d("GET", "/api/v1/audit", A, "The append-only audit log, newest first").query(&[
+                ("limit", "integer"),
+                ("before", "integer"),
+                ("actor", "string"),
+            ]),
+            web::get().to(pl::audit),
+        ),
+    ]
+}
+
+/// The OpenAPI document of [`table`], built once.
+pub fn openapi_document() -> &'static str {
+    static DOC: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    DOC.get_or_init(|| {
+        let docs: Vec<RouteDoc> = table().into_iter().map(|(d, _)| d).collect();
+        crate::openapi::document(&docs).to_string()
+    })
+}
+
 pub fn routes(cfg: &mut web::ServiceConfig) {
-    cfg.route("/healthz", web::get().to(healthz))
-        .route("/readyz", web::get().to(readyz))
-        .route("/metrics", web::get().to(metrics))
-        .route("/openapi.json", web::get().to(openapi))
-        .route("/", web::get().to(dashboard))
-        .service(
-            web::scope("/api/v1")
-                .route("/work-centers", web::get().to(list_work_centers))
-                .route("/work-centers/{id}", web::get().to(get_work_center))
-                .route("/work-centers/{id}/commands", web::post().to(post_command))
-                .route("/work-centers/{id}/points/{name}", web::post().to(write_point))
-                .route("/orders", web::get().to(list_orders))
-                .route("/orders", web::post().to(create_order))
-                .route("/orders/{id}", web::get().to(get_order))
-                .route("/orders/{id}/release", web::post().to(release_order))
-                .route("/orders/{id}/close", web::post().to(close_order))
-                .route("/orders/{id}/cancel", web::post().to(cancel_order))
-                .route("/buffers", web::get().to(list_buffers))
-                .route("/inventory", web::get().to(list_inventory))
-                .route("/inventory/{sku}", web::get().to(get_inventory))
-                .route("/orders/{id}/cost", web::get().to(order_cost))
-                .route("/journal", web::get().to(journal))
-                .route("/trial-balance", web::get().to(trial_balance))
-                .route("/reservations", web::post().to(create_reservation))
-                .route("/reservations/{id}", web::get().to(get_reservation))
-                .route("/reservations/{id}", web::delete().to(release_reservation))
-                .route("/reservations/{id}/ship", web::post().to(ship_reservation))
-                .route("/erp/outbox", web::get().to(erp_outbox))
-                .route("/dead-letters", web::get().to(dead_letters))
-                .route("/events", web::get().to(events))
-                .default_service(web::to(not_found)),
-        );
+    for (doc, route) in table() {
+        cfg.route(doc.path, route);
+    }
 }
 
 pub async fn not_found(req: HttpRequest) -> Res {
@@ -123,7 +261,7 @@ async fn metrics(st: State) -> HttpResponse {
 }
 
 async fn openapi() -> HttpResponse {
-    HttpResponse::Ok().content_type("application/json").body(crate::openapi::DOCUMENT)
+    HttpResponse::Ok().content_type("application/json").body(openapi_document())
 }
 
 async fn dashboard() -> HttpResponse {
@@ -147,10 +285,11 @@ fn wc_json(st: &AppState, w: &WorkCenterRow, now: i64) -> Value {
     json!({
         "id": w.id, "name": w.name, "state": w.state, "reason": w.reason,
         "good_total": w.good_total, "scrap_total": w.scrap_total, "current_order": w.current_order,
-        "output_buffer": w.output_buffer, "ideal_cycle_s": w.ideal_cycle_ms as f64 / 1000.0,
+        "output_buffer": w.output_buffer, "inputs": st.plant.work_center(&w.id).map(|p| p.inputs.clone()).unwrap_or_default(),
+        "ideal_cycle_s": w.ideal_cycle_ms as f64 / 1000.0,
         "device": {"id": w.device_id, "kind": w.device_kind, "status": status,
                    "last_seen": w.last_seen_ms.map(rfc3339), "last_error": last_error, "since": since},
-        "oee": Value::Null,
+        "oee": st.oee.get(&w.id).map(|o| super::planner::oee_summary(&o)),
     })
 }
 
@@ -177,8 +316,9 @@ struct CommandBody {
     cmd: String,
 }
 
-async fn post_command(req: HttpRequest, st: State, id: web::Path<String>, body: web::Json<CommandBody>) -> Res {
+async fn post_command(req: HttpRequest, st: State, id: web::Path<String>, body: web::Bytes) -> Res {
     let caller = st.auth.check(&req, Role::Operator)?;
+    let body: CommandBody = super::json_body(&body)?;
     if !matches!(body.cmd.as_str(), "start" | "stop") {
         return Err(ApiError::unprocessable(
             "invalid_command",
@@ -235,34 +375,109 @@ async fn order_json(st: &AppState, o: &OrderRow) -> Result<Value, ApiError> {
 }
 
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct OrdersQuery {
     status: Option<String>,
+    sku: Option<String>,
+    work_center: Option<String>,
     limit: Option<i64>,
+    cursor: Option<String>,
 }
 
-async fn list_orders(req: HttpRequest, st: State, q: web::Query<OrdersQuery>) -> Res {
+/// Keyset paging: the cursor names the last order of the previous page.
+fn encode_cursor(o: &OrderRow) -> String {
+    format!("{}~{}", o.created_ms, o.id)
+}
+
+fn decode_cursor(c: &str) -> Result<(i64, String), ApiError> {
+    c.split_once('~')
+        .and_then(|(ms, id)| Some((ms.parse::<i64>().ok()?, id.to_string())))
+        .filter(|(_, id)| valid_id(id))
+        .ok_or_else(|| ApiError::bad_request("invalid_cursor", format!("`cursor` `{c}` is not a cursor this API gave")))
+}
+
+/// Orders, oldest first, filtered by `status`, `sku` and `work_center`; at most `limit`
+/// (default 500). When more remain, the `X-Next-Cursor` header holds the `cursor` of the
+/// next page (and a `Link: <…>; rel="next"`).
+async fn list_orders(req: HttpRequest, st: State) -> Res {
     st.auth.check(&req, Role::Viewer)?;
-    let limit = q.limit.unwrap_or(500).clamp(1, 5000);
-    let rows = st.store.orders(q.status.as_deref(), limit).await?;
+    let q: OrdersQuery = super::query(&req)?;
+    if let Some(s) = &q.status {
+        if s.parse::<mes_actors::OrderStatus>().is_err() {
+            return Err(ApiError::bad_request(
+                "invalid_query",
+                format!("`status` `{s}` is not one of planned, released, running, completed, closed, cancelled"),
+            ));
+        }
+    }
+    let limit = q.limit.unwrap_or(500);
+    if !(1..=5000).contains(&limit) {
+        return Err(ApiError::bad_request("invalid_query", "`limit` must be 1-5000"));
+    }
+    let filter = crate::db::planner::OrderFilter {
+        status: q.status.clone(),
+        sku: q.sku.clone(),
+        work_center: q.work_center.clone(),
+        after: q.cursor.as_deref().map(decode_cursor).transpose()?,
+        limit: limit + 1,
+    };
+    let mut rows = st.store.orders_filtered(&filter).await?;
+    let more = rows.len() as i64 > limit;
+    rows.truncate(limit as usize);
     let mut out = Vec::with_capacity(rows.len());
     for o in &rows {
         out.push(order_json(&st, o).await?);
     }
-    Ok(HttpResponse::Ok().json(out))
+    let mut resp = HttpResponse::Ok();
+    if let (true, Some(last)) = (more, rows.last()) {
+        let c = encode_cursor(last);
+        resp.insert_header(("x-next-cursor", c.clone()));
+        let mut params: Vec<(String, String)> = vec![("limit".into(), limit.to_string()), ("cursor".into(), c)];
+        for (k, v) in [("status", &q.status), ("sku", &q.sku), ("work_center", &q.work_center)] {
+            if let Some(v) = v {
+                params.push((k.into(), v.clone()));
+            }
+        }
+        let query: Vec<String> = params.iter().map(|(k, v)| format!("{k}={}", url_escape(v))).collect();
+        resp.insert_header(("link", format!("</api/v1/orders?{}>; rel=\"next\"", query.join("&"))));
+    }
+    Ok(resp.json(out))
+}
+
+fn url_escape(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
 }
 
 async fn get_order(req: HttpRequest, st: State, id: web::Path<String>) -> Res {
     st.auth.check(&req, Role::Viewer)?;
     let o = st.store.order(&id).await?.ok_or_else(|| ApiError::not_found(format!("order `{id}` does not exist")))?;
-    Ok(HttpResponse::Ok().json(order_json(&st, &o).await?))
+    let mut v = order_json(&st, &o).await?;
+    let d = st.store.dispatch_of(&o.id).await?;
+    if let Some(m) = v.as_object_mut() {
+        m.insert(
+            "dispatch".into(),
+            d.map(|d| {
+                json!({"id": d.id, "device": d.device, "channel": d.channel, "status": d.status, "error": d.error,
+                       "sent_at": rfc3339(d.sent_ms), "acknowledged_at": d.acked_ms.map(rfc3339)})
+            })
+            .unwrap_or(Value::Null),
+        );
+    }
+    Ok(HttpResponse::Ok().json(v))
 }
 
 fn valid_id(s: &str) -> bool {
     !s.is_empty() && s.len() <= 64 && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
 }
 
-async fn create_order(req: HttpRequest, st: State, body: web::Json<Value>) -> Res {
-    st.auth.check(&req, Role::Planner)?;
+async fn create_order(req: HttpRequest, st: State, body: web::Bytes) -> Res {
+    let caller = st.auth.check(&req, Role::Planner)?;
+    let body: Value = super::json_body(&body)?;
     let idem = req.headers().get("idempotency-key").map(|v| v.to_str().map(str::to_string));
     let idem = match idem {
         None => None,
@@ -290,9 +505,34 @@ async fn create_order(req: HttpRequest, st: State, body: web::Json<Value>) -> Re
     if !st.store.sku_exists(&o.sku).await? {
         return Err(ApiError::unprocessable("unknown_sku", format!("sku `{}` is not a material of this plant", o.sku)));
     }
+    // The sku must be made somewhere, and where the order names a work center, there.
+    let makers: Vec<&str> = st
+        .plant
+        .work_centers
+        .iter()
+        .filter(|w| st.plant.output_sku(w) == Some(o.sku.as_str()))
+        .map(|w| w.id.as_str())
+        .collect();
     if let Some(wc) = &o.work_center {
         if st.store.work_center(wc).await?.is_none() {
             return Err(ApiError::unprocessable("unknown_work_center", format!("work center `{wc}` does not exist")));
+        }
+        if !makers.contains(&wc.as_str()) {
+            return Err(ApiError::unprocessable(
+                "not_producible",
+                format!(
+                    "work center `{wc}` does not make `{}` (made by: {})",
+                    o.sku,
+                    if makers.is_empty() { "none".to_string() } else { makers.join(", ") }
+                ),
+            ));
+        }
+    } else if makers.is_empty() {
+        return Err(ApiError::unprocessable("not_producible", format!("no work center makes `{}`", o.sku)));
+    }
+    if let Some(due) = &o.due {
+        if due_ms(due).is_some_and(|d| d <= crate::now_ms()) {
+            return Err(ApiError::unprocessable("due_in_past", format!("`due` {due} is not in the future")));
         }
     }
     let consumed_zero: BTreeMap<String, i64> = BTreeMap::new();
@@ -319,8 +559,20 @@ async fn create_order(req: HttpRequest, st: State, body: web::Json<Value>) -> Re
         return Err(ApiError::conflict("order_exists", format!("order `{}` already exists", o.id)));
     };
     tracing::info!(order = %row.id, sku = %row.sku, quantity = row.quantity, "order created");
+    let detail = json!({"after": {"status": row.status, "sku": row.sku, "quantity": row.quantity,
+                                  "work_center": row.work_center, "due": row.due, "priority": row.priority}});
+    st.store.audit(&caller.name, "order_create", &row.id, &detail.to_string()).await?;
     st.events.publish(json!({"type": "order_created", "order": row.id}));
     Ok(HttpResponse::Created().json(order_json(&st, &row).await?))
+}
+
+/// The end of a due date (a date means the end of that day, UTC) in Unix ms.
+fn due_ms(due: &str) -> Option<i64> {
+    if let Ok(t) = chrono::DateTime::parse_from_rfc3339(due) {
+        return Some(t.timestamp_millis());
+    }
+    let d = chrono::NaiveDate::parse_from_str(due, "%Y-%m-%d").ok()?;
+    Some(d.and_hms_opt(23, 59, 59)?.and_utc().timestamp_millis() + 999)
 }
 
 fn parse_new_order(v: &Value) -> Result<NewOrder, ApiError> {
@@ -376,39 +628,95 @@ fn parse_new_order(v: &Value) -> Result<NewOrder, ApiError> {
 
 async fn order_command(req: HttpRequest, st: State, id: String, cmd: OrderCommand) -> Res {
     let caller = st.auth.check(&req, Role::Planner)?;
-    let (order, made_current) = st.store.order_command(&id, cmd, &st.ledger).await.map_err(|e| match e {
+    let order = apply_order_command(&st, &id, cmd, &caller).await?;
+    Ok(HttpResponse::Ok().json(order_json(&st, &order).await?))
+}
+
+/// Applies a planner command to an order (the database decides races), audits it with the
+/// status before and after, and dispatches the order when it became its work center's
+/// current one.
+pub(crate) async fn apply_order_command(
+    st: &AppState,
+    id: &str,
+    cmd: OrderCommand,
+    caller: &Caller,
+) -> Result<OrderRow, ApiError> {
+    let before = st.store.order(id).await?.map(|o| o.status);
+    let (order, made_current) = st.store.order_command(id, cmd, &st.ledger).await.map_err(|e| match e {
         CommandError::NotFound(m) => ApiError::not_found(m),
         CommandError::Transition(t) => ApiError::conflict("invalid_transition", t.to_string()),
         CommandError::Conflict(m) => ApiError::conflict("conflict", m),
         CommandError::Db(d) => d.into(),
     })?;
-    st.store.audit(&caller.name, &format!("order_{cmd:?}").to_ascii_lowercase(), &id, "{}").await?;
+    let detail = json!({"before": {"status": before}, "after": {"status": order.status}}).to_string();
+    st.store.audit(&caller.name, &format!("order_{cmd:?}").to_ascii_lowercase(), id, &detail).await?;
     if let Ok(status) = order.status.parse() {
         st.live.order(&order.id, order.quantity, order.good, order.scrap, status);
     }
+    st.events.publish(json!({"type": "order", "order": order.id, "status": order.status}));
     if let (true, Some(wc)) = (made_current, order.work_center.as_deref()) {
-        if let Some(addr) = st.router.work_center(wc) {
-            if addr.send(SetOrder(Some(order.id.clone()))).await.is_err() {
-                tracing::error!(work_center = wc, "work center actor unavailable");
-            }
-        }
-        if let (Some(m), Some(w)) = (&st.mqtt, st.store.work_center(wc).await?) {
-            if w.device_kind == "mqtt" {
-                let msg = json!({"cmd": "set_order", "order": order.id, "target": order.quantity, "id": new_id("CMD")});
-                if let Err(e) = m.command(&w.device_id, &msg).await {
-                    tracing::warn!(work_center = wc, error = %e, "set_order not sent");
-                }
-            } else if let Some(h) = st.modbus_writers.get(&w.device_id) {
-                // Dispatch: the order's quantity goes to the device's `target` point, if any.
-                if h.check(&WriteTarget::Role(mes_plc_maps::Role::Target), order.quantity as u64).is_ok() {
-                    let r = h.write(WriteTarget::Role(mes_plc_maps::Role::Target), order.quantity as u64).await;
-                    let detail = json!({"point": "target", "value": order.quantity, "result": r.as_ref().err().map(|e| e.to_string())});
-                    st.store.audit(&caller.name, "modbus_write", wc, &detail.to_string()).await?;
-                }
-            }
+        dispatch_order(st, &order, wc, &caller.name).await?;
+    }
+    Ok(order)
+}
+
+/// Makes `order` the work center's current order in its actor and sends it to the device
+/// (MQTT `set_order`, or the Modbus `target` point); records the dispatch and audits it.
+pub(crate) async fn dispatch_order(st: &AppState, order: &OrderRow, wc: &str, by: &str) -> Result<(), ApiError> {
+    if let Some(addr) = st.router.work_center(wc) {
+        if addr.send(SetOrder(Some(order.id.clone()))).await.is_err() {
+            tracing::error!(work_center = wc, "work center actor unavailable");
         }
     }
-    Ok(HttpResponse::Ok().json(order_json(&st, &order).await?))
+    let Some(w) = st.store.work_center(wc).await? else {
+        return Ok(());
+    };
+    let id = new_id("DSP");
+    let (channel, result): (&str, Option<Result<(), String>>) = match (&st.mqtt, w.device_kind.as_str()) {
+        (Some(m), "mqtt" | "sparkplug") => {
+            let msg = json!({"cmd": "set_order", "order": order.id, "target": order.quantity, "id": id});
+            ("mqtt", Some(m.command(&w.device_id, &msg).await))
+        }
+        (_, "modbus") => match st.modbus_writers.get(&w.device_id) {
+            // The order's quantity goes to the device's `target` point, if its map has one.
+            Some(h) if h.check(&WriteTarget::Role(mes_plc_maps::Role::Target), order.quantity as u64).is_ok() => {
+                let r = h.write(WriteTarget::Role(mes_plc_maps::Role::Target), order.quantity as u64).await;
+                ("modbus", Some(r.map(|_| ()).map_err(|e| e.to_string())))
+            }
+            _ => ("modbus", None),
+        },
+        (_, kind) => (if kind == "mqtt" { "mqtt" } else { "none" }, Some(Err("no client for the device".into()))),
+    };
+    let Some(result) = result else {
+        return Ok(()); // nothing to send to this device
+    };
+    let now = crate::now_ms();
+    // A Modbus write is read back before it returns: acknowledged at once.
+    let (status, acked) = match (&result, channel) {
+        (Ok(()), "modbus") => ("acknowledged", Some(now)),
+        (Ok(()), _) => ("sent", None),
+        (Err(_), _) => ("failed", None),
+    };
+    if let Err(e) = &result {
+        tracing::warn!(work_center = wc, order = %order.id, error = %e, "order dispatch failed");
+    }
+    let d = crate::db::planner::DispatchRow {
+        id: id.clone(),
+        order_id: order.id.clone(),
+        work_center: wc.to_string(),
+        device: w.device_id.clone(),
+        channel: channel.to_string(),
+        status: status.to_string(),
+        error: result.err(),
+        sent_ms: now,
+        acked_ms: acked,
+    };
+    st.store.record_dispatch(&d).await?;
+    let detail = json!({"dispatch": d.id, "order": order.id, "device": d.device, "channel": d.channel,
+                        "after": {"status": d.status}, "error": d.error});
+    st.store.audit(by, "dispatch", wc, &detail.to_string()).await?;
+    st.events.publish(json!({"type": "dispatch", "order": order.id, "work_center": wc, "status": d.status}));
+    Ok(())
 }
 
 async fn release_order(req: HttpRequest, st: State, id: web::Path<String>) -> Res {
@@ -473,8 +781,9 @@ struct LimitQuery {
     limit: Option<i64>,
 }
 
-async fn dead_letters(req: HttpRequest, st: State, q: web::Query<LimitQuery>) -> Res {
+async fn dead_letters(req: HttpRequest, st: State) -> Res {
     st.auth.check(&req, Role::Viewer)?;
+    let q: LimitQuery = super::query(&req)?;
     let rows = st.store.dead_letters(q.limit.unwrap_or(1000).clamp(1, 10_000)).await?;
     let out: Vec<Value> = rows
         .iter()
@@ -486,17 +795,26 @@ async fn dead_letters(req: HttpRequest, st: State, q: web::Query<LimitQuery>) ->
 async fn events(req: HttpRequest, st: State) -> Res {
     st.auth.check(&req, Role::Viewer)?;
     let rx = st.events.subscribe();
-    let stream = futures_util::stream::unfold(rx, |mut rx| async move {
+    // Each client reads from the shared bounded ring; one that falls more than its
+    // capacity behind is told how much it missed and dropped (it reconnects and reloads).
+    // Ingest never waits for a listener.
+    let stream = futures_util::stream::unfold(Some(rx), |rx| async move {
         use tokio::sync::broadcast::error::RecvError;
+        let mut rx = rx?;
         let chunk = match tokio::time::timeout(std::time::Duration::from_secs(15), rx.recv()).await {
             Ok(Ok(ev)) => format!("data: {ev}\n\n"),
             Ok(Err(RecvError::Lagged(n))) => {
-                format!("event: lagged\ndata: {{\"missed\": {n}}}\n\n")
+                return Some((
+                    Ok::<_, actix_web::Error>(web::Bytes::from(format!(
+                        "event: dropped\ndata: {{\"missed\": {n}, \"reason\": \"too slow; reconnect\"}}\n\n"
+                    ))),
+                    None,
+                ));
             }
             Ok(Err(RecvError::Closed)) => return None,
             Err(_) => ": keep-alive\n\n".to_string(),
         };
-        Some((Ok::<_, actix_web::Error>(web::Bytes::from(chunk)), rx))
+        Some((Ok::<_, actix_web::Error>(web::Bytes::from(chunk)), Some(rx)))
     });
     Ok(HttpResponse::Ok()
         .content_type("text/event-stream")
@@ -532,8 +850,9 @@ struct JournalQuery {
     limit: Option<i64>,
 }
 
-async fn journal(req: HttpRequest, st: State, q: web::Query<JournalQuery>) -> Res {
+async fn journal(req: HttpRequest, st: State) -> Res {
     st.auth.check(&req, Role::Viewer)?;
+    let q: JournalQuery = super::query(&req)?;
     let rows = st.store.journal(q.order.as_deref(), q.limit.unwrap_or(10_000).clamp(1, 100_000)).await?;
     let out: Vec<Value> = rows
         .iter()
@@ -589,8 +908,9 @@ struct ReservationBody {
     reference: String,
 }
 
-async fn create_reservation(req: HttpRequest, st: State, body: web::Json<ReservationBody>) -> Res {
+async fn create_reservation(req: HttpRequest, st: State, body: web::Bytes) -> Res {
     let caller = st.auth.check(&req, Role::Planner)?;
+    let body: ReservationBody = super::json_body(&body)?;
     if body.quantity <= 0 || body.quantity > 1_000_000_000 {
         return Err(ApiError::unprocessable("invalid_field", "`quantity` must be a positive integer"));
     }
@@ -601,6 +921,9 @@ async fn create_reservation(req: HttpRequest, st: State, body: web::Json<Reserva
         Ok((r, created)) => {
             if created {
                 tracing::info!(reservation = %r.id, sku = %r.sku, quantity = r.quantity, by = %caller.name, "reserved");
+                let detail =
+                    json!({"after": {"status": r.status, "sku": r.sku, "quantity": r.quantity, "ref": r.reference}});
+                st.store.audit(&caller.name, "reservation_create", &r.id, &detail.to_string()).await?;
                 st.events.publish(json!({"type": "reservation", "id": r.id, "sku": r.sku, "quantity": r.quantity}));
             }
             Ok(HttpResponse::Created().json(reservation_json(&r)))
@@ -624,7 +947,7 @@ async fn get_reservation(req: HttpRequest, st: State, id: web::Path<String>) -> 
 }
 
 async fn ship_reservation(req: HttpRequest, st: State, id: web::Path<String>) -> Res {
-    st.auth.check(&req, Role::Planner)?;
+    let caller = st.auth.check(&req, Role::Planner)?;
     let unit = match st.store.reservation(&id).await? {
         Some(r) => st.ledger.unit_cost(&st.plant, &r.sku),
         None => 0,
@@ -633,18 +956,23 @@ async fn ship_reservation(req: HttpRequest, st: State, id: web::Path<String>) ->
     if let Some(b) = st.store.buffers().await?.into_iter().find(|b| b.id == r.buffer) {
         st.live.balance(&b.id, b.on_hand);
     }
+    let detail = json!({"before": {"status": "reserved"}, "after": {"status": r.status, "quantity": r.quantity}});
+    st.store.audit(&caller.name, "reservation_ship", &r.id, &detail.to_string()).await?;
     st.events.publish(json!({"type": "goods_issue", "reservation": r.id, "sku": r.sku, "quantity": r.quantity}));
     Ok(HttpResponse::Ok().json(reservation_json(&r)))
 }
 
 async fn release_reservation(req: HttpRequest, st: State, id: web::Path<String>) -> Res {
-    st.auth.check(&req, Role::Planner)?;
+    let caller = st.auth.check(&req, Role::Planner)?;
     let r = st.store.finish_reservation(&id, false, 0).await.map_err(reserve_error)?;
+    let detail = json!({"before": {"status": "reserved"}, "after": {"status": r.status}});
+    st.store.audit(&caller.name, "reservation_release", &r.id, &detail.to_string()).await?;
     Ok(HttpResponse::Ok().json(reservation_json(&r)))
 }
 
-async fn erp_outbox(req: HttpRequest, st: State, q: web::Query<LimitQuery>) -> Res {
+async fn erp_outbox(req: HttpRequest, st: State) -> Res {
     st.auth.check(&req, Role::Viewer)?;
+    let q: LimitQuery = super::query(&req)?;
     let rows = st.store.outbox(q.limit.unwrap_or(1000).clamp(1, 10_000)).await?;
     let out: Vec<Value> = rows
         .iter()
@@ -664,13 +992,9 @@ struct PointWrite {
 
 /// Writes one point of a Modbus device: only points its map marks `writable`; every
 /// attempt is audited (who, what, value before and after, result).
-async fn write_point(
-    req: HttpRequest,
-    st: State,
-    path: web::Path<(String, String)>,
-    body: web::Json<PointWrite>,
-) -> Res {
+async fn write_point(req: HttpRequest, st: State, path: web::Path<(String, String)>, body: web::Bytes) -> Res {
     let caller = st.auth.check(&req, Role::Operator)?;
+    let body: PointWrite = super::json_body(&body)?;
     let (id, name) = path.into_inner();
     let w = st
         .store

@@ -2,6 +2,7 @@
 //! `{"error": {"code", "message"}}`.
 
 pub mod api;
+pub mod planner;
 
 use crate::config::{Role, TokenConfig};
 use actix_web::http::StatusCode;
@@ -133,6 +134,36 @@ impl Auth {
             )),
         }
     }
+}
+
+/// Parses a JSON body. Handlers take the raw bytes and call this after the caller is
+/// authorised, so that a bad body never hides a 401 or 403.
+pub fn json_body<T: serde::de::DeserializeOwned>(b: &[u8]) -> Result<T, ApiError> {
+    // A NUL can only arrive escaped; no identifier or text of ours may hold one (and
+    // PostgreSQL refuses it in text).
+    if b.windows(6).any(|w| w.eq_ignore_ascii_case(b"\\u0000")) {
+        return Err(ApiError::bad_request("invalid_body", "request body: NUL characters are not accepted"));
+    }
+    serde_json::from_slice(b).map_err(|e| {
+        let code = if e.is_data() { "invalid_body" } else { "invalid_json" };
+        ApiError::bad_request(code, format!("request body: {e}"))
+    })
+}
+
+/// Parses the query string (after authorisation, like [`json_body`]).
+pub fn query<T: serde::de::DeserializeOwned>(req: &HttpRequest) -> Result<T, ApiError> {
+    actix_web::web::Query::<T>::from_query(req.query_string())
+        .map(|q| q.into_inner())
+        .map_err(|e| ApiError::bad_request("invalid_query", e.to_string()))
+}
+
+/// Whether a request's path or query carries an encoded NUL or other control character,
+/// which no route accepts (checked before routing, so no handler sees one).
+pub fn has_control_chars(uri: &actix_web::http::Uri) -> bool {
+    let text = uri.path_and_query().map(|p| p.as_str()).unwrap_or("");
+    let b = text.as_bytes();
+    b.windows(3).any(|w| w[0] == b'%' && (w[1] == b'0' || w[1] == b'1') && w[2].is_ascii_hexdigit())
+        || b.windows(3).any(|w| w.eq_ignore_ascii_case(b"%7f"))
 }
 
 /// RFC 3339 text of a millisecond timestamp.

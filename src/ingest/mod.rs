@@ -7,6 +7,7 @@
 pub mod modbus;
 pub mod mqtt;
 pub mod parse;
+pub mod sparkplug;
 
 use crate::db::writer::{Completion, Job, Work};
 use crate::metrics::Metrics;
@@ -120,6 +121,8 @@ impl Pipeline {
         // waiting would make that reading look stale after a crash, and its units lost.
         let applied = self.applied.clone();
         let metrics = self.metrics.clone();
+        // Stored with the telemetry row and exported after its commit (`src/influx`).
+        let device_metrics = reading.metrics.clone();
         // Shared so that the completion can be taken back if the actor is gone.
         let done = Arc::new(std::sync::Mutex::new(Some(done)));
         let taken = done.clone();
@@ -137,7 +140,8 @@ impl Pipeline {
                     }
                 };
                 let done = taken.lock().ok().and_then(|mut d| d.take()).unwrap_or(Completion::None);
-                if applied.send(Job { work, received_ms, done, slot: Some(slot), raw }).is_err() {
+                let job = Job { work, received_ms, done, slot: Some(slot), raw, metrics: device_metrics };
+                if applied.send(job).is_err() {
                     tracing::error!("ingest pipeline stopped; input left unacknowledged");
                 }
             }),
@@ -177,9 +181,13 @@ impl Pipeline {
         done: Completion,
         slot: InFlight,
     ) {
+        // Kept as text: a NUL (which PostgreSQL refuses in text) becomes U+FFFD, so that no
+        // input can make its own dead letter fail to commit.
+        let clean = |s: String| if s.contains('\0') { s.replace('\0', "\u{FFFD}") } else { s };
+        let (topic, reason, payload) = (clean(topic), clean(reason), clean(payload));
         tracing::warn!(%topic, %reason, "dead letter");
         let work = Work::DeadLetter { topic, reason, payload, redelivered };
-        self.queue(Job { work, received_ms, done, slot: Some(slot), raw: None }).await;
+        self.queue(Job { work, received_ms, done, slot: Some(slot), raw: None, metrics: Default::default() }).await;
     }
 
     async fn queue(&self, job: Job) {

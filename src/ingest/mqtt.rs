@@ -5,7 +5,7 @@
 //! committed publishes to the acker, which acknowledges them to the broker. A publish
 //! that is never committed is never acknowledged, so the broker redelivers it.
 
-use super::{parse, Pipeline};
+use super::{parse, sparkplug, Pipeline};
 use crate::config::{IngestConfig, MqttConfig};
 use crate::db::writer::{AckSender, Completion, MqttAck};
 use crate::metrics::Metrics;
@@ -31,14 +31,26 @@ const PUBLISH_TIMEOUT: Duration = Duration::from_secs(2);
 pub struct MqttHandle {
     client: AsyncClient,
     prefix: String,
+    /// Sparkplug B devices: commands to them are `DCMD`s (`ingest::sparkplug`).
+    sparkplug: Option<Arc<sparkplug::Bindings>>,
 }
 
 impl MqttHandle {
-    /// Publishes a command to `{prefix}/devices/{device}/cmd` at QoS 1.
+    /// Publishes a command to `{prefix}/devices/{device}/cmd` at QoS 1; to a Sparkplug B
+    /// device, a `DCMD` writing its bound metrics (QoS 0, as the specification asks).
     pub async fn command(&self, device: &str, body: &serde_json::Value) -> Result<(), String> {
-        let topic = format!("{}/devices/{device}/cmd", self.prefix);
-        let bytes = serde_json::to_vec(body).map_err(|e| e.to_string())?;
-        match tokio::time::timeout(PUBLISH_TIMEOUT, self.client.publish(topic, QoS::AtLeastOnce, false, bytes)).await {
+        let (topic, bytes, qos) = match self.sparkplug.as_ref().filter(|b| b.device(device).is_some()) {
+            Some(b) => {
+                let (topic, bytes) = b.command(device, body, crate::now_ms())?;
+                (topic, bytes, QoS::AtMostOnce)
+            }
+            None => (
+                format!("{}/devices/{device}/cmd", self.prefix),
+                serde_json::to_vec(body).map_err(|e| e.to_string())?,
+                QoS::AtLeastOnce,
+            ),
+        };
+        match tokio::time::timeout(PUBLISH_TIMEOUT, self.client.publish(topic, qos, false, bytes)).await {
             Ok(Ok(())) => Ok(()),
             Ok(Err(e)) => Err(format!("MQTT client: {e}")),
             Err(_) => Err("MQTT client queue full (timed out)".into()),
@@ -46,7 +58,7 @@ impl MqttHandle {
     }
 }
 
-fn options(cfg: &MqttConfig, ingest: &IngestConfig) -> Result<MqttOptions, String> {
+fn options(cfg: &MqttConfig, ingest: &IngestConfig, will: Option<rumqttc::LastWill>) -> Result<MqttOptions, String> {
     let (host, port) = cfg.host_port().map_err(|e| e.to_string())?;
     let mut o = MqttOptions::new(cfg.client_id.clone(), host, port);
     o.set_clean_session(false)
@@ -56,6 +68,9 @@ fn options(cfg: &MqttConfig, ingest: &IngestConfig) -> Result<MqttOptions, Strin
         // a dead letter instead of breaking the connection.
         .set_max_packet_size((ingest.max_payload * 16).max(1 << 20), 256 * 1024)
         .set_inflight(1000);
+    if let Some(w) = will {
+        o.set_last_will(w);
+    }
     if let (Some(u), Some(p)) = (&cfg.username, &cfg.password) {
         o.set_credentials(u.clone(), p.clone());
     }
@@ -71,10 +86,23 @@ pub fn start(
     ack_tx: AckSender,
     ack_rx: mpsc::Receiver<Vec<MqttAck>>,
     mut shutdown: watch::Receiver<bool>,
+    mut sparkplug: Option<sparkplug::Host>,
 ) -> Result<(MqttHandle, tokio::task::JoinHandle<()>), String> {
-    let opts = options(cfg, ingest)?;
+    // Sparkplug primary host: `STATE` online after each connect, offline as the will and
+    // at shutdown; one timestamp for the birth and its will.
+    let state_ts = crate::now_ms();
+    let state_topic = sparkplug::state_topic(&cfg.client_id);
+    let will = sparkplug.as_ref().map(|_| {
+        rumqttc::LastWill::new(&state_topic, sparkplug::state_payload(false, state_ts), QoS::AtLeastOnce, true)
+    });
+    let opts = options(cfg, ingest, will)?;
     let (client, mut eventloop) = AsyncClient::new(opts, REQUEST_CAPACITY);
-    let handle = MqttHandle { client: client.clone(), prefix: cfg.topic_prefix.clone() };
+    let spb_filters = sparkplug.as_ref().map(|h| h.bindings().filters()).unwrap_or_default();
+    let handle = MqttHandle {
+        client: client.clone(),
+        prefix: cfg.topic_prefix.clone(),
+        sparkplug: sparkplug.as_ref().map(|h| h.bindings_arc()),
+    };
     let generation = Arc::new(AtomicU64::new(0));
     tokio::spawn(acker(client.clone(), ack_rx, generation.clone(), pipeline.metrics.clone()));
     let filter = format!("{}/devices/+/telemetry", cfg.topic_prefix);
@@ -102,6 +130,17 @@ pub fn start(
                     if let Err(e) = client.try_subscribe(filter.clone(), QoS::AtLeastOnce) {
                         tracing::error!(error = %e, "cannot queue subscribe");
                     }
+                    if sparkplug.is_some() {
+                        for f in &spb_filters {
+                            if let Err(e) = client.try_subscribe(f.clone(), QoS::AtLeastOnce) {
+                                tracing::error!(error = %e, "cannot queue Sparkplug subscribe");
+                            }
+                        }
+                        let online = sparkplug::state_payload(true, state_ts);
+                        if let Err(e) = client.try_publish(state_topic.clone(), QoS::AtLeastOnce, true, online) {
+                            tracing::error!(error = %e, "cannot queue Sparkplug STATE");
+                        }
+                    }
                 }
                 Ok(Event::Incoming(Packet::Publish(p))) => {
                     Metrics::inc(&metrics.telemetry_messages);
@@ -115,7 +154,12 @@ pub fn start(
                         let n = received_qos1 - 1;
                         Completion::Mqtt(MqttAck { generation: generation.load(Relaxed), n, publish: Some(p.clone()) })
                     };
-                    handle_publish(&pipeline, &prefix, max_payload, p, done, slot, &ack_tx).await;
+                    match sparkplug.as_mut() {
+                        Some(host) if p.topic.starts_with(sparkplug::NAMESPACE) => {
+                            sparkplug::handle(host, &pipeline, &client, max_payload, p, done, slot, &ack_tx).await;
+                        }
+                        _ => handle_publish(&pipeline, &prefix, max_payload, p, done, slot, &ack_tx).await,
+                    }
                 }
                 Ok(_) => {}
                 Err(e) => {
@@ -131,7 +175,8 @@ pub fn start(
                 }
             }
         }
-        drain(&mut eventloop, &client, &metrics).await;
+        let offline = sparkplug.as_ref().map(|_| (state_topic, sparkplug::state_payload(false, state_ts)));
+        drain(&mut eventloop, &client, &metrics, offline).await;
         metrics.mqtt_connected.store(false, Relaxed);
         tracing::info!("MQTT intake stopped");
     });
@@ -141,7 +186,12 @@ pub fn start(
 /// After intake stops: keep the connection polled until what is in flight is committed
 /// and its acknowledgements are sent (bounded), then disconnect. Publishes arriving now are
 /// not admitted, so they stay unacknowledged and the broker keeps them for the next start.
-async fn drain(eventloop: &mut rumqttc::EventLoop, client: &AsyncClient, metrics: &Metrics) {
+async fn drain(
+    eventloop: &mut rumqttc::EventLoop,
+    client: &AsyncClient,
+    metrics: &Metrics,
+    state_offline: Option<(String, Vec<u8>)>,
+) {
     let deadline = tokio::time::Instant::now() + Duration::from_millis(3500);
     let mut quiet_since: Option<tokio::time::Instant> = None;
     while tokio::time::Instant::now() < deadline {
@@ -156,6 +206,10 @@ async fn drain(eventloop: &mut rumqttc::EventLoop, client: &AsyncClient, metrics
         if let Ok(Err(_)) = tokio::time::timeout(Duration::from_millis(50), eventloop.poll()).await {
             break;
         }
+    }
+    if let Some((topic, payload)) = state_offline {
+        // The Sparkplug host goes offline cleanly (the broker drops the will on DISCONNECT).
+        let _ = client.try_publish(topic, QoS::AtLeastOnce, true, payload);
     }
     let _ = client.try_disconnect();
     let _ = tokio::time::timeout(Duration::from_millis(200), eventloop.poll()).await;

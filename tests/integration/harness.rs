@@ -365,3 +365,148 @@ impl Lcg {
         ((self.0 >> 33) as usize) % n.max(1)
     }
 }
+
+impl Mes {
+    /// Runs `mes <args> --config <this MES's config>` to completion: (exit code, stdout, stderr).
+    pub fn cli(&self, args: &[&str]) -> (i32, String, String) {
+        let out = Command::new(env!("CARGO_BIN_EXE_mes"))
+            .args(args)
+            .arg("--config")
+            .arg(&self.config)
+            .env("RUST_LOG", "info")
+            .output()
+            .expect("run mes");
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+}
+
+/// Every sample of a time series: `(ms since the epoch, value)`, by series
+/// (`name{label="value",…}` with labels sorted).
+pub type Series = std::collections::BTreeMap<String, Vec<(i64, f64)>>;
+
+/// A VictoriaMetrics server (it speaks the InfluxDB 2 write API) on a free loopback port
+/// with its own data directory; stopped, hung or restarted on the same port and data.
+pub struct TimeSeriesServer {
+    child: Option<Child>,
+    dir: PathBuf,
+    pub port: u16,
+    client: reqwest::Client,
+}
+
+impl TimeSeriesServer {
+    /// Whether `victoria-metrics` is installed.
+    pub fn available() -> bool {
+        Command::new("victoria-metrics").arg("-version").stdout(Stdio::null()).stderr(Stdio::null()).status().is_ok()
+    }
+
+    pub async fn start() -> TimeSeriesServer {
+        let mut s = TimeSeriesServer {
+            child: None,
+            dir: temp_dir(),
+            port: free_port(),
+            client: reqwest::Client::builder().timeout(Duration::from_secs(10)).build().expect("http client"),
+        };
+        s.spawn().await;
+        s
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// Starts (again) on the same port and data; waits until it answers `/health`.
+    pub async fn spawn(&mut self) {
+        let child = Command::new("victoria-metrics")
+            .arg(format!("-storageDataPath={}", self.dir.join("data").display()))
+            .arg(format!("-httpListenAddr=127.0.0.1:{}", self.port))
+            // Keep everything, and keep one sample per series and millisecond (the last
+            // written): a point re-sent by a backfill overwrites, as in InfluxDB.
+            .args(["-retentionPeriod=100y", "-dedup.minScrapeInterval=1ms", "-loggerLevel=ERROR"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn victoria-metrics");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(r) = self.client.get(format!("{}/health", self.url())).send().await {
+                if r.status().is_success() {
+                    return;
+                }
+            }
+            assert!(Instant::now() < deadline, "victoria-metrics not ready in 30 s");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    fn signal(&self, sig: &str) {
+        if let Some(c) = &self.child {
+            let _ = Command::new("kill").args([sig, &c.id().to_string()]).status();
+        }
+    }
+
+    /// SIGSTOP: the server hangs (connections are accepted by the kernel, nothing answers).
+    pub fn hang(&self) {
+        self.signal("-STOP");
+    }
+
+    /// SIGKILL (also of a hung server).
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Every stored sample of every series whose name matches `regex`.
+    pub async fn export(&self, regex: &str) -> Series {
+        let _ = self.client.get(format!("{}/internal/force_flush", self.url())).send().await;
+        let text = self
+            .client
+            .get(format!("{}/api/v1/export", self.url()))
+            .query(&[("match[]", format!("{{__name__=~\"{regex}\"}}"))])
+            .send()
+            .await
+            .expect("export")
+            .text()
+            .await
+            .expect("export body");
+        let mut out = Series::new();
+        for line in text.lines().filter(|l| !l.trim().is_empty()) {
+            let v: Value = serde_json::from_str(line).expect("export line is JSON");
+            let metric = v["metric"].as_object().expect("metric");
+            let name = metric.get("__name__").and_then(Value::as_str).unwrap_or("").to_string();
+            let labels: std::collections::BTreeMap<&str, &str> = metric
+                .iter()
+                .filter(|(k, _)| k.as_str() != "__name__")
+                .map(|(k, v)| (k.as_str(), v.as_str().unwrap_or("")))
+                .collect();
+            let key = format!(
+                "{name}{{{}}}",
+                labels.iter().map(|(k, v)| format!("{k}=\"{v}\"")).collect::<Vec<_>>().join(",")
+            );
+            let values = v["values"].as_array().expect("values");
+            let times = v["timestamps"].as_array().expect("timestamps");
+            let samples = out.entry(key).or_default();
+            for (t, x) in times.iter().zip(values) {
+                samples.push((t.as_i64().expect("timestamp"), x.as_f64().expect("value")));
+            }
+        }
+        for samples in out.values_mut() {
+            samples.sort_by(|a, b| a.0.cmp(&b.0).then(a.1.total_cmp(&b.1)));
+        }
+        out
+    }
+}
+
+impl Drop for TimeSeriesServer {
+    fn drop(&mut self) {
+        self.signal("-CONT");
+        self.kill();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}

@@ -44,13 +44,20 @@ async fn four_hundred_messages_with_noise_count_exactly() {
         }
     }
     dev.publish_raw("no-such-device", json!({"boot": 1, "seq": 1, "good": 1, "scrap": 0}).to_string()).await;
-    sent += 1;
+    // NULs, which PostgreSQL refuses in text: escaped in an order id, and raw in the payload.
+    dev.publish_raw(
+        "blank-01",
+        json!({"boot": 1, "seq": 999_997, "good": 1, "scrap": 0, "order": "PO\u{0}1"}).to_string(),
+    )
+    .await;
+    dev.publish_raw("blank-01", &b"{\"boot\":1,\"seq\":\x00}"[..]).await;
+    sent += 3;
     dev.flush().await;
     assert!(sent >= 400, "sent {sent}");
 
     assert_eq!(mes.wait_totals("BLANK-1", (450, 15)).await, (450, 15));
     assert_eq!(mes.wait_totals("FORM-1", (300, 15)).await, (300, 15));
-    let bad = 20 * 3 + 1;
+    let bad = 20 * 3 + 3;
     let got = mes.wait_metric("mes_dead_letters_total", bad).await;
     if got != bad {
         let (_, dl) = mes.get("/api/v1/dead-letters?limit=5").await;
@@ -64,6 +71,7 @@ async fn four_hundred_messages_with_noise_count_exactly() {
     assert!(dl.iter().any(|d| d["reason"].as_str().unwrap_or("").contains("unknown device `no-such-device`")));
     assert!(dl.iter().any(|d| d["reason"].as_str().unwrap_or("").contains("`good` must be a non-negative integer")));
     assert!(dl.iter().any(|d| d["reason"].as_str().unwrap_or("").contains("unknown state")));
+    assert!(dl.iter().any(|d| d["reason"].as_str().unwrap_or("").contains("control character")));
     assert!(dl.iter().all(|d| d["topic"].as_str().is_some()
         && d["payload"].as_str().is_some()
         && d["received_at"].as_str().is_some()));

@@ -12,9 +12,13 @@
 mod harness;
 
 mod cli;
+mod dashboard;
+mod influx;
 mod ingest;
 mod modbus;
 mod orders;
+mod planner;
 mod recovery;
 mod settlement;
 mod simulator;
+mod sparkplug;

@@ -7,7 +7,7 @@ use serde_json::json;
 async fn idempotency_key_returns_the_first_result() {
     let mes = Mes::start(MesOptions::default()).await;
     let body =
-        json!({"sku": "BASE-BOXED", "quantity": 500, "due": "2026-11-11", "priority": 5, "work_center": "PACK-1"});
+        json!({"sku": "BASE-BOXED", "quantity": 500, "due": "2027-11-11", "priority": 5, "work_center": "PACK-1"});
     let (s1, a) = mes.post("/api/v1/orders", body.clone(), &[("Idempotency-Key", "promo-1")]).await;
     let (s2, b) = mes.post("/api/v1/orders", body.clone(), &[("Idempotency-Key", "promo-1")]).await;
     assert_eq!((s1, s2), (201, 201));
@@ -29,7 +29,7 @@ async fn transitions_and_bad_requests_are_clear() {
     assert_eq!((s, e["error"]["code"].as_str()), (409, Some("order_exists")));
     let (s, e) = mes.post("/api/v1/orders/PO-1/close", json!({}), &[]).await;
     assert_eq!((s, e["error"]["code"].as_str()), (409, Some("invalid_transition")));
-    assert_eq!(e["error"]["message"], "cannot close an order that is planned");
+    assert_eq!(e["error"]["message"], "cannot close an order that is planned (planned → closed is not allowed)");
     let (s, _) = mes.post("/api/v1/orders/PO-1/release", json!({}), &[]).await;
     assert_eq!(s, 200);
     let (s, _) = mes.post("/api/v1/orders/PO-1/release", json!({}), &[]).await;

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 /// `line-sim`, brought up to date beside the test binary (a no-op when `cargo test` at the
 /// workspace root already built it).
-fn line_sim() -> PathBuf {
+pub fn line_sim() -> PathBuf {
     let exe = std::env::current_exe().expect("test exe");
     let dir = exe.parent().and_then(|d| d.parent()).expect("target dir");
     let status = Command::new(env!("CARGO"))
