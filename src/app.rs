@@ -88,6 +88,7 @@ where
         st.cursor = cursors.get(&w.device_id).copied();
         st.good_total = w.good_total.max(0) as u64;
         st.scrap_total = w.scrap_total.max(0) as u64;
+        st.max_step = plant.work_center(&w.id).and_then(|p| p.max_units_per_reading);
         let addr = WorkCenterActor::new(st).start();
         router.insert(&w.id, &w.device_id, addr);
     }
@@ -139,8 +140,8 @@ where
     // device births and deaths show on the same status board as polled devices.
     let spb = Arc::new(crate::ingest::sparkplug::Bindings::from_plant(&plant));
     let spb = (!spb.is_empty()).then(|| crate::ingest::sparkplug::Host::new(spb, board.clone(), Some(store.clone())));
-    let (mqtt_handle, mqtt_task) = mqtt::start(&cfg.mqtt, &cfg.ingest, pipeline, ack_tx, ack_rx, shutdown_rx, spb)
-        .map_err(anyhow::Error::msg)?;
+    let (mqtt_handle, mqtt_task) =
+        mqtt::start(&cfg.mqtt, &cfg.ingest, pipeline, ack_tx, ack_rx, shutdown_rx, spb).map_err(anyhow::Error::msg)?;
 
     let erp_task = cfg
         .erp

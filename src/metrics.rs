@@ -73,6 +73,8 @@ pub struct Metrics {
     pub mailbox_full: AtomicU64,
     /// Counted readings that reached the writer out of apply order (must stay 0).
     pub order_violations: AtomicU64,
+    /// Readings a work center held for review (an implausible step).
+    pub readings_held: AtomicU64,
     pub in_flight: AtomicI64,
     pub writer_queue: AtomicI64,
     pub mqtt_connected: AtomicBool,
@@ -156,6 +158,12 @@ impl Metrics {
             "mes_writer_order_violations_total",
             "Counted readings that reached the writer out of apply order (an invariant: 0).",
             self.order_violations.load(Relaxed),
+        );
+        counter(
+            &mut out,
+            "mes_readings_held_total",
+            "Readings held for review: more units in one step than the work center's limit.",
+            self.readings_held.load(Relaxed),
         );
         counter(&mut out, "mes_mqtt_reconnects_total", "MQTT connection losses.", self.mqtt_reconnects.load(Relaxed));
         counter(&mut out, "mes_http_requests_total", "HTTP requests served.", self.http_requests.load(Relaxed));

@@ -112,6 +112,10 @@ pub struct WorkCenter {
     pub inputs: Vec<String>,
     pub output: String,
     pub device: Device,
+    /// Plausibility limit: most units (good + scrap) one reading may add. A reading over it
+    /// is held for review (a dead letter) instead of booked. None: no limit.
+    #[serde(default)]
+    pub max_units_per_reading: Option<u64>,
 }
 
 fn default_cycle() -> f64 {
@@ -327,6 +331,9 @@ impl Plant {
             if !(w.ideal_cycle_s.is_finite() && w.ideal_cycle_s > 0.0 && w.ideal_cycle_s <= 86_400.0) {
                 out.push(format!("work_centers `{}`: ideal_cycle_s must be a positive number of seconds", w.id));
             }
+            if w.max_units_per_reading == Some(0) {
+                out.push(format!("work_centers `{}`: max_units_per_reading must be at least 1", w.id));
+            }
             if w.conversion_rate_per_hour.is_some_and(|m| m.minor() < 0) {
                 out.push(format!("work_centers `{}`: conversion_rate_per_hour must not be negative", w.id));
             }
@@ -376,7 +383,10 @@ impl Plant {
                 let mut names = BTreeSet::new();
                 for m in s.bound() {
                     if m.is_empty() || m.chars().any(char::is_control) {
-                        out.push(format!("work_centers `{}`: sparkplug metric name {m:?} is empty or holds a control character", w.id));
+                        out.push(format!(
+                            "work_centers `{}`: sparkplug metric name {m:?} is empty or holds a control character",
+                            w.id
+                        ));
                     }
                     if !names.insert(m) {
                         out.push(format!("work_centers `{}`: sparkplug metric `{m}` is bound twice", w.id));

@@ -37,6 +37,21 @@ pub enum Outcome {
     /// Already counted (duplicate, replay, out of order): commit nothing, acknowledge.
     Duplicate,
     Counted(Box<Delta>),
+    /// Implausible (more units in one step than the work center's limit): not counted and
+    /// the cursor not moved, so nothing is booked silently. The reason says why; the caller
+    /// keeps it for review (a dead letter). A glitch that returns to normal counts right on
+    /// the next reading; a real jump is booked once the limit is raised (counters are
+    /// cumulative, so nothing is lost while held).
+    Held(Held),
+}
+
+/// A reading held for review.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Held {
+    pub device: String,
+    pub reason: String,
+    /// The reading's identity and counters, as JSON text.
+    pub payload: String,
 }
 
 /// The in-memory state of one work center, rebuilt from the database on start.
@@ -52,6 +67,9 @@ pub struct WorkCenterState {
     pub scrap_total: u64,
     /// Device time of the last counted reading.
     pub last_ts_ms: Option<i64>,
+    /// Most units (good + scrap) one reading may add; more is held for review.
+    #[serde(default)]
+    pub max_step: Option<u64>,
 }
 
 impl WorkCenterState {
@@ -66,6 +84,7 @@ impl WorkCenterState {
             good_total: 0,
             scrap_total: 0,
             last_ts_ms: None,
+            max_step: None,
         }
     }
 
@@ -79,6 +98,22 @@ impl WorkCenterState {
             Advance::Stale => return Outcome::Duplicate,
             Advance::Counted { good, scrap, next, restarted } => (good, scrap, next, restarted),
         };
+        if let Some(limit) = self.max_step {
+            let step = good.saturating_add(scrap);
+            if step > limit {
+                return Outcome::Held(Held {
+                    device: self.device.clone(),
+                    reason: format!(
+                        "implausible step: {step} units in one reading (boot {}, seq {}) exceeds the limit of {limit} for {}; held for review, nothing booked",
+                        r.boot, r.seq, self.id
+                    ),
+                    payload: format!(
+                        r#"{{"boot":{},"seq":{},"good":{},"scrap":{}}}"#,
+                        r.boot, r.seq, r.good, r.scrap
+                    ),
+                });
+            }
+        }
         if let Some(o) = &r.order {
             if self.current_order.as_deref() != Some(o) {
                 self.current_order = Some(o.clone());
@@ -164,13 +199,33 @@ mod tests {
             x.state = Some(state);
             match wc.apply(&x) {
                 Outcome::Counted(d) => d.running_ms,
-                Outcome::Duplicate => -1,
+                Outcome::Duplicate | Outcome::Held(_) => -1,
             }
         };
         assert_eq!(at(1, 1_000, MachineState::Running), 0);
         assert_eq!(at(2, 3_500, MachineState::Down), 2_500);
         assert_eq!(at(3, 9_000, MachineState::Running), 0, "down time is not running time");
         assert_eq!(at(4, 500_000, MachineState::Running), MAX_RUN_GAP_MS);
+    }
+
+    #[test]
+    fn an_implausible_step_is_held_and_a_glitch_counts_right_after() {
+        let mut wc = WorkCenterState::new("PRESS-1", "press-01");
+        wc.max_step = Some(100);
+        assert!(matches!(wc.apply(&r(1, 1, 10, 0, None)), Outcome::Counted(_)));
+        // A counter glitch of 10^9: held, cursor and totals untouched.
+        assert!(matches!(wc.apply(&r(1, 2, 1_000_000_010, 0, None)), Outcome::Held(_)));
+        assert_eq!((wc.good_total, wc.cursor.map(|c| c.seq)), (10, Some(1)));
+        // Back to normal: the next reading counts its true step.
+        let Outcome::Counted(d) = wc.apply(&r(1, 3, 25, 1, None)) else { panic!("expected a count") };
+        assert_eq!((d.good, d.scrap), (15, 1));
+        // A real jump stays held until the limit is raised, then is booked once.
+        assert!(matches!(wc.apply(&r(1, 4, 525, 1, None)), Outcome::Held(_)));
+        assert!(matches!(wc.apply(&r(1, 5, 530, 1, None)), Outcome::Held(_)));
+        wc.max_step = Some(1_000);
+        let Outcome::Counted(d) = wc.apply(&r(1, 6, 531, 1, None)) else { panic!("expected a count") };
+        assert_eq!(d.good, 506);
+        assert_eq!((wc.good_total, wc.scrap_total), (531, 1));
     }
 
     #[test]

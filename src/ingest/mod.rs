@@ -138,6 +138,16 @@ impl Pipeline {
                         metrics.telemetry_counted.fetch_add(1, Relaxed);
                         Work::Counted(d)
                     }
+                    Outcome::Held(h) => {
+                        metrics.readings_held.fetch_add(1, Relaxed);
+                        tracing::warn!(device = %h.device, reason = %h.reason, "reading held for review");
+                        Work::DeadLetter {
+                            topic: format!("held/{}", h.device),
+                            reason: h.reason,
+                            payload: h.payload,
+                            redelivered: false,
+                        }
+                    }
                 };
                 let done = taken.lock().ok().and_then(|mut d| d.take()).unwrap_or(Completion::None);
                 let job = Job { work, received_ms, done, slot: Some(slot), raw, metrics: device_metrics };

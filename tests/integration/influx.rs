@@ -262,8 +262,16 @@ async fn exported_values_read_back_exactly_and_an_outage_is_backfilled() {
     let (code, out, err) = mes.cli(&["export-timeseries", "--from", &from, "--to", &to]);
     assert_eq!(code, 0, "export-timeseries failed:\n{out}\n{err}");
     assert!(out.contains("7200 readings, 240 state changes, 120 minutes"), "{out}");
-    let got = vm.export("mes_.*").await;
-    assert!(got == want, "after the backfill:\n{}", diff(&want, &got));
+    // A restarted server may take a moment to make re-sent history searchable.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let got = vm.export("mes_.*").await;
+        if got == want {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "after the backfill:\n{}", diff(&want, &got));
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    }
 }
 
 /// The log without terminal colour codes.

@@ -133,3 +133,27 @@ async fn output_is_attributed_to_named_then_current_order() {
     let (s, o) = mes.post("/api/v1/orders/PO-A/close", json!({}), &[]).await;
     assert_eq!((s, o["status"].as_str()), (200, Some("closed")));
 }
+
+/// A counter jump beyond the work center's plausibility limit is held for review (a dead
+/// letter), never booked; a glitch that returns to normal counts right on the next reading.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_implausible_jump_is_held_not_booked() {
+    let plant =
+        format!("{}max_units_per_reading = 1000\n", crate::harness::widget_plant(r#"{ mqtt = { id = "press-01" } }"#));
+    let mes = Mes::start(MesOptions { plant: Some(plant), ..Default::default() }).await;
+    let mut dev = mes.device("jump");
+    dev.reading("press-01", 1, 1, 100, 1, json!({})).await;
+    dev.reading("press-01", 1, 2, 1_000_000_100, 1, json!({})).await; // a bit flip
+    dev.reading("press-01", 1, 3, 150, 2, json!({})).await;
+    dev.flush().await;
+    assert_eq!(mes.wait_totals("PRESS-1", (150, 2)).await, (150, 2));
+    assert_eq!(mes.wait_metric("mes_readings_held_total", 1).await, 1);
+    let (_, dl) = mes.get("/api/v1/dead-letters").await;
+    let held: Vec<_> = dl.as_array().expect("list").iter().filter(|d| d["topic"] == "held/press-01").collect();
+    assert_eq!(held.len(), 1, "{dl}");
+    let reason = held[0]["reason"].as_str().unwrap_or("");
+    assert!(reason.contains("1000000000 units in one reading") && reason.contains("limit of 1000"), "{reason}");
+    // Stock and books saw only the plausible 150 + 2.
+    let (_, inv) = mes.get("/api/v1/inventory/WIDGET").await;
+    assert_eq!(inv["on_hand"], 150);
+}

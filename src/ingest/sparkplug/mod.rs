@@ -367,7 +367,11 @@ impl Host {
             }
             Decision {
                 action: Action::Ack,
-                rebirth: due.then(|| Rebirth { group: t.group.to_string(), edge_node: t.edge_node.to_string(), reason }),
+                rebirth: due.then(|| Rebirth {
+                    group: t.group.to_string(),
+                    edge_node: t.edge_node.to_string(),
+                    reason,
+                }),
             }
         };
         match t.kind {
@@ -395,7 +399,8 @@ impl Host {
                     Ok(s) => s,
                     Err(e) => return Decision::dead(format!("NBIRTH: {e}")),
                 };
-                node.bd_seq = p.metrics.iter().find(|m| m.name.as_deref() == Some(BD_SEQ)).and_then(|m| integer(m).ok());
+                node.bd_seq =
+                    p.metrics.iter().find(|m| m.name.as_deref() == Some(BD_SEQ)).and_then(|m| integer(m).ok());
                 node.born = true;
                 node.last_seq = (p.seq.unwrap_or(0) & 0xff) as u8;
                 node.metrics = session;
@@ -432,7 +437,8 @@ impl Host {
                     node.born = false;
                     return rebirth(node, format!("seq gap: expected {expected}, got {seq}"));
                 }
-                let binding = self.bindings.by_topic.get(&(t.group.into(), t.edge_node.into(), t.device.map(Into::into)));
+                let binding =
+                    self.bindings.by_topic.get(&(t.group.into(), t.edge_node.into(), t.device.map(Into::into)));
                 let Some((id, b)) = binding else {
                     return Decision::ack(); // a device of the node that no work center follows
                 };
@@ -533,7 +539,9 @@ impl Session {
                 count(m, dt).map(|v| next.scrap = Some(v))
             } else if b.state.as_ref() == Some(name) {
                 match &m.value {
-                    Some(Value::StringValue(v)) => v.parse::<MachineState>().map(|s| next.state = Some(s)).map_err(|e| e.to_string()),
+                    Some(Value::StringValue(v)) => {
+                        v.parse::<MachineState>().map(|s| next.state = Some(s)).map_err(|e| e.to_string())
+                    }
                     _ => Err(format!("state metric `{}` must be a String", clip(name))),
                 }
             } else if b.order.as_ref() == Some(name) {
@@ -545,7 +553,11 @@ impl Session {
                     _ => Err(format!("order metric `{}` must be a String", clip(name))),
                 }
             } else {
-                if name != BD_SEQ && !name.starts_with("Node Control/") && !name.starts_with("Device Control/") && other.len() < MAX_METRICS {
+                if name != BD_SEQ
+                    && !name.starts_with("Node Control/")
+                    && !name.starts_with("Device Control/")
+                    && other.len() < MAX_METRICS
+                {
                     if let Some(x) = number(m, dt) {
                         other.insert(name.clone(), x);
                     }
@@ -655,7 +667,8 @@ fn set_status(board: &StatusBoard, device: &str, online: bool, why: Option<Strin
     let status = if online { "online" } else { "unreachable" };
     if let Ok(mut b) = board.write() {
         let now = crate::now_ms();
-        let e = b.entry(device.to_string()).or_insert(DeviceStatus { status, last_error: None, since_ms: now, polls: 0 });
+        let e =
+            b.entry(device.to_string()).or_insert(DeviceStatus { status, last_error: None, since_ms: now, polls: 0 });
         if e.status != status {
             e.status = status;
             e.since_ms = now;
@@ -705,7 +718,14 @@ pub async fn handle(
                 return; // QoS 0: nothing to acknowledge; the permit is freed here
             }
             let writer = pipeline.writer.clone();
-            let job = Job { work: Work::Duplicate, received_ms, done, slot: Some(slot), raw: None, metrics: Default::default() };
+            let job = Job {
+                work: Work::Duplicate,
+                received_ms,
+                done,
+                slot: Some(slot),
+                raw: None,
+                metrics: Default::default(),
+            };
             tokio::spawn(async move {
                 if writer.send(job).await.is_err() {
                     tracing::error!("writer stopped; input will be redelivered by its source");

@@ -148,7 +148,9 @@ fn deaths_mark_devices_unreachable_and_respect_bd_seq() {
 #[test]
 fn invalid_input_is_a_dead_letter() {
     let mut h = host();
-    assert!(matches!(h.decide(NB, b"\xff\xff\xff", 0).action, Action::DeadLetter(r) if r.contains("invalid Sparkplug B payload")));
+    assert!(
+        matches!(h.decide(NB, b"\xff\xff\xff", 0).action, Action::DeadLetter(r) if r.contains("invalid Sparkplug B payload"))
+    );
     h.decide(NB, &nbirth(1), 0);
     reading(h.decide(DB, &dbirth(1001, 1, 10, 1), 0));
     let neg = payload(1002, 2, vec![Metric { datatype: Some(dt::INT32), ..aliased(2, Value::IntValue(-1i32 as u32)) }]);
