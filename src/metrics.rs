@@ -75,6 +75,8 @@ pub struct Metrics {
     pub order_violations: AtomicU64,
     /// Readings a work center held for review (an implausible step).
     pub readings_held: AtomicU64,
+    /// Readings whose device time is more than an hour ahead or a week behind ours.
+    pub clock_skew: AtomicU64,
     pub in_flight: AtomicI64,
     pub writer_queue: AtomicI64,
     pub mqtt_connected: AtomicBool,
@@ -164,6 +166,12 @@ impl Metrics {
             "mes_readings_held_total",
             "Readings held for review: more units in one step than the work center's limit.",
             self.readings_held.load(Relaxed),
+        );
+        counter(
+            &mut out,
+            "mes_clock_skew_total",
+            "Readings whose device time is over an hour ahead of, or a week behind, the MES clock.",
+            self.clock_skew.load(Relaxed),
         );
         counter(&mut out, "mes_mqtt_reconnects_total", "MQTT connection losses.", self.mqtt_reconnects.load(Relaxed));
         counter(&mut out, "mes_http_requests_total", "HTTP requests served.", self.http_requests.load(Relaxed));

@@ -151,6 +151,10 @@ pub struct Minute {
     /// The state at the end of the minute.
     pub state_end: MachineState,
     pub ideal_cycle_ms: i64,
+    /// Planned busy time (the minute less `stopped`) and run time (planned less breakdowns
+    /// and setup), as `mes_actors::oee` defines them for the API's OEE.
+    pub planned_busy_ms: i64,
+    pub run_ms: i64,
 }
 
 /// Length of a rollup period.
@@ -162,19 +166,18 @@ impl Minute {
         time_ms.div_euclid(MINUTE_MS) * MINUTE_MS
     }
 
-    /// Availability (running / planned time, the planned time being the whole minute),
-    /// performance (ideal cycle × units / running time; only with running time), quality
-    /// (good / units; only with units) and OEE (ideal cycle × good / planned time, which is
-    /// their product). Each is one division of exact integers, so the value is the same
-    /// wherever it is computed.
-    // TODO(oee): take these from `mes_actors::oee` once it lands (same inputs: counts,
-    // running time, ideal cycle time), so the exported and the API's OEE cannot differ.
-    pub fn ratios(&self) -> (f64, Option<f64>, Option<f64>, f64) {
+    /// The API's OEE definitions (ISO 22400, `mes_actors::oee`) over one minute:
+    /// availability (run / planned busy time), performance (ideal cycle × units / run
+    /// time), quality (good / units) and OEE (ideal cycle × good / planned busy time, their
+    /// product); each `None` when its denominator is 0. Each is one division of exact
+    /// integers, so the value is the same wherever it is computed.
+    pub fn ratios(&self) -> (Option<f64>, Option<f64>, Option<f64>, Option<f64>) {
         let units = self.good + self.scrap;
-        let availability = self.running_ms as f64 / MINUTE_MS as f64;
-        let performance = (self.running_ms > 0).then(|| (self.ideal_cycle_ms * units) as f64 / self.running_ms as f64);
+        let planned = (self.planned_busy_ms > 0).then_some(self.planned_busy_ms as f64);
+        let availability = planned.map(|p| self.run_ms as f64 / p);
+        let performance = (self.run_ms > 0).then(|| (self.ideal_cycle_ms * units) as f64 / self.run_ms as f64);
         let quality = (units > 0).then(|| self.good as f64 / units as f64);
-        let oee = (self.ideal_cycle_ms * self.good) as f64 / MINUTE_MS as f64;
+        let oee = planned.map(|p| (self.ideal_cycle_ms * self.good) as f64 / p);
         (availability, performance, quality, oee)
     }
 
@@ -183,25 +186,20 @@ impl Minute {
         let (availability, performance, quality, oee) = self.ratios();
         out.push_str(OEE);
         tag(out, "work_center", &self.work_center);
-        let _ = write!(
-            out,
-            " good={}i,scrap={}i,running_s={},availability={availability}",
-            self.good,
-            self.scrap,
-            self.running_ms as f64 / 1000.0
-        );
+        let _ = write!(out, " good={}i,scrap={}i,running_s={}", self.good, self.scrap, self.running_ms as f64 / 1000.0);
+        if let Some(a) = availability {
+            let _ = write!(out, ",availability={a}");
+        }
         if let Some(p) = performance {
             let _ = write!(out, ",performance={p}");
         }
         if let Some(q) = quality {
             let _ = write!(out, ",quality={q}");
         }
-        let _ = writeln!(
-            out,
-            ",oee={oee},state={}i {}",
-            state_code(self.state_end),
-            self.start_ms.saturating_mul(1_000_000)
-        );
+        if let Some(o) = oee {
+            let _ = write!(out, ",oee={o}");
+        }
+        let _ = writeln!(out, ",state={}i {}", state_code(self.state_end), self.start_ms.saturating_mul(1_000_000));
     }
 }
 
@@ -289,16 +287,21 @@ mod tests {
             running_ms: 48_000,
             state_end: Down,
             ideal_cycle_ms: 1000,
+            planned_busy_ms: 60_000,
+            run_ms: 48_000,
         };
-        assert_eq!(m.ratios(), (0.8, Some(1.0), Some(0.75), 0.6));
+        assert_eq!(m.ratios(), (Some(0.8), Some(1.0), Some(0.75), Some(0.6)));
         let mut out = String::new();
         m.write(&mut out);
         assert_eq!(
             out,
             "mes_oee,work_center=W good=36i,scrap=12i,running_s=48,availability=0.8,performance=1,quality=0.75,oee=0.6,state=3i 120000000000\n"
         );
-        let idle = Minute { good: 0, scrap: 0, running_ms: 0, ..m };
-        assert_eq!(idle.ratios(), (0.0, None, None, 0.0));
+        let idle = Minute { good: 0, scrap: 0, running_ms: 0, run_ms: 0, ..m.clone() };
+        assert_eq!(idle.ratios(), (Some(0.0), None, None, Some(0.0)));
+        // A minute all in planned downtime (`stopped`) has no availability and no OEE.
+        let planned_off = Minute { good: 0, scrap: 0, running_ms: 0, run_ms: 0, planned_busy_ms: 0, ..m };
+        assert_eq!(planned_off.ratios(), (None, None, None, None));
         assert_eq!(Minute::start_of(-1), -60_000);
         assert_eq!(Minute::start_of(119_999), 60_000);
     }

@@ -4,6 +4,7 @@
 
 use super::line::{running_in_minute, Minute, MINUTE_MS};
 use crate::db::{DbError, Store};
+use mes_actors::oee::{oee, Count, OeeInput, OeeParams, StateAt, StateChange};
 use mes_actors::MachineState;
 use sqlx::Row;
 
@@ -66,6 +67,24 @@ pub async fn minute(store: &Store, work_center: &str, start_ms: i64) -> Result<O
         .transpose()?
         .unwrap_or(0);
     let (running_ms, state_end) = running_in_minute(start_ms, before, &changes);
+    // Planned busy and run time as the API's OEE defines them (stopped is planned
+    // downtime; breakdowns and setup are availability losses; short idle is not).
+    let initial = StateAt { state: before, reason: None };
+    let timeline: Vec<StateChange> =
+        changes.iter().map(|&(ts_ms, state)| StateChange { ts_ms, state, reason: None }).collect();
+    let counts = [Count { ts_ms: start_ms, good: good.max(0) as u64, scrap: scrap.max(0) as u64 }];
+    let input = OeeInput {
+        from_ms: start_ms,
+        to_ms: end,
+        initial: Some(&initial),
+        changes: &timeline,
+        counts: &counts,
+        ideal_cycle_ms: ideal_cycle_ms.max(1),
+    };
+    let (planned_busy_ms, run_ms) = match oee(&input, &OeeParams::default()) {
+        Ok(o) => (o.planned_busy_ms, o.run_ms),
+        Err(_) => (MINUTE_MS, running_ms),
+    };
     Ok(Some(Minute {
         work_center: work_center.to_string(),
         start_ms,
@@ -74,5 +93,7 @@ pub async fn minute(store: &Store, work_center: &str, start_ms: i64) -> Result<O
         running_ms,
         state_end,
         ideal_cycle_ms,
+        planned_busy_ms,
+        run_ms,
     }))
 }

@@ -61,6 +61,11 @@ impl std::fmt::Debug for InFlight {
     }
 }
 
+/// A device time further ahead of the receive time than this is counted as clock skew.
+pub const CLOCK_AHEAD_MS: i64 = 3_600_000;
+/// A device time further behind than this (a week: devices may replay buffered history).
+pub const CLOCK_BEHIND_MS: i64 = 7 * 86_400_000;
+
 /// The protocol-independent half of ingest, shared by every adapter.
 #[derive(Clone)]
 pub struct Pipeline {
@@ -115,6 +120,13 @@ impl Pipeline {
         let Some(addr) = self.router.device(&reading.device) else {
             return Some(done);
         };
+        if let Some(ts) = reading.ts_ms {
+            // A device clock far from ours: flagged (its counts are still exact; its times
+            // drive running time and OEE, so an engineer should look).
+            if ts > received_ms + CLOCK_AHEAD_MS || ts < received_ms - CLOCK_BEHIND_MS {
+                self.metrics.clock_skew.fetch_add(1, Relaxed);
+            }
+        }
         // The outcome goes to the writer from inside the actor, in the order the actor
         // applied the readings. A device's jobs must reach the writer in that order: a
         // commit that moved the device's cursor past a reading whose delta is still

@@ -153,7 +153,13 @@ async fn an_implausible_jump_is_held_not_booked() {
     assert_eq!(held.len(), 1, "{dl}");
     let reason = held[0]["reason"].as_str().unwrap_or("");
     assert!(reason.contains("1000000000 units in one reading") && reason.contains("limit of 1000"), "{reason}");
-    // Stock and books saw only the plausible 150 + 2.
+    // A device clock a day ahead is flagged; its counts still count.
+    let ahead = (chrono::Utc::now() + chrono::Duration::days(1)).to_rfc3339();
+    dev.reading("press-01", 1, 4, 151, 2, json!({"ts": ahead})).await;
+    dev.flush().await;
+    assert_eq!(mes.wait_totals("PRESS-1", (151, 2)).await, (151, 2));
+    assert_eq!(mes.wait_metric("mes_clock_skew_total", 1).await, 1);
+    // Stock and books saw only the plausible 151 + 2.
     let (_, inv) = mes.get("/api/v1/inventory/WIDGET").await;
-    assert_eq!(inv["on_hand"], 150);
+    assert_eq!(inv["on_hand"], 151);
 }
