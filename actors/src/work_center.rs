@@ -120,7 +120,9 @@ impl WorkCenterState {
             }
         }
         let running_ms = match (self.state, self.last_ts_ms, r.ts_ms) {
-            (MachineState::Running, Some(prev), Some(now)) if !restarted => (now - prev).clamp(0, MAX_RUN_GAP_MS),
+            (MachineState::Running, Some(prev), Some(now)) if !restarted => {
+                now.saturating_sub(prev).clamp(0, MAX_RUN_GAP_MS)
+            }
             _ => 0,
         };
         let state = r.state.unwrap_or(self.state);
@@ -128,8 +130,9 @@ impl WorkCenterState {
         self.state = state;
         self.reason = r.reason.clone();
         self.cursor = Some(next);
-        self.good_total += good;
-        self.scrap_total += scrap;
+        // Saturating: no input may panic the actor (a limit belongs in `max_step`).
+        self.good_total = self.good_total.saturating_add(good);
+        self.scrap_total = self.scrap_total.saturating_add(scrap);
         if r.ts_ms.is_some() {
             self.last_ts_ms = r.ts_ms;
         }
@@ -226,6 +229,35 @@ mod tests {
         let Outcome::Counted(d) = wc.apply(&r(1, 6, 531, 1, None)) else { panic!("expected a count") };
         assert_eq!(d.good, 506);
         assert_eq!((wc.good_total, wc.scrap_total), (531, 1));
+    }
+
+    /// Seeded random readings, extreme values included, never panic the state machine,
+    /// and totals never run backwards.
+    #[test]
+    fn random_and_extreme_readings_never_panic() {
+        let mut seed = 0x5eed_u64;
+        let mut next = move || {
+            seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            seed >> 11
+        };
+        let extremes = [0, 1, u64::MAX, u64::MAX - 1, 1 << 63, 1 << 32];
+        let times = [i64::MIN, i64::MAX, 0, -1, 1_795_600_800_000];
+        let mut wc = WorkCenterState::new("PRESS-1", "press-01");
+        let (mut g, mut s) = (0u64, 0u64);
+        for i in 0..20_000u64 {
+            let pick = |n: u64, r: u64| if r % 7 == 0 { extremes[(r as usize / 7) % extremes.len()] } else { n };
+            let mut x =
+                r(next() % 4, pick(i, next()), pick(next() % 1_000_000, next()), pick(next() % 1000, next()), None);
+            x.ts_ms =
+                if next() % 3 == 0 { Some(times[(next() % 5) as usize]) } else { Some((next() % 1_000_000) as i64) };
+            x.state = Some([MachineState::Running, MachineState::Idle, MachineState::Down][(next() % 3) as usize]);
+            if next() % 5 == 0 {
+                wc.max_step = Some(next() % 10_000 + 1);
+            }
+            let _ = wc.apply(&x);
+            assert!(wc.good_total >= g && wc.scrap_total >= s, "totals ran backwards at {i}");
+            (g, s) = (wc.good_total, wc.scrap_total);
+        }
     }
 
     #[test]
