@@ -245,11 +245,15 @@ mod tests {
         let mut wc = WorkCenterState::new("PRESS-1", "press-01");
         let (mut g, mut s) = (0u64, 0u64);
         for i in 0..20_000u64 {
-            let pick = |n: u64, r: u64| if r % 7 == 0 { extremes[(r as usize / 7) % extremes.len()] } else { n };
+            let pick =
+                |n: u64, r: u64| if r.is_multiple_of(7) { extremes[(r as usize / 7) % extremes.len()] } else { n };
             let mut x =
                 r(next() % 4, pick(i, next()), pick(next() % 1_000_000, next()), pick(next() % 1000, next()), None);
-            x.ts_ms =
-                if next() % 3 == 0 { Some(times[(next() % 5) as usize]) } else { Some((next() % 1_000_000) as i64) };
+            x.ts_ms = if next().is_multiple_of(3) {
+                Some(times[(next() % 5) as usize])
+            } else {
+                Some((next() % 1_000_000) as i64)
+            };
             x.state = Some([MachineState::Running, MachineState::Idle, MachineState::Down][(next() % 3) as usize]);
             if next() % 5 == 0 {
                 wc.max_step = Some(next() % 10_000 + 1);
