@@ -70,7 +70,7 @@ impl Store {
             Backend::Postgres => url.to_string(),
         };
         let opts =
-            AnyPoolOptions::new().max_connections(max_connections.max(2)).acquire_timeout(Duration::from_secs(10));
+            AnyPoolOptions::new().max_connections(max_connections.max(2)).acquire_timeout(Duration::from_secs(3));
         let opts = match backend {
             Backend::Sqlite => opts.after_connect(|conn, _meta| {
                 Box::pin(async move {

@@ -19,6 +19,7 @@ mod modbus;
 mod orders;
 mod planner;
 mod recovery;
+mod reliability;
 mod settlement;
 mod simulator;
 mod sparkplug;
