@@ -7,6 +7,7 @@ pub mod app;
 pub mod bench;
 pub mod bench_http;
 pub mod bench_modbus;
+pub mod bench_scale;
 pub mod broker;
 pub mod config;
 pub mod dashboard;

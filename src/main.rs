@@ -81,6 +81,14 @@ enum Cmd {
         #[arg(long, hide = true)]
         trivial_server: Option<u16>,
     },
+    /// Memory per work-center actor and per open-order actor: a child `mes serve` loaded
+    /// with many of each, next to one with almost none.
+    BenchScale {
+        #[arg(long, default_value_t = 10_000)]
+        work_centers: usize,
+        #[arg(long, default_value_t = 100_000)]
+        orders: usize,
+    },
     /// Measure polling of many simulated Modbus TCP devices (loopback) against a raw
     /// tokio-modbus read loop, in one run.
     BenchModbus {
@@ -284,6 +292,14 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
             let md = runtime()?.block_on(mes::bench_http::run(concurrency.clamp(1, 1024), seconds.clamp(1, 600)))?;
             println!("{md}");
             println!("written to target/bench/http.md and target/bench/http.json");
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::BenchScale { work_centers, orders } => {
+            init_logging(None, cli.log_json);
+            let md = runtime()?
+                .block_on(mes::bench_scale::run(work_centers.clamp(11, 100_000), orders.clamp(1, 1_000_000)))?;
+            println!("{md}");
+            println!("written to target/bench/scale.md and target/bench/scale.json");
             Ok(ExitCode::SUCCESS)
         }
         Cmd::BenchModbus { devices, poll_ms, seconds } => {

@@ -439,4 +439,23 @@ impl Store {
         }
         Ok(out)
     }
+
+    /// `mes bench-scale`: `n` released orders of PART spread over `wcs` work centers.
+    pub async fn insert_bench_orders(&self, n: usize, wcs: usize) -> Result<(), DbError> {
+        let now = crate::now_ms();
+        let mut tx = self.pool.begin().await?;
+        for i in 0..n {
+            sqlx::query(
+                "INSERT INTO orders (id, sku, quantity, work_center, status, priority, created_ms, updated_ms)
+                 VALUES ($1, 'PART', 1000, $2, 'released', 0, $3, $3)",
+            )
+            .bind(format!("BENCH-{i:06}"))
+            .bind(format!("WC-{:05}", i % wcs.max(1)))
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
 }
