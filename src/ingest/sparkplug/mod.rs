@@ -15,12 +15,12 @@
 //! Sparkplug device has `boot` [`BOOT`], and a counter that falls (the edge restarted and
 //! its counters restarted from 0) is the pipeline's unannounced restart: the new value
 //! counts from zero. `seq` is the payload timestamp (ms, which the specification requires
-//! on births and data) times 512 plus the Sparkplug `seq`, with the 256s bit set when
-//! `seq` wrapped within the same millisecond ([`SeqClock`]). It is a pure function of the
-//! message (a redelivery after a restart of the MES maps to the same key or a lower one,
-//! never a higher), so the cursor rule "at or below the cursor is stale" makes
-//! redeliveries, duplicates and late messages count nothing, and a lost message loses
-//! nothing the next one carries. Assumption: an edge node's payload timestamps do not go
+//! on births and data) × 65 536 plus the message's position among the edge node's messages
+//! of that millisecond ([`SeqClock`]). Redelivered after a restart of the MES, a message maps
+//! to the same key or a lower one, never a higher, so the cursor rule "at or below the
+//! cursor is stale" makes redeliveries, duplicates and late messages count nothing, and a
+//! lost message loses nothing the next one carries. Assumption: an edge node's payload
+//! timestamps do not go
 //! backwards (a clock stepped back defers counting until it passes the last key again).
 //!
 //! Data before a birth (for instance after the MES restarted), an unknown alias or a gap
@@ -51,8 +51,8 @@ pub const NAMESPACE: &str = "spBv1.0";
 pub const BOOT: u64 = 0;
 /// Shortest interval between two rebirth requests to one edge node.
 pub const REBIRTH_EVERY_MS: i64 = 2000;
-/// Largest payload timestamp accepted (ms; year 37 000), so that `ts × 512` fits a BIGINT.
-const MAX_TS_MS: u64 = 1 << 50;
+/// Largest payload timestamp accepted (ms; year 6429), so that `ts × 65 536` fits a BIGINT.
+const MAX_TS_MS: u64 = 1 << 47;
 const REBIRTH_METRIC: &str = "Node Control/Rebirth";
 const BD_SEQ: &str = "bdSeq";
 
@@ -103,54 +103,33 @@ pub fn parse_topic(topic: &str) -> Result<Topic<'_>, String> {
     Ok(Topic { group: parts[1], kind, edge_node: parts[3], device: parts.get(4).copied() })
 }
 
-/// Turns (payload timestamp, Sparkplug `seq`) into a key that grows with every new message
-/// of an edge node and maps a repeated or older message to its first key or lower.
+/// Turns an edge node's messages into keys that grow with every message: the payload
+/// timestamp (ms) × 65 536 plus the message's position among the node's keyed messages of
+/// that millisecond. Only messages whose `seq` follows the previous one get here (a gap
+/// makes the node stale), so positions count the node's messages in order. After a
+/// restart of the MES the count of a millisecond starts at 0 again with whichever message
+/// comes first, so a redelivered message maps to its first key or lower, never higher.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct SeqClock {
     ts: u64,
-    seq: u8,
-    /// `seq` wrapped (or a new session began) within `ts`: later keys of `ts` use +256.
-    wrapped: bool,
+    pos: u64,
     started: bool,
 }
 
 impl SeqClock {
-    pub fn key(&mut self, ts: u64, seq: u8) -> u64 {
-        let base = ts * 512;
+    pub fn key(&mut self, ts: u64) -> u64 {
+        let base = ts << 16;
         if !self.started || ts > self.ts {
-            *self = SeqClock { ts, seq, wrapped: false, started: true };
-            return base + u64::from(seq);
+            *self = SeqClock { ts, pos: 0, started: true };
+        } else if ts == self.ts {
+            // Past 65 535 messages in one millisecond the key stops growing: later ones
+            // are stale until the clock moves on (deferred to the next message, not lost).
+            self.pos = (self.pos + 1).min(0xffff);
+        } else {
+            // The edge's clock went back: stale until it passes the last key again.
+            return base;
         }
-        if ts < self.ts {
-            return base + u64::from(seq);
-        }
-        let forward = seq.wrapping_sub(self.seq);
-        if forward == 0 || forward >= 128 {
-            // The same message again or an older one: the unwrapped form is never above
-            // the key it had the first time.
-            return base + u64::from(seq);
-        }
-        if seq > self.seq {
-            self.seq = seq;
-            return base + if self.wrapped { 256 } else { 0 } + u64::from(seq);
-        }
-        if !self.wrapped {
-            self.wrapped = true;
-            self.seq = seq;
-            return base + 256 + u64::from(seq);
-        }
-        // A second wrap within one millisecond: stale until the clock moves on (the counts
-        // are deferred to the next message, not lost).
-        base + 511
-    }
-
-    /// A new session (NBIRTH, `seq` back to 0): messages of the old one in the same
-    /// millisecond must stay below the new one's.
-    fn new_session(&mut self, ts: u64) {
-        if self.started && ts == self.ts && !self.wrapped {
-            self.wrapped = true;
-            self.seq = 0;
-        }
+        base + self.pos
     }
 }
 
@@ -254,21 +233,15 @@ impl Bindings {
         self.by_device.get(id)
     }
 
-    /// Subscriptions: births, deaths and data of every bound group (not commands).
+    /// Subscriptions: one filter per bound group, `spBv1.0/{group}/#`. One filter, not one
+    /// per message type: `seq` orders all of a node's messages, and a broker orders only
+    /// what one subscription delivers (rumqttd serves each filter from its own log, so
+    /// DDATA could overtake the DBIRTH before it). Commands that come back are ignored.
     pub fn filters(&self) -> Vec<String> {
         let mut groups: Vec<&str> = self.by_node.keys().map(|(g, _)| g.as_str()).collect();
         groups.sort_unstable();
         groups.dedup();
-        let mut out = Vec::new();
-        for g in groups {
-            for t in ["NBIRTH", "NDEATH", "NDATA"] {
-                out.push(format!("{NAMESPACE}/{g}/{t}/+"));
-            }
-            for t in ["DBIRTH", "DDEATH", "DDATA"] {
-                out.push(format!("{NAMESPACE}/{g}/{t}/+/+"));
-            }
-        }
-        out
+        groups.into_iter().map(|g| format!("{NAMESPACE}/{g}/#")).collect()
     }
 
     /// A `DCMD` writing the bound metrics for an MES command (`set_order`: the order and
@@ -406,13 +379,11 @@ impl Host {
                 node.metrics = session;
                 node.devices.clear();
                 node.rebirth_ms = None;
-                node.clock.new_session(ts);
-                let seq = node.last_seq;
                 let node_binding = self.bindings.by_topic.get(&(t.group.into(), t.edge_node.into(), None));
                 match node_binding {
                     Some((id, b)) => {
                         set_status(&self.board, id, true, None);
-                        let key = node.clock.key(ts, seq);
+                        let key = node.clock.key(ts);
                         let s = &mut node.metrics;
                         match s.apply(&p.metrics, b, true) {
                             Applied::Values(m) => s.decision(id, key, ts, m, "NBIRTH"),
@@ -451,7 +422,7 @@ impl Host {
                     Ok(ts) => ts,
                     Err(e) => return Decision::dead(e),
                 };
-                let key = node.clock.key(ts, seq as u8);
+                let key = node.clock.key(ts);
                 let what = if t.kind == Kind::DBirth { "DBIRTH" } else { "data" };
                 let s = match (t.kind, t.device) {
                     (Kind::DBirth, Some(d)) => {
