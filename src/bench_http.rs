@@ -28,7 +28,8 @@ pub async fn trivial_server(port: u16) -> anyhow::Result<()> {
     Ok(())
 }
 
-struct Kill(Child);
+/// Kills the child process on drop (a failed benchmark leaves no server behind).
+pub(crate) struct Kill(pub(crate) Child);
 impl Drop for Kill {
     fn drop(&mut self) {
         let _ = self.0.kill();
@@ -36,7 +37,7 @@ impl Drop for Kill {
     }
 }
 
-fn free_port() -> anyhow::Result<u16> {
+pub(crate) fn free_port() -> anyhow::Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 

@@ -2,21 +2,10 @@
 //! the resident set of a child `mes serve` loaded with many of each, against the same
 //! server with almost none — in one run.
 
+use crate::bench_http::{free_port, Kill};
 use anyhow::Context;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
-
-struct Kill(Child);
-impl Drop for Kill {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
-}
 
 /// A plant of `n` work centers, each an MQTT device turning RAW into PART.
 pub fn plant(n: usize) -> String {

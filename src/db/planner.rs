@@ -2,7 +2,7 @@
 //! work-center queues, dispatch tracking, the audit log, surge plans, and the inputs of
 //! OEE (state timeline and counts by time).
 
-use super::queries::OrderRow;
+use super::queries::{order_row, OrderRow, ORDER_COLS};
 use super::{opt_i64, DbError, Store};
 use mes_actors::MachineState;
 use serde::Serialize;
@@ -62,25 +62,8 @@ pub struct Timeline {
     pub changes: Vec<(i64, MachineState, Option<String>)>,
 }
 
-const ORDER_COLS: &str = "id, sku, quantity, work_center, status, good, scrap, due, priority, created_ms, updated_ms";
 const DISPATCH_COLS: &str = "id, order_id, work_center, device, channel, status, error, sent_ms, acked_ms";
 const PLAN_COLS: &str = "id, sku, quantity, due_ms, status, plan, created_by, created_ms, released_ms";
-
-fn order_row(r: &sqlx::any::AnyRow) -> Result<OrderRow, sqlx::Error> {
-    Ok(OrderRow {
-        id: r.try_get("id")?,
-        sku: r.try_get("sku")?,
-        quantity: r.try_get("quantity")?,
-        work_center: r.try_get("work_center")?,
-        status: r.try_get("status")?,
-        good: r.try_get("good")?,
-        scrap: r.try_get("scrap")?,
-        due: r.try_get("due")?,
-        priority: r.try_get("priority")?,
-        created_ms: r.try_get("created_ms")?,
-        updated_ms: r.try_get("updated_ms")?,
-    })
-}
 
 fn dispatch_row(r: &sqlx::any::AnyRow) -> Result<DispatchRow, sqlx::Error> {
     Ok(DispatchRow {

@@ -86,11 +86,12 @@ impl From<sqlx::Error> for CommandError {
     }
 }
 
-const ORDER_COLS: &str = "id, sku, quantity, work_center, status, good, scrap, due, priority, created_ms, updated_ms";
+pub(crate) const ORDER_COLS: &str =
+    "id, sku, quantity, work_center, status, good, scrap, due, priority, created_ms, updated_ms";
 const WC_COLS: &str =
     "id, name, device_id, device_kind, output_buffer, ideal_cycle_ms, state, reason, current_order, good_total, scrap_total, last_seen_ms";
 
-fn order_row(r: &AnyRow) -> Result<OrderRow, sqlx::Error> {
+pub(crate) fn order_row(r: &AnyRow) -> Result<OrderRow, sqlx::Error> {
     Ok(OrderRow {
         id: r.try_get("id")?,
         sku: r.try_get("sku")?,
