@@ -276,13 +276,14 @@ impl Store {
     /// Applies a planner command with a conditional update: the database decides races.
     /// Releasing an order for a work center that has no open current order makes it current.
     /// Closing settles the order: what is left in its WIP becomes variances (same transaction),
-    /// and a close document goes to the ERP outbox.
+    /// and a close document goes to the ERP outbox. Returns the order after the command,
+    /// whether it became current, and the status the update moved it from.
     pub async fn order_command(
         &self,
         id: &str,
         cmd: OrderCommand,
         ledger: &crate::settlement::Ledger,
-    ) -> Result<(OrderRow, bool), CommandError> {
+    ) -> Result<(OrderRow, bool, OrderStatus), CommandError> {
         for _ in 0..5 {
             let Some(order) = self.order(id).await? else {
                 return Err(CommandError::NotFound(format!("order `{id}` does not exist")));
@@ -344,7 +345,7 @@ impl Store {
             tx.commit().await?;
             let order =
                 self.order(id).await?.ok_or_else(|| CommandError::NotFound(format!("order `{id}` vanished")))?;
-            return Ok((order, made_current));
+            return Ok((order, made_current, from));
         }
         Err(CommandError::Conflict(format!("order `{id}` is changing too fast; try again")))
     }

@@ -358,7 +358,8 @@ async fn post_command(req: HttpRequest, st: State, id: web::Path<String>, body: 
     }
 }
 
-fn new_id(prefix: &str) -> String {
+/// A unique id: the prefix, the time in hex and a counter.
+pub(crate) fn new_id(prefix: &str) -> String {
     use std::sync::atomic::AtomicU64;
     static N: AtomicU64 = AtomicU64::new(0);
     let n = N.fetch_add(1, Relaxed);
@@ -641,14 +642,13 @@ pub(crate) async fn apply_order_command(
     cmd: OrderCommand,
     caller: &Caller,
 ) -> Result<OrderRow, ApiError> {
-    let before = st.store.order(id).await?.map(|o| o.status);
-    let (order, made_current) = st.store.order_command(id, cmd, &st.ledger).await.map_err(|e| match e {
+    let (order, made_current, before) = st.store.order_command(id, cmd, &st.ledger).await.map_err(|e| match e {
         CommandError::NotFound(m) => ApiError::not_found(m),
         CommandError::Transition(t) => ApiError::conflict("invalid_transition", t.to_string()),
         CommandError::Conflict(m) => ApiError::conflict("conflict", m),
         CommandError::Db(d) => d.into(),
     })?;
-    let detail = json!({"before": {"status": before}, "after": {"status": order.status}}).to_string();
+    let detail = json!({"before": {"status": before.as_str()}, "after": {"status": order.status}}).to_string();
     st.store.audit(&caller.name, &format!("order_{cmd:?}").to_ascii_lowercase(), id, &detail).await?;
     if let Ok(status) = order.status.parse() {
         st.live.order(&order.id, order.quantity, order.good, order.scrap, status);

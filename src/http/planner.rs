@@ -296,7 +296,7 @@ pub(super) async fn create_surge_plan(req: HttpRequest, st: State, body: web::By
         return Err(ApiError::unprocessable("not_producible", format!("no work center makes `{sku}`")));
     }
     let row = crate::db::planner::SurgePlanRow {
-        id: new_plan_id(),
+        id: super::api::new_id("SP"),
         sku: sku.to_string(),
         quantity,
         due_ms,
@@ -312,12 +312,6 @@ pub(super) async fn create_surge_plan(req: HttpRequest, st: State, body: web::By
     st.store.audit(&caller.name, "surge_plan_create", &row.id, &detail.to_string()).await?;
     tracing::info!(plan = %row.id, sku, quantity, feasible = p.feasible, bottleneck = ?p.bottleneck, "surge plan");
     Ok(HttpResponse::Created().json(plan_json(&row)))
-}
-
-fn new_plan_id() -> String {
-    use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-    static N: AtomicU64 = AtomicU64::new(0);
-    format!("SP-{:x}{:04x}", crate::now_ms(), N.fetch_add(1, Relaxed) & 0xffff)
 }
 
 #[derive(Deserialize)]

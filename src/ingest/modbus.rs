@@ -116,7 +116,9 @@ pub struct DeviceStatus {
 /// Live status of every polled device, by device id.
 pub type StatusBoard = Arc<RwLock<HashMap<String, DeviceStatus>>>;
 
-fn set_status(board: &StatusBoard, device: &str, status: &'static str, err: Option<String>) {
+/// Records a device's status (`online`, `unreachable`, `connecting`) on the board shared by
+/// the Modbus pollers and the Sparkplug host; `since` moves only when the status changes.
+pub(crate) fn set_status(board: &StatusBoard, device: &str, status: &'static str, err: Option<String>) {
     if let Ok(mut b) = board.write() {
         let now = crate::now_ms();
         let e =

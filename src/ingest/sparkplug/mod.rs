@@ -35,7 +35,7 @@ use self::proto::{datatype, Metric, Payload, Value};
 use super::{InFlight, Pipeline};
 use crate::db::writer::{AckSender, Completion, Job, Work};
 use crate::db::Store;
-use crate::ingest::modbus::{DeviceStatus, StatusBoard};
+use crate::ingest::modbus::{set_status, StatusBoard};
 use crate::plant::{Device, Plant, SparkplugDevice};
 use mes_actors::reading::MAX_METRICS;
 use mes_actors::{MachineState, Reading};
@@ -359,7 +359,7 @@ impl Host {
                 node.devices.clear();
                 let why = format!("NDEATH (bdSeq {})", bd.map(|b| b.to_string()).unwrap_or_else(|| "?".into()));
                 for id in bound {
-                    set_status(&self.board, id, false, Some(why.clone()));
+                    set_status(&self.board, id, "unreachable", Some(why.clone()));
                 }
                 Decision::ack()
             }
@@ -382,7 +382,7 @@ impl Host {
                 let node_binding = self.bindings.by_topic.get(&(t.group.into(), t.edge_node.into(), None));
                 match node_binding {
                     Some((id, b)) => {
-                        set_status(&self.board, id, true, None);
+                        set_status(&self.board, id, "online", None);
                         let key = node.clock.key(ts);
                         let s = &mut node.metrics;
                         match s.apply(&p.metrics, b, true) {
@@ -415,7 +415,7 @@ impl Host {
                 };
                 if t.kind == Kind::DDeath {
                     node.devices.remove(t.device.unwrap_or_default());
-                    set_status(&self.board, id, false, Some("DDEATH".into()));
+                    set_status(&self.board, id, "unreachable", Some("DDEATH".into()));
                     return Decision::ack();
                 }
                 let ts = match timestamp(&p) {
@@ -430,7 +430,7 @@ impl Host {
                             Ok(s) => s,
                             Err(e) => return Decision::dead(format!("DBIRTH: {e}")),
                         };
-                        set_status(&self.board, id, true, None);
+                        set_status(&self.board, id, "online", None);
                         node.devices.insert(d.to_string(), session);
                         node.devices.get_mut(d)
                     }
@@ -632,25 +632,6 @@ fn number(m: &Metric, dt: u32) -> Option<f64> {
         _ => return None,
     };
     x.is_finite().then_some(x)
-}
-
-fn set_status(board: &StatusBoard, device: &str, online: bool, why: Option<String>) {
-    let status = if online { "online" } else { "unreachable" };
-    if let Ok(mut b) = board.write() {
-        let now = crate::now_ms();
-        let e =
-            b.entry(device.to_string()).or_insert(DeviceStatus { status, last_error: None, since_ms: now, polls: 0 });
-        if e.status != status {
-            e.status = status;
-            e.since_ms = now;
-        }
-        if why.is_some() {
-            e.last_error = why;
-        }
-        if online {
-            e.polls += 1;
-        }
-    }
 }
 
 /// Handles one publish on a Sparkplug topic, inline in the event loop (receive order):
