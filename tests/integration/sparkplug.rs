@@ -136,6 +136,17 @@ async fn observe(mes: &Mes, filter: &str) -> (AsyncClient, tokio::sync::mpsc::Un
     o.set_keep_alive(Duration::from_secs(10)).set_max_packet_size(1 << 20, 1 << 20);
     let (client, mut el) = AsyncClient::new(o, 100);
     client.subscribe(filter, QoS::AtLeastOnce).await.expect("subscribe");
+    // Return only once the broker has the subscription: a publish that comes before it
+    // would be missed (found under the full suite's load).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        match tokio::time::timeout_at(deadline, el.poll()).await {
+            Ok(Ok(Event::Incoming(Packet::SubAck(_)))) => break,
+            Ok(Ok(_)) => {}
+            Ok(Err(_)) => tokio::time::sleep(Duration::from_millis(100)).await,
+            Err(_) => panic!("observer: no SUBACK for {filter} in 10 s"),
+        }
+    }
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     tokio::spawn(async move {
         loop {
