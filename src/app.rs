@@ -40,7 +40,12 @@ pub struct Handle {
 pub async fn prepare(cfg: &Config) -> anyhow::Result<(Store, Plant)> {
     let plant = Plant::load(cfg.plant.file.as_deref())?;
     crate::ingest::modbus::check_maps(&plant).map_err(anyhow::Error::msg)?;
-    let store = Store::connect(&cfg.database.url, cfg.database.max_connections)
+    // A cluster node's transactions must never hold locks long past a third of the lease.
+    let idle_in_tx = match &cfg.cluster {
+        Some(c) => crate::config::parse_duration(&c.lease_timeout).map_or(Duration::from_secs(3), |d| d / 3),
+        None => Duration::from_secs(10),
+    };
+    let store = Store::connect_with(&cfg.database.url, cfg.database.max_connections, idle_in_tx)
         .await
         .with_context(|| format!("connecting to database.url `{}`", redact(&cfg.database.url)))?;
     store.migrate().await?;
@@ -56,6 +61,23 @@ fn redact(url: &str) -> String {
         },
         _ => url.to_string(),
     }
+}
+
+/// A work center's actor state as committed: totals, state, current order, device cursor.
+pub fn work_center_state(
+    plant: &Plant,
+    w: &crate::db::queries::WorkCenterRow,
+    cursor: Option<mes_actors::counter::Cursor>,
+) -> WorkCenterState {
+    let mut st = WorkCenterState::new(&w.id, &w.device_id);
+    st.state = w.state.parse().unwrap_or(MachineState::Stopped);
+    st.reason = w.reason.clone();
+    st.current_order = w.current_order.clone();
+    st.cursor = cursor;
+    st.good_total = w.good_total.max(0) as u64;
+    st.scrap_total = w.scrap_total.max(0) as u64;
+    st.max_step = plant.work_center(&w.id).and_then(|p| p.max_units_per_reading);
+    st
 }
 
 /// Runs the MES until `stop` completes, then shuts down gracefully.
@@ -74,38 +96,44 @@ where
     let events = Events::default();
     let ledger = Arc::new(crate::settlement::Ledger::from_plant(&plant));
 
-    // Actors, rebuilt from the database.
-    let cursors = store.cursors().await?;
-    let mut router = Router::default();
-    for w in store.work_centers().await? {
-        if plant.work_center(&w.id).is_none() {
-            continue; // retired from the plant file; its history stays
+    // Cluster mode (several nodes on one PostgreSQL database, `crate::cluster`): work
+    // centers start when this node takes their lease, each with its own MQTT session.
+    let cluster = match &cfg.cluster {
+        Some(c) => {
+            if let Some(w) = plant.work_centers.iter().find(|w| matches!(w.device, crate::plant::Device::Sparkplug(_)))
+            {
+                anyhow::bail!(
+                    "cluster: work center `{}` has a Sparkplug device; a cluster supports MQTT and Modbus devices",
+                    w.id
+                );
+            }
+            let lease = crate::config::parse_duration(&c.lease_timeout).context("cluster.lease_timeout")?;
+            Some((c.node_id.clone(), lease.as_millis() as i64))
         }
-        let mut st = WorkCenterState::new(&w.id, &w.device_id);
-        st.state = w.state.parse().unwrap_or(MachineState::Stopped);
-        st.reason = w.reason.clone();
-        st.current_order = w.current_order.clone();
-        st.cursor = cursors.get(&w.device_id).copied();
-        st.good_total = w.good_total.max(0) as u64;
-        st.scrap_total = w.scrap_total.max(0) as u64;
-        st.max_step = plant.work_center(&w.id).and_then(|p| p.max_units_per_reading);
-        let addr = WorkCenterActor::new(st).start();
-        router.insert(&w.id, &w.device_id, addr);
+        None => None,
+    };
+
+    // Actors, rebuilt from the database (a cluster node starts none until it owns them).
+    let router = Arc::new(Router::default());
+    if cluster.is_none() {
+        let cursors = store.cursors().await?;
+        for w in store.work_centers().await? {
+            if plant.work_center(&w.id).is_none() {
+                continue; // retired from the plant file; its history stays
+            }
+            let addr = WorkCenterActor::new(work_center_state(&plant, &w, cursors.get(&w.device_id).copied())).start();
+            router.insert(&w.id, &w.device_id, addr);
+        }
     }
-    let router = Arc::new(router);
 
     // Writer and intake.
     let (writer_tx, writer_rx) = mpsc::channel(cfg.ingest.queue);
-    let (ack_tx, ack_rx) = mpsc::channel(1024);
-    let writer = Writer::new(
-        store.clone(),
-        writer_rx,
-        Some(ack_tx.clone()),
-        metrics.clone(),
-        events.clone(),
-        cfg.ingest.batch_max,
-        ledger.clone(),
-    );
+    let writer =
+        Writer::new(store.clone(), writer_rx, metrics.clone(), events.clone(), cfg.ingest.batch_max, ledger.clone());
+    let writer = match &cluster {
+        Some((node, _)) => writer.with_fence(node.clone()),
+        None => writer,
+    };
     // Live state actors (buffers, open orders), rebuilt from the database.
     let buffers = store.buffers().await?.into_iter().map(|b| (b.id, b.sku, b.capacity, b.on_hand)).collect();
     let mut open = Vec::new();
@@ -132,16 +160,43 @@ where
     let pipeline = Pipeline::new(router.clone(), writer_tx, metrics.clone(), cfg.ingest.max_in_flight);
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let board: crate::ingest::modbus::StatusBoard = Default::default();
-    let (pollers, modbus_writers) =
-        crate::ingest::modbus::start(&plant, &store, pipeline.clone(), board.clone(), shutdown_rx.clone())
+    let (pollers, modbus_writers) = match cluster {
+        Some(_) => (Vec::new(), Default::default()),
+        None => crate::ingest::modbus::start(&plant, &store, pipeline.clone(), board.clone(), shutdown_rx.clone())
             .await
-            .map_err(anyhow::Error::msg)?;
+            .map_err(anyhow::Error::msg)?,
+    };
     // Sparkplug B primary host, when the plant binds a work center to a Sparkplug device;
     // device births and deaths show on the same status board as polled devices.
     let spb = Arc::new(crate::ingest::sparkplug::Bindings::from_plant(&plant));
     let spb = (!spb.is_empty()).then(|| crate::ingest::sparkplug::Host::new(spb, board.clone(), Some(store.clone())));
+    // The node's own session: every device's telemetry on a single node; commands only on
+    // a cluster node (its work centers' sessions start with their leases).
+    let session = match &cluster {
+        None => mqtt::Session::all_devices(&cfg.mqtt),
+        Some((node, _)) => {
+            mqtt::Session { client_id: format!("{}-node-{node}", cfg.mqtt.client_id), filter: None, guard: None }
+        }
+    };
     let (mqtt_handle, mqtt_task) =
-        mqtt::start(&cfg.mqtt, &cfg.ingest, pipeline, ack_tx, ack_rx, shutdown_rx, spb).map_err(anyhow::Error::msg)?;
+        mqtt::start(&cfg.mqtt, &cfg.ingest, session, pipeline.clone(), shutdown_rx.clone(), spb)
+            .map_err(anyhow::Error::msg)?;
+    let node = cluster.map(|(id, lease_ms)| {
+        crate::cluster::Node::new(
+            id,
+            lease_ms,
+            store.clone(),
+            Arc::new(plant.clone()),
+            pipeline.clone(),
+            router.clone(),
+            board.clone(),
+            modbus_writers.clone(),
+            metrics.clone(),
+            cfg.mqtt.clone(),
+            cfg.ingest.clone(),
+        )
+    });
+    drop(pipeline);
 
     let erp_task = cfg
         .erp
@@ -162,6 +217,7 @@ where
         live: live.clone(),
         modbus_writers,
         oee: Default::default(),
+        cluster: node.clone(),
     });
     let background = tokio::spawn(crate::http::planner::run_background(state.clone(), shutdown_tx.subscribe()));
     if cfg.auth.tokens.is_empty() {
@@ -202,6 +258,7 @@ where
     let server = server.run();
     let server_handle = server.handle();
     let server_task = actix_rt::spawn(server);
+    let cluster_task = node.map(|n| actix_rt::spawn(n.run(http_addr.to_string(), shutdown_tx.subscribe())));
     tracing::info!(%http_addr, mqtt = %cfg.mqtt.url, database = %redact(&cfg.database.url), "MES ready");
     on_ready(Handle {
         store: store.clone(),
@@ -225,6 +282,12 @@ where
     let _ = tokio::time::timeout_at(side_deadline, background).await;
     for p in pollers {
         let _ = tokio::time::timeout_at(side_deadline, p).await;
+    }
+    if let Some(t) = cluster_task {
+        // Stops the owned work centers' intake and hands their leases back.
+        if tokio::time::timeout(Duration::from_secs(3), t).await.is_err() {
+            tracing::warn!("cluster node did not leave in time; its leases expire on their own");
+        }
     }
     if tokio::time::timeout(Duration::from_secs(4), mqtt_task).await.is_err() {
         tracing::warn!("MQTT intake did not stop in time");

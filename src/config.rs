@@ -430,6 +430,24 @@ impl Config {
             ));
         }
         if let Some(c) = &self.cluster {
+            if self.database.url.starts_with("sqlite:") {
+                return Err(key_err(
+                    "cluster",
+                    "several nodes share one PostgreSQL database: set database.url to a postgres:// URL",
+                ));
+            }
+            if c.node_id.is_empty()
+                || c.node_id.len() > 64
+                || !c.node_id.chars().all(|ch| ch.is_ascii_alphanumeric() || "-_.".contains(ch))
+            {
+                return Err(key_err(
+                    "cluster.node_id",
+                    format!("`{}` is not a node id (1–64 of A–Z a–z 0–9 - _ .)", c.node_id),
+                ));
+            }
+            if parse_duration(&c.lease_timeout).is_some_and(|d| d < std::time::Duration::from_millis(500)) {
+                return Err(key_err("cluster.lease_timeout", "must be at least 500ms"));
+            }
             if parse_duration(&c.lease_timeout).is_none() {
                 return Err(key_err(
                     "cluster.lease_timeout",

@@ -9,6 +9,7 @@ pub mod bench_http;
 pub mod bench_modbus;
 pub mod bench_scale;
 pub mod broker;
+pub mod cluster;
 pub mod config;
 pub mod dashboard;
 pub mod db;

@@ -21,6 +21,19 @@ struct Cli {
 }
 
 #[derive(Subcommand)]
+enum ClusterCmd {
+    /// Print the nodes (live or not, last heartbeat, leases held) and who owns which
+    /// work center, as the database sees it.
+    Status {
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Print the JSON document of `GET /api/v1/cluster` instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
 enum Cmd {
     /// Run the MES server (migrates the database on start).
     Serve {
@@ -32,6 +45,11 @@ enum Cmd {
     Migrate {
         #[arg(long)]
         config: Option<PathBuf>,
+    },
+    /// Cluster: the nodes sharing the database, their heartbeats and their leases.
+    Cluster {
+        #[command(subcommand)]
+        action: ClusterCmd,
     },
     /// Validate a PLC register map.
     CheckMap {
@@ -185,6 +203,44 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
                 println!("database migrated and master data loaded");
                 anyhow::Ok(())
             })?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Cluster { action: ClusterCmd::Status { config, json } } => {
+            let cfg = Config::load(config.as_deref())?;
+            init_logging(Some(&cfg), cli.log_json);
+            let doc = runtime()?.block_on(async {
+                let store = mes::db::Store::connect(&cfg.database.url, 2).await?;
+                let (now, nodes, leases) = store.cluster_status().await?;
+                let this = cfg.cluster.as_ref().map(|c| c.node_id.as_str());
+                anyhow::Ok(mes::http::api::cluster_json(this, now, &nodes, &leases))
+            })?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&doc)?);
+                return Ok(ExitCode::SUCCESS);
+            }
+            println!("{:<16} {:<22} {:<5} {:>14} {:>7}", "NODE", "HTTP", "LIVE", "HEARTBEAT AGO", "LEASES");
+            for n in doc["nodes"].as_array().into_iter().flatten() {
+                println!(
+                    "{:<16} {:<22} {:<5} {:>12}ms {:>7}",
+                    n["node_id"].as_str().unwrap_or("?"),
+                    n["http_addr"].as_str().unwrap_or("?"),
+                    if n["live"].as_bool() == Some(true) { "yes" } else { "no" },
+                    n["heartbeat_age_ms"].as_i64().unwrap_or(0),
+                    n["leases"].as_u64().unwrap_or(0),
+                );
+            }
+            let leases = doc["leases"].as_array().map(Vec::as_slice).unwrap_or_default();
+            let free: Vec<&str> = leases
+                .iter()
+                .filter(|l| l["live"].as_bool() != Some(true))
+                .filter_map(|l| l["work_center"].as_str())
+                .collect();
+            println!(
+                "{} work centers, {} without a live owner{}",
+                leases.len(),
+                free.len(),
+                if free.is_empty() { String::new() } else { format!(": {}", free.join(", ")) }
+            );
             Ok(ExitCode::SUCCESS)
         }
         Cmd::CheckMap { file } => match mes_plc_maps::check_file(&file) {

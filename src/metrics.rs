@@ -77,6 +77,14 @@ pub struct Metrics {
     pub readings_held: AtomicU64,
     /// Readings whose device time is more than an hour ahead or a week behind ours.
     pub clock_skew: AtomicU64,
+    /// Cluster: jobs refused at commit because this node no longer held their work
+    /// center's lease under the token they were computed with (fencing).
+    pub cluster_fenced: AtomicU64,
+    /// Cluster: work centers this node owns now, took over, and handed back or lost.
+    pub cluster_owned: AtomicI64,
+    pub cluster_acquired: AtomicU64,
+    pub cluster_released: AtomicU64,
+    pub cluster_lost: AtomicU64,
     pub in_flight: AtomicI64,
     pub writer_queue: AtomicI64,
     pub mqtt_connected: AtomicBool,
@@ -169,6 +177,30 @@ impl Metrics {
         );
         counter(
             &mut out,
+            "mes_cluster_fenced_total",
+            "Jobs refused at commit: this node no longer held the work center's lease (fencing).",
+            self.cluster_fenced.load(Relaxed),
+        );
+        counter(
+            &mut out,
+            "mes_cluster_leases_acquired_total",
+            "Work centers this node took ownership of.",
+            self.cluster_acquired.load(Relaxed),
+        );
+        counter(
+            &mut out,
+            "mes_cluster_leases_released_total",
+            "Work centers this node handed back (rebalancing, shutdown).",
+            self.cluster_released.load(Relaxed),
+        );
+        counter(
+            &mut out,
+            "mes_cluster_leases_lost_total",
+            "Work centers this node lost to another node (its lease had expired).",
+            self.cluster_lost.load(Relaxed),
+        );
+        counter(
+            &mut out,
             "mes_clock_skew_total",
             "Readings whose device time is over an hour ahead of, or a week behind, the MES clock.",
             self.clock_skew.load(Relaxed),
@@ -194,6 +226,12 @@ impl Metrics {
             "mes_ingest_in_flight",
             "Inputs received but not yet committed and acknowledged.",
             self.in_flight.load(Relaxed),
+        );
+        gauge(
+            &mut out,
+            "mes_cluster_owned_work_centers",
+            "Work centers whose lease this node holds (cluster mode).",
+            self.cluster_owned.load(Relaxed),
         );
         gauge(&mut out, "mes_writer_queue_depth", "Jobs waiting in the writer queue.", self.writer_queue.load(Relaxed));
         gauge(

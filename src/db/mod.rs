@@ -5,6 +5,7 @@
 //! are short transactions with conditional updates, so the database, not memory,
 //! enforces every rule that matters (idempotency, no oversell, legal transitions).
 
+pub mod cluster;
 pub mod outbox;
 pub mod planner;
 pub mod queries;
@@ -63,6 +64,14 @@ fn sqlite_url(url: &str) -> Result<String, DbError> {
 impl Store {
     /// Connects (with a bounded wait) and returns the store; does not migrate.
     pub async fn connect(url: &str, max_connections: u32) -> Result<Store, DbError> {
+        Store::connect_with(url, max_connections, Duration::from_secs(10)).await
+    }
+
+    /// As [`Store::connect`]; on PostgreSQL a session that stays idle inside a transaction
+    /// longer than `idle_in_tx` is ended by the server, and its locks with it. That bounds
+    /// what a paused or hung process can block: a cluster node stopped mid-commit would
+    /// otherwise hold its row locks (buffers, leases) and stall every other node.
+    pub async fn connect_with(url: &str, max_connections: u32, idle_in_tx: Duration) -> Result<Store, DbError> {
         sqlx::any::install_default_drivers();
         let backend = if url.starts_with("sqlite:") { Backend::Sqlite } else { Backend::Postgres };
         let url = match backend {
@@ -81,7 +90,16 @@ impl Store {
                     Ok(())
                 })
             }),
-            Backend::Postgres => opts,
+            Backend::Postgres => {
+                let ms = idle_in_tx.as_millis().max(100);
+                opts.after_connect(move |conn, _meta| {
+                    Box::pin(async move {
+                        conn.execute(sqlx::AssertSqlSafe(format!("SET idle_in_transaction_session_timeout = {ms}")))
+                            .await?;
+                        Ok(())
+                    })
+                })
+            }
         };
         let pool = opts.connect(&url).await?;
         Ok(Store { pool, backend })

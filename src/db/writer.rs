@@ -64,6 +64,9 @@ pub struct Job {
     /// The reading's device metrics, stored with its telemetry row (`metrics` column) so
     /// the time series can be rebuilt from the database.
     pub metrics: BTreeMap<String, f64>,
+    /// The work center and lease token the job was computed under (see
+    /// `ingest::Route`); in cluster mode the commit checks it against the lease table.
+    pub lease: Option<(String, i64)>,
 }
 
 /// A committed (or abandoned) MQTT publish, tagged with its place in the connection's
@@ -76,6 +79,9 @@ pub struct MqttAck {
     pub n: u64,
     /// `None`: not committed (abandoned); let later acknowledgements pass.
     pub publish: Option<rumqttc::Publish>,
+    /// The acknowledger of the session the publish arrived on (one per MQTT session:
+    /// a cluster node holds one session per work center it owns).
+    pub acker: AckSender,
 }
 
 /// Sends MQTT acknowledgements after commit.
@@ -84,7 +90,8 @@ pub type AckSender = mpsc::Sender<Vec<MqttAck>>;
 pub struct Writer {
     store: Store,
     rx: mpsc::Receiver<Job>,
-    acks: Option<AckSender>,
+    /// Cluster mode: this node's id; every commit is fenced by the lease tokens.
+    fence: Option<String>,
     metrics: Arc<Metrics>,
     events: Events,
     batch_max: usize,
@@ -94,7 +101,7 @@ pub struct Writer {
     progress_every: i64,
     /// The last counted (boot, seq) queued per device: counted readings must arrive in
     /// the order their work center applied them (see [`Writer::check_order`]).
-    last_counted: std::collections::HashMap<String, (u64, u64)>,
+    last_counted: std::collections::HashMap<String, (i64, u64, u64)>,
     /// Committed rows go on to the time-series exporter (never waits).
     tap: Option<crate::influx::Tap>,
 }
@@ -113,6 +120,13 @@ impl Writer {
         self
     }
 
+    /// Cluster mode: commit a job only while `node_id` holds its work center's lease under
+    /// the job's token (checked in the commit's transaction, rows locked `FOR SHARE`).
+    pub fn with_fence(mut self, node_id: String) -> Self {
+        self.fence = Some(node_id);
+        self
+    }
+
     pub fn with_live(mut self, live: Arc<crate::live::Live>) -> Self {
         self.live = Some(live);
         self
@@ -121,7 +135,6 @@ impl Writer {
     pub fn new(
         store: Store,
         rx: mpsc::Receiver<Job>,
-        acks: Option<AckSender>,
         metrics: Arc<Metrics>,
         events: Events,
         batch_max: usize,
@@ -130,7 +143,7 @@ impl Writer {
         Self {
             store,
             rx,
-            acks,
+            fence: None,
             metrics,
             events,
             batch_max,
@@ -170,9 +183,12 @@ impl Writer {
     fn check_order(&mut self, batch: &[Job]) {
         for job in batch {
             if let Work::Counted(d) = &job.work {
-                let at = (d.boot, d.seq);
+                // Under a new lease token the work center's state was rebuilt from the
+                // database: its order starts afresh (older jobs are fenced at commit).
+                let token = job.lease.as_ref().map_or(0, |l| l.1);
+                let at = (token, d.boot, d.seq);
                 if let Some(prev) = self.last_counted.insert(d.device.clone(), at) {
-                    if prev >= at {
+                    if prev.0 == token && prev >= at {
                         self.metrics.order_violations.fetch_add(1, Relaxed);
                         tracing::error!(device = %d.device, ?prev, ?at, "counted readings reached the writer out of order");
                         debug_assert!(prev < at, "device {}: {prev:?} queued before {at:?}", d.device);
@@ -186,7 +202,7 @@ impl Writer {
         let mut delay = RETRY_MIN;
         loop {
             let started = Instant::now();
-            match commit(&self.store, &self.ledger, self.progress_every, batch).await {
+            match commit(&self.store, &self.ledger, self.progress_every, batch, self.fence.as_deref()).await {
                 Ok(summary) => {
                     self.metrics.commit_latency.observe(started.elapsed().as_secs_f64());
                     self.metrics.commits.fetch_add(1, Relaxed);
@@ -206,7 +222,11 @@ impl Writer {
                             live.order(o, *q, *g, *s, *st);
                         }
                     }
-                    self.complete(batch, &summary.inserted).await;
+                    if !summary.fenced.is_empty() {
+                        self.metrics.cluster_fenced.fetch_add(summary.fenced.len() as u64, Relaxed);
+                        tracing::warn!(jobs = summary.fenced.len(), "commit refused for work centers this node no longer owns (fenced); their sources are not acknowledged");
+                    }
+                    self.complete(batch, &summary.inserted, &summary.fenced).await;
                     return;
                 }
                 Err(e) => {
@@ -222,11 +242,21 @@ impl Writer {
 
     /// `inserted`: positions in `batch` of the counted jobs whose telemetry rows were
     /// inserted, ascending.
-    async fn complete(&mut self, batch: &mut Vec<Job>, inserted: &[usize]) {
-        let mut publishes = Vec::new();
+    /// `fenced`: positions of the jobs refused by the lease check, ascending: not committed,
+    /// so never acknowledged.
+    async fn complete(&mut self, batch: &mut Vec<Job>, inserted: &[usize], fenced: &[usize]) {
+        let mut publishes: Vec<(AckSender, Vec<MqttAck>)> = Vec::new();
+        let mut refused = fenced.iter().peekable();
         let mut exported = Vec::with_capacity(if self.tap.is_some() { inserted.len() } else { 0 });
         let mut next = inserted.iter().peekable();
         for (i, job) in batch.drain(..).enumerate() {
+            if refused.next_if_eq(&&i).is_some() {
+                if let Completion::Mqtt(mut p) = job.done {
+                    p.publish = None; // lets later acknowledgements of the session pass
+                    push_ack(&mut publishes, p);
+                }
+                continue;
+            }
             if next.next_if_eq(&&i).is_some() && self.tap.is_some() {
                 if let Work::Counted(delta) = job.work {
                     let (metrics, received_ms) = (job.metrics, job.received_ms);
@@ -235,18 +265,18 @@ impl Writer {
             }
             match job.done {
                 Completion::None => {}
-                Completion::Mqtt(p) => publishes.push(p),
+                Completion::Mqtt(p) => push_ack(&mut publishes, p),
                 Completion::Notify(tx) => {
                     let _ = tx.send(());
                 }
             }
         }
-        if !publishes.is_empty() {
-            if let Some(acks) = &self.acks {
-                // Bounded by the broker's in-flight window; waits rather than drops.
-                if acks.send(publishes).await.is_err() {
-                    tracing::warn!("ack channel closed; the broker will redeliver (deduplicated)");
-                }
+        for (acker, acks) in publishes {
+            // Bounded by the broker's in-flight window; waits rather than drops. A session
+            // that has stopped (its work center handed over) has no acker any more: the
+            // broker redelivers to the next owner, and deduplication makes that harmless.
+            if acker.send(acks).await.is_err() {
+                tracing::debug!("ack channel closed; the broker will redeliver (deduplicated)");
             }
         }
         if let Some(tap) = &self.tap {
@@ -255,8 +285,18 @@ impl Writer {
     }
 }
 
+/// Groups acknowledgements by session, keeping each session's order.
+fn push_ack(groups: &mut Vec<(AckSender, Vec<MqttAck>)>, a: MqttAck) {
+    match groups.iter_mut().find(|(s, _)| s.same_channel(&a.acker)) {
+        Some((_, v)) => v.push(a),
+        None => groups.push((a.acker.clone(), vec![a])),
+    }
+}
+
 #[derive(Default)]
 struct Summary {
+    /// Positions in the batch of jobs refused by the lease check (cluster fencing).
+    fenced: Vec<usize>,
     /// Committed buffer balances, for the buffer actors.
     balances: Vec<(String, i64)>,
     /// Committed order totals (id, quantity, good, scrap, status), for the order actors.
@@ -479,16 +519,30 @@ fn to_i64(v: u64, what: &str) -> Result<i64, DbError> {
 }
 
 /// Commits one batch in one transaction.
-async fn commit(store: &Store, ledger: &Ledger, progress_every: i64, batch: &[Job]) -> Result<Summary, DbError> {
+async fn commit(
+    store: &Store,
+    ledger: &Ledger,
+    progress_every: i64,
+    batch: &[Job],
+    fence: Option<&str>,
+) -> Result<Summary, DbError> {
     let mut summary = Summary::default();
     let mut tx = store.pool.begin().await?;
 
+    // 0. Fencing (cluster mode): the jobs of a work center commit only while this node
+    // holds its lease under the token their state was built with. The lease rows stay
+    // locked until the commit, so a takeover waits for it and then sees what it wrote.
+    if let Some(node) = fence {
+        summary.fenced = fenced_jobs(&mut tx, node, batch).await?;
+    }
+    let refused: HashSet<usize> = summary.fenced.iter().copied().collect();
+    let live: Vec<(usize, &Job)> = batch.iter().enumerate().filter(|(i, _)| !refused.contains(i)).collect();
+
     // 1. Telemetry rows; only the rows actually inserted count (database idempotency).
     // (delta, received, position in the batch, device metrics)
-    let counted: Vec<(&Delta, i64, usize, &BTreeMap<String, f64>)> = batch
+    let counted: Vec<(&Delta, i64, usize, &BTreeMap<String, f64>)> = live
         .iter()
-        .enumerate()
-        .filter_map(|(i, j)| match &j.work {
+        .filter_map(|&(i, j)| match &j.work {
             Work::Counted(d) => Some((d.as_ref(), j.received_ms, i, &j.metrics)),
             _ => None,
         })
@@ -678,7 +732,7 @@ async fn commit(store: &Store, ledger: &Ledger, progress_every: i64, batch: &[Jo
     }
 
     // 7. Raw registers of polled devices (the next baseline).
-    let raws: Vec<&(String, RawCounters)> = batch.iter().filter_map(|j| j.raw.as_ref()).collect();
+    let raws: Vec<&(String, RawCounters)> = live.iter().filter_map(|(_, j)| j.raw.as_ref()).collect();
     if !raws.is_empty() {
         let sql = format!(
             "INSERT INTO modbus_raw (device, good, scrap, boot, updated_ms) VALUES {}
@@ -699,7 +753,7 @@ async fn commit(store: &Store, ledger: &Ledger, progress_every: i64, batch: &[Jo
     }
 
     // 8. Dead letters.
-    for j in batch {
+    for (_, j) in &live {
         if let Work::DeadLetter { topic, reason, payload, redelivered } = &j.work {
             // A redelivery of a dead letter already kept is not kept twice.
             let sql = if *redelivered {
@@ -721,4 +775,37 @@ async fn commit(store: &Store, ledger: &Ledger, progress_every: i64, batch: &[Jo
 
     tx.commit().await?;
     Ok(summary)
+}
+
+/// Positions of the jobs whose lease this node does not hold under the job's token.
+async fn fenced_jobs(
+    tx: &mut sqlx::Transaction<'_, sqlx::Any>,
+    node: &str,
+    batch: &[Job],
+) -> Result<Vec<usize>, DbError> {
+    let wcs: std::collections::BTreeSet<&str> =
+        batch.iter().filter_map(|j| j.lease.as_ref()).map(|l| l.0.as_str()).collect();
+    if wcs.is_empty() {
+        return Ok(Vec::new());
+    }
+    let marks: Vec<String> = (1..=wcs.len()).map(|i| format!("${}", i + 1)).collect();
+    let sql = format!(
+        "SELECT work_center, token FROM leases WHERE node_id = $1 AND work_center IN ({})
+         ORDER BY work_center FOR SHARE",
+        marks.join(", ")
+    );
+    let mut q = sqlx::query(AssertSqlSafe(sql)).bind(node);
+    for w in &wcs {
+        q = q.bind(*w);
+    }
+    let mut held: std::collections::HashMap<String, i64> = std::collections::HashMap::new();
+    for row in q.fetch_all(&mut **tx).await? {
+        held.insert(row.try_get("work_center")?, row.try_get("token")?);
+    }
+    Ok(batch
+        .iter()
+        .enumerate()
+        .filter(|(_, j)| j.lease.as_ref().is_some_and(|(wc, token)| held.get(wc) != Some(token)))
+        .map(|(i, _)| i)
+        .collect())
 }

@@ -35,6 +35,8 @@ pub struct AppState {
     pub modbus_writers: crate::ingest::modbus::Writers,
     /// Live OEE per work center, refreshed in the background.
     pub oee: super::planner::OeeCache,
+    /// This node, when it is one of a cluster's.
+    pub cluster: Option<Arc<crate::cluster::Node>>,
 }
 
 type Res = Result<HttpResponse, ApiError>;
@@ -188,6 +190,11 @@ pub fn table() -> Vec<(RouteDoc, actix_web::Route)> {
         (d("GET", "/api/v1/dead-letters", V, "Invalid telemetry kept").query(LIMIT), web::get().to(dead_letters)),
         (d("GET", "/api/v1/events", V, "Server-Sent Events: counts, states, alerts, orders"), web::get().to(events)),
         (
+            d("GET", "/api/v1/cluster", V, "Cluster nodes, their heartbeats and the work-center leases")
+                .ok(200, Some("Cluster")),
+            web::get().to(cluster_status),
+        ),
+        (
             d("GET", "/api/v1/audit", A, "The append-only audit log, newest first").query(&[
                 ("limit", "integer"),
                 ("before", "integer"),
@@ -293,6 +300,92 @@ fn wc_json(st: &AppState, w: &WorkCenterRow, now: i64) -> Value {
     })
 }
 
+/// Cluster: hands a request about a work center owned by another node to that node (its
+/// device connection lives there) and returns its answer; `None` when this node should
+/// answer itself. A request is forwarded once at most.
+async fn forward_to_owner(
+    st: &AppState,
+    req: &HttpRequest,
+    body: &web::Bytes,
+    wc: &str,
+) -> Result<Option<HttpResponse>, ApiError> {
+    const FORWARDED: &str = "x-mes-forwarded-by";
+    let Some(node) = &st.cluster else { return Ok(None) };
+    if req.headers().contains_key(FORWARDED) {
+        return Err(ApiError::unavailable(format!(
+            "work center `{wc}` is not owned by node `{}` any more; retry",
+            node.node_id
+        )));
+    }
+    let Some((owner, addr)) = st.store.cluster_owner(wc).await? else {
+        return Err(ApiError::unavailable(format!(
+            "work center `{wc}` has no live owner right now (a takeover is under way); retry"
+        )));
+    };
+    if owner == node.node_id {
+        return Ok(None);
+    }
+    static CLIENT: std::sync::OnceLock<reqwest::Client> = std::sync::OnceLock::new();
+    let client = CLIENT.get_or_init(|| {
+        reqwest::Client::builder().timeout(std::time::Duration::from_secs(10)).build().unwrap_or_default()
+    });
+    let url = format!("http://{addr}{}", req.uri().path_and_query().map(|p| p.as_str()).unwrap_or("/"));
+    let method = reqwest::Method::from_bytes(req.method().as_str().as_bytes())
+        .map_err(|e| ApiError::bad_request("invalid_method", e.to_string()))?;
+    let mut out = client.request(method, &url).header(FORWARDED, node.node_id.as_str()).body(body.to_vec());
+    for h in ["authorization", "content-type", "idempotency-key"] {
+        if let Some(v) = req.headers().get(h).and_then(|v| v.to_str().ok()) {
+            out = out.header(h, v);
+        }
+    }
+    tracing::debug!(work_center = wc, %owner, %url, "forwarded to the owner");
+    let resp = out
+        .send()
+        .await
+        .map_err(|e| ApiError::unavailable(format!("owner node `{owner}` of `{wc}` did not answer: {e}")))?;
+    let status = actix_web::http::StatusCode::from_u16(resp.status().as_u16())
+        .unwrap_or(actix_web::http::StatusCode::BAD_GATEWAY);
+    let bytes =
+        resp.bytes().await.map_err(|e| ApiError::unavailable(format!("owner node `{owner}` of `{wc}`: {e}")))?;
+    Ok(Some(HttpResponse::build(status).content_type("application/json").body(bytes)))
+}
+
+/// The cluster as the database sees it (any node answers the same).
+async fn cluster_status(req: HttpRequest, st: State) -> Res {
+    st.auth.check(&req, Role::Viewer)?;
+    let Some(node) = &st.cluster else {
+        return Ok(HttpResponse::Ok().json(json!({"enabled": false, "node": null, "nodes": [], "leases": []})));
+    };
+    let (now, nodes, leases) = st.store.cluster_status().await?;
+    Ok(HttpResponse::Ok().json(cluster_json(Some(&node.node_id), now, &nodes, &leases)))
+}
+
+/// The cluster document of `GET /api/v1/cluster` and `mes cluster status`.
+pub fn cluster_json(
+    this: Option<&str>,
+    now: i64,
+    nodes: &[crate::db::cluster::NodeRow],
+    leases: &[crate::db::cluster::LeaseRow],
+) -> Value {
+    let held = |n: &str| leases.iter().filter(|l| l.node_id.as_deref() == Some(n) && l.expires_ms > now).count();
+    json!({
+        "enabled": true,
+        "node": this,
+        "now": rfc3339(now),
+        "nodes": nodes.iter().map(|n| json!({
+            "node_id": n.node_id, "http_addr": n.http_addr, "started": rfc3339(n.started_ms),
+            "last_heartbeat": rfc3339(n.heartbeat_ms), "heartbeat_age_ms": now - n.heartbeat_ms,
+            "lease_ms": n.lease_ms, "live": n.left_ms.is_none() && now - n.heartbeat_ms < n.lease_ms,
+            "left": n.left_ms.map(rfc3339), "leases": held(&n.node_id),
+        })).collect::<Vec<_>>(),
+        "leases": leases.iter().map(|l| json!({
+            "work_center": l.work_center, "node_id": l.node_id, "token": l.token,
+            "expires": (l.expires_ms > 0).then(|| rfc3339(l.expires_ms)), "live": l.node_id.is_some() && l.expires_ms > now,
+            "acquired": l.acquired_ms.map(rfc3339),
+        })).collect::<Vec<_>>(),
+    })
+}
+
 async fn list_work_centers(req: HttpRequest, st: State) -> Res {
     st.auth.check(&req, Role::Viewer)?;
     let now = crate::now_ms();
@@ -316,9 +409,9 @@ struct CommandBody {
     cmd: String,
 }
 
-async fn post_command(req: HttpRequest, st: State, id: web::Path<String>, body: web::Bytes) -> Res {
+async fn post_command(req: HttpRequest, st: State, id: web::Path<String>, raw: web::Bytes) -> Res {
     let caller = st.auth.check(&req, Role::Operator)?;
-    let body: CommandBody = super::json_body(&body)?;
+    let body: CommandBody = super::json_body(&raw)?;
     if !matches!(body.cmd.as_str(), "start" | "stop") {
         return Err(ApiError::unprocessable(
             "invalid_command",
@@ -330,13 +423,19 @@ async fn post_command(req: HttpRequest, st: State, id: web::Path<String>, body: 
         .work_center(&id)
         .await?
         .ok_or_else(|| ApiError::not_found(format!("work center `{id}` does not exist")))?;
+    if w.device_kind == "modbus" && st.modbus_writers.get(&w.device_id).is_none() {
+        // Polled by another node of the cluster: only its owner talks to the device.
+        if let Some(r) = forward_to_owner(&st, &req, &raw, &w.id).await? {
+            return Ok(r);
+        }
+    }
     let cmd_id = new_id("CMD");
     let msg = json!({"cmd": body.cmd, "id": cmd_id});
     let result = match (&st.mqtt, w.device_kind.as_str()) {
         (Some(m), "mqtt") => m.command(&w.device_id, &msg).await,
         (_, "modbus") => {
             let value = u64::from(body.cmd == "start");
-            let handle = st.modbus_writers.get(&w.device_id).cloned();
+            let handle = st.modbus_writers.get(&w.device_id);
             match handle {
                 Some(h) => match h.write(WriteTarget::Role(mes_plc_maps::Role::Command), value).await {
                     Ok(_) => Ok(()),
@@ -683,6 +782,8 @@ pub(crate) async fn dispatch_order(st: &AppState, order: &OrderRow, wc: &str, by
                 let r = h.write(WriteTarget::Role(mes_plc_maps::Role::Target), order.quantity as u64).await;
                 ("modbus", Some(r.map(|_| ()).map_err(|e| e.to_string())))
             }
+            // Polled by another node: recorded `pending`, written by the owner (`cluster`).
+            None if st.cluster.is_some() => ("modbus-pending", Some(Ok(()))),
             _ => ("modbus", None),
         },
         (_, kind) => (if kind == "mqtt" { "mqtt" } else { "none" }, Some(Err("no client for the device".into()))),
@@ -694,6 +795,7 @@ pub(crate) async fn dispatch_order(st: &AppState, order: &OrderRow, wc: &str, by
     // A Modbus write is read back before it returns: acknowledged at once.
     let (status, acked) = match (&result, channel) {
         (Ok(()), "modbus") => ("acknowledged", Some(now)),
+        (Ok(()), "modbus-pending") => ("pending", None),
         (Ok(()), _) => ("sent", None),
         (Err(_), _) => ("failed", None),
     };
@@ -705,7 +807,7 @@ pub(crate) async fn dispatch_order(st: &AppState, order: &OrderRow, wc: &str, by
         order_id: order.id.clone(),
         work_center: wc.to_string(),
         device: w.device_id.clone(),
-        channel: channel.to_string(),
+        channel: channel.trim_end_matches("-pending").to_string(),
         status: status.to_string(),
         error: result.err(),
         sent_ms: now,
@@ -992,19 +1094,23 @@ struct PointWrite {
 
 /// Writes one point of a Modbus device: only points its map marks `writable`; every
 /// attempt is audited (who, what, value before and after, result).
-async fn write_point(req: HttpRequest, st: State, path: web::Path<(String, String)>, body: web::Bytes) -> Res {
+async fn write_point(req: HttpRequest, st: State, path: web::Path<(String, String)>, raw: web::Bytes) -> Res {
     let caller = st.auth.check(&req, Role::Operator)?;
-    let body: PointWrite = super::json_body(&body)?;
+    let body: PointWrite = super::json_body(&raw)?;
     let (id, name) = path.into_inner();
     let w = st
         .store
         .work_center(&id)
         .await?
         .ok_or_else(|| ApiError::not_found(format!("work center `{id}` does not exist")))?;
+    if w.device_kind == "modbus" && st.modbus_writers.get(&w.device_id).is_none() {
+        if let Some(r) = forward_to_owner(&st, &req, &raw, &w.id).await? {
+            return Ok(r);
+        }
+    }
     let h = st
         .modbus_writers
         .get(&w.device_id)
-        .cloned()
         .ok_or_else(|| ApiError::unprocessable("not_modbus", format!("work center `{id}` has no Modbus device")))?;
     let result = h.write(WriteTarget::Name(name.clone()), body.value).await;
     let detail = match &result {

@@ -21,25 +21,66 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 
-/// Routes a device's readings to its work center's actor.
-#[derive(Clone, Default)]
+/// Routes a device's readings to its work center's actor. Work centers come and go while
+/// the MES runs (a cluster node takes over or hands back a work center), so the routes sit
+/// behind a lock; lookups clone the actor's address and let go at once.
+#[derive(Default)]
 pub struct Router {
-    by_device: HashMap<String, Addr<WorkCenterActor>>,
-    by_wc: HashMap<String, Addr<WorkCenterActor>>,
+    inner: std::sync::RwLock<Routes>,
+}
+
+#[derive(Default)]
+struct Routes {
+    by_device: HashMap<String, Route>,
+    by_wc: HashMap<String, Route>,
+}
+
+/// A work center's actor and the lease token its state was built under (0 on a single
+/// node). Every job the actor produces carries the token, and the writer commits it only
+/// while the node still holds that lease (fencing, `crate::cluster`).
+#[derive(Clone)]
+pub struct Route {
+    pub work_center: String,
+    pub addr: Addr<WorkCenterActor>,
+    pub token: i64,
 }
 
 impl Router {
-    pub fn insert(&mut self, wc: &str, device: &str, addr: Addr<WorkCenterActor>) {
-        self.by_device.insert(device.to_string(), addr.clone());
-        self.by_wc.insert(wc.to_string(), addr);
+    pub fn insert(&self, wc: &str, device: &str, addr: Addr<WorkCenterActor>) {
+        self.insert_fenced(wc, device, addr, 0);
     }
 
-    pub fn device(&self, device: &str) -> Option<&Addr<WorkCenterActor>> {
-        self.by_device.get(device)
+    pub fn insert_fenced(&self, wc: &str, device: &str, addr: Addr<WorkCenterActor>, token: i64) {
+        let route = Route { work_center: wc.to_string(), addr, token };
+        if let Ok(mut r) = self.inner.write() {
+            r.by_device.insert(device.to_string(), route.clone());
+            r.by_wc.insert(wc.to_string(), route);
+        }
     }
 
-    pub fn work_center(&self, wc: &str) -> Option<&Addr<WorkCenterActor>> {
-        self.by_wc.get(wc)
+    /// Forgets a work center (its actor stops when the last address is dropped).
+    pub fn remove(&self, wc: &str) {
+        if let Ok(mut r) = self.inner.write() {
+            r.by_wc.remove(wc);
+            r.by_device.retain(|_, route| route.work_center != wc);
+        }
+    }
+
+    pub fn route(&self, device: &str) -> Option<Route> {
+        self.inner.read().ok().and_then(|r| r.by_device.get(device).cloned())
+    }
+
+    pub fn device(&self, device: &str) -> Option<Addr<WorkCenterActor>> {
+        self.route(device).map(|r| r.addr)
+    }
+
+    pub fn work_center(&self, wc: &str) -> Option<Addr<WorkCenterActor>> {
+        self.inner.read().ok().and_then(|r| r.by_wc.get(wc).map(|x| x.addr.clone()))
+    }
+
+    /// The work centers routed here.
+    pub fn work_centers(&self) -> Vec<String> {
+        self.inner.read().map(|r| r.by_wc.keys().cloned().collect()).unwrap_or_default()
     }
 }
 
@@ -117,9 +158,10 @@ impl Pipeline {
         slot: InFlight,
         raw: Option<(String, RawCounters)>,
     ) -> Option<Completion> {
-        let Some(addr) = self.router.device(&reading.device) else {
+        let Some(Route { addr, work_center, token }) = self.router.route(&reading.device) else {
             return Some(done);
         };
+        let lease = Some((work_center, token));
         if let Some(ts) = reading.ts_ms {
             // A device clock far from ours: flagged (its counts are still exact; its times
             // drive running time and OEE, so an engineer should look).
@@ -162,7 +204,7 @@ impl Pipeline {
                     }
                 };
                 let done = taken.lock().ok().and_then(|mut d| d.take()).unwrap_or(Completion::None);
-                let job = Job { work, received_ms, done, slot: Some(slot), raw, metrics: device_metrics };
+                let job = Job { work, received_ms, done, slot: Some(slot), raw, metrics: device_metrics, lease };
                 if applied.send(job).is_err() {
                     tracing::error!("ingest pipeline stopped; input left unacknowledged");
                 }
@@ -209,7 +251,16 @@ impl Pipeline {
         let (topic, reason, payload) = (clean(topic), clean(reason), clean(payload));
         tracing::warn!(%topic, %reason, "dead letter");
         let work = Work::DeadLetter { topic, reason, payload, redelivered };
-        self.queue(Job { work, received_ms, done, slot: Some(slot), raw: None, metrics: Default::default() }).await;
+        self.queue(Job {
+            work,
+            received_ms,
+            done,
+            slot: Some(slot),
+            raw: None,
+            metrics: Default::default(),
+            lease: None,
+        })
+        .await;
     }
 
     async fn queue(&self, job: Job) {

@@ -102,7 +102,28 @@ fn resolve(map: &RegisterMap, target: &WriteTarget, value: u64) -> Result<mes_pl
 }
 
 /// Write handles of the polled devices, by device id.
-pub type Writers = Arc<HashMap<String, WriterHandle>>;
+/// The write handles of the devices polled on this node, by device id. Devices come and
+/// go with the work centers a cluster node owns.
+#[derive(Clone, Default)]
+pub struct Writers(Arc<RwLock<HashMap<String, WriterHandle>>>);
+
+impl Writers {
+    pub fn get(&self, device: &str) -> Option<WriterHandle> {
+        self.0.read().ok().and_then(|m| m.get(device).cloned())
+    }
+
+    fn insert(&self, device: String, h: WriterHandle) {
+        if let Ok(mut m) = self.0.write() {
+            m.insert(device, h);
+        }
+    }
+
+    pub fn remove(&self, device: &str) {
+        if let Ok(mut m) = self.0.write() {
+            m.remove(device);
+        }
+    }
+}
 
 /// What the API shows about a polled device.
 #[derive(Debug, Clone, Serialize)]
@@ -198,49 +219,67 @@ pub async fn start(
     board: StatusBoard,
     shutdown: watch::Receiver<bool>,
 ) -> Result<(Vec<tokio::task::JoinHandle<()>>, Writers), String> {
-    let cursors = store.cursors().await.map_err(|e| e.to_string())?;
-    let raws = store.modbus_raw().await.map_err(|e| e.to_string())?;
+    let writers = Writers::default();
     let mut tasks = Vec::new();
-    let mut writers = HashMap::new();
     for w in &plant.work_centers {
-        let Device::Modbus(m) = &w.device else { continue };
-        let map = load_map(m, plant.base_dir.as_deref())?;
-        let addr: SocketAddr =
-            m.address.parse().map_err(|_| format!("work center `{}`: bad modbus address `{}`", w.id, m.address))?;
-        let device = w.device_id();
-        // Counter registers are read last in each poll: a poll that reaches them is
-        // complete, so counters that were read are always counted (a device that fails
-        // half-way through a poll fails before its counters are read, not after).
-        let mut requests = plan(&map);
-        let counters: Vec<&mes_plc_maps::Point> =
-            map.points.iter().filter(|p| matches!(p.role, Some(Role::Good | Role::Scrap | Role::Boot))).collect();
-        requests.sort_by_key(|r| counters.iter().any(|p| r.covers(p)));
-        let good_bits = map.wrap_bits(Role::Good).unwrap_or(64);
-        let scrap_bits = map.wrap_bits(Role::Scrap).unwrap_or(64);
-        set_status(&board, &device, "connecting", None);
-        let (wtx, wrx) = tokio::sync::mpsc::channel(16);
-        writers.insert(device.clone(), WriterHandle { tx: wtx, map: Arc::new(map.clone()) });
-        let p = Poller {
-            writes: wrx,
-            device: device.clone(),
-            addr,
-            unit: m.unit,
-            poll: Duration::from_millis(m.poll_ms),
-            map,
-            requests,
-            good_bits,
-            scrap_bits,
-            pipeline: pipeline.clone(),
-            board: board.clone(),
-            last_raw: raws.get(&device).copied(),
-            cursor: cursors.get(&device).copied(),
-            last_state: None,
-            last_reason: None,
-            last_submit: tokio::time::Instant::now(),
-        };
-        tasks.push(tokio::spawn(p.run(shutdown.clone())));
+        if let Some(t) = start_one(plant, &w.id, store, &pipeline, &board, &writers, shutdown.clone()).await? {
+            tasks.push(t);
+        }
     }
-    Ok((tasks, Arc::new(writers)))
+    Ok((tasks, writers))
+}
+
+/// Starts the poller of one work center's device, if it is a Modbus device: from the
+/// stored cursor and raw registers, so a device taken over by another node (or polled
+/// again after a restart) goes on from what was committed.
+pub async fn start_one(
+    plant: &Plant,
+    wc: &str,
+    store: &Store,
+    pipeline: &Pipeline,
+    board: &StatusBoard,
+    writers: &Writers,
+    shutdown: watch::Receiver<bool>,
+) -> Result<Option<tokio::task::JoinHandle<()>>, String> {
+    let Some(w) = plant.work_center(wc) else { return Ok(None) };
+    let Device::Modbus(m) = &w.device else { return Ok(None) };
+    let map = load_map(m, plant.base_dir.as_deref())?;
+    let addr: SocketAddr =
+        m.address.parse().map_err(|_| format!("work center `{}`: bad modbus address `{}`", w.id, m.address))?;
+    let device = w.device_id();
+    let cursor = store.cursors().await.map_err(|e| e.to_string())?.get(&device).copied();
+    let last_raw = store.modbus_raw().await.map_err(|e| e.to_string())?.get(&device).copied();
+    // Counter registers are read last in each poll: a poll that reaches them is
+    // complete, so counters that were read are always counted (a device that fails
+    // half-way through a poll fails before its counters are read, not after).
+    let mut requests = plan(&map);
+    let counters: Vec<&mes_plc_maps::Point> =
+        map.points.iter().filter(|p| matches!(p.role, Some(Role::Good | Role::Scrap | Role::Boot))).collect();
+    requests.sort_by_key(|r| counters.iter().any(|p| r.covers(p)));
+    let good_bits = map.wrap_bits(Role::Good).unwrap_or(64);
+    let scrap_bits = map.wrap_bits(Role::Scrap).unwrap_or(64);
+    set_status(board, &device, "connecting", None);
+    let (wtx, wrx) = tokio::sync::mpsc::channel(16);
+    writers.insert(device.clone(), WriterHandle { tx: wtx, map: Arc::new(map.clone()) });
+    let p = Poller {
+        writes: wrx,
+        device: device.clone(),
+        addr,
+        unit: m.unit,
+        poll: Duration::from_millis(m.poll_ms),
+        map,
+        requests,
+        good_bits,
+        scrap_bits,
+        pipeline: pipeline.clone(),
+        board: board.clone(),
+        last_raw,
+        cursor,
+        last_state: None,
+        last_reason: None,
+        last_submit: tokio::time::Instant::now(),
+    };
+    Ok(Some(tokio::spawn(p.run(shutdown))))
 }
 
 impl Poller {

@@ -58,9 +58,40 @@ impl MqttHandle {
     }
 }
 
-fn options(cfg: &MqttConfig, ingest: &IngestConfig, will: Option<rumqttc::LastWill>) -> Result<MqttOptions, String> {
+/// One MQTT session of the MES: a single node has one, subscribed to every device's
+/// telemetry; a cluster node has one per work center it owns (a stable client id per work
+/// center, so its persistent session and the messages queued in it pass to the next owner)
+/// and one for commands only.
+pub struct Session {
+    pub client_id: String,
+    /// Subscribed at every connect; `None`: publish commands only.
+    pub filter: Option<String>,
+    /// Asked before each reconnect; `false` ends the session (the node lost the work
+    /// center's lease, so the session belongs to another node now).
+    pub guard: Option<Guard>,
+}
+
+pub type Guard = Arc<dyn Fn() -> futures_util::future::BoxFuture<'static, bool> + Send + Sync>;
+
+impl Session {
+    /// The single node's session: every device's telemetry on `mqtt.client_id`.
+    pub fn all_devices(cfg: &MqttConfig) -> Session {
+        Session {
+            client_id: cfg.client_id.clone(),
+            filter: Some(format!("{}/devices/+/telemetry", cfg.topic_prefix)),
+            guard: None,
+        }
+    }
+}
+
+fn options(
+    cfg: &MqttConfig,
+    client_id: &str,
+    ingest: &IngestConfig,
+    will: Option<rumqttc::LastWill>,
+) -> Result<MqttOptions, String> {
     let (host, port) = cfg.host_port().map_err(|e| e.to_string())?;
-    let mut o = MqttOptions::new(cfg.client_id.clone(), host, port);
+    let mut o = MqttOptions::new(client_id.to_string(), host, port);
     o.set_clean_session(false)
         .set_manual_acks(true)
         .set_keep_alive(Duration::from_secs(cfg.keep_alive_s))
@@ -82,9 +113,8 @@ fn options(cfg: &MqttConfig, ingest: &IngestConfig, will: Option<rumqttc::LastWi
 pub fn start(
     cfg: &MqttConfig,
     ingest: &IngestConfig,
+    session: Session,
     pipeline: Pipeline,
-    ack_tx: AckSender,
-    ack_rx: mpsc::Receiver<Vec<MqttAck>>,
     mut shutdown: watch::Receiver<bool>,
     mut sparkplug: Option<sparkplug::Host>,
 ) -> Result<(MqttHandle, tokio::task::JoinHandle<()>), String> {
@@ -95,7 +125,8 @@ pub fn start(
     let will = sparkplug.as_ref().map(|_| {
         rumqttc::LastWill::new(&state_topic, sparkplug::state_payload(false, state_ts), QoS::AtLeastOnce, true)
     });
-    let opts = options(cfg, ingest, will)?;
+    let opts = options(cfg, &session.client_id, ingest, will)?;
+    let (ack_tx, ack_rx) = mpsc::channel::<Vec<MqttAck>>(1024);
     let (client, mut eventloop) = AsyncClient::new(opts, REQUEST_CAPACITY);
     let spb_filters = sparkplug.as_ref().map(|h| h.bindings().filters()).unwrap_or_default();
     let handle = MqttHandle {
@@ -105,7 +136,9 @@ pub fn start(
     };
     let generation = Arc::new(AtomicU64::new(0));
     tokio::spawn(acker(client.clone(), ack_rx, generation.clone(), pipeline.metrics.clone()));
-    let filter = format!("{}/devices/+/telemetry", cfg.topic_prefix);
+    let Session { client_id, filter, guard } = session;
+    // The node's own session (not a work center's) reports the broker connection.
+    let primary = guard.is_none();
     let prefix = cfg.topic_prefix.clone();
     let max_payload = ingest.max_payload;
     let metrics = pipeline.metrics.clone();
@@ -123,12 +156,16 @@ pub fn start(
                     // A new connection: packet ids of the old one mean nothing now.
                     generation.fetch_add(1, Relaxed);
                     received_qos1 = 0;
-                    metrics.mqtt_connected.store(true, Relaxed);
-                    tracing::info!(session_present = ack.session_present, "connected to MQTT broker");
+                    if primary {
+                        metrics.mqtt_connected.store(true, Relaxed);
+                    }
+                    tracing::info!(session = %client_id, session_present = ack.session_present, "connected to MQTT broker");
                     // Subscribing again is harmless when the broker kept the session, and
                     // needed when it lost it.
-                    if let Err(e) = client.try_subscribe(filter.clone(), QoS::AtLeastOnce) {
-                        tracing::error!(error = %e, "cannot queue subscribe");
+                    if let Some(filter) = &filter {
+                        if let Err(e) = client.try_subscribe(filter.clone(), QoS::AtLeastOnce) {
+                            tracing::error!(error = %e, "cannot queue subscribe");
+                        }
                     }
                     if sparkplug.is_some() {
                         for f in &spb_filters {
@@ -152,7 +189,12 @@ pub fn start(
                     } else {
                         received_qos1 += 1;
                         let n = received_qos1 - 1;
-                        Completion::Mqtt(MqttAck { generation: generation.load(Relaxed), n, publish: Some(p.clone()) })
+                        Completion::Mqtt(MqttAck {
+                            generation: generation.load(Relaxed),
+                            n,
+                            publish: Some(p.clone()),
+                            acker: ack_tx.clone(),
+                        })
                     };
                     match sparkplug.as_mut() {
                         Some(host) if p.topic.starts_with(sparkplug::NAMESPACE) => {
@@ -163,13 +205,21 @@ pub fn start(
                 }
                 Ok(_) => {}
                 Err(e) => {
-                    if metrics.mqtt_connected.swap(false, Relaxed) {
+                    if !primary || metrics.mqtt_connected.swap(false, Relaxed) {
                         Metrics::inc(&metrics.mqtt_reconnects);
                     }
-                    tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "MQTT connection lost; reconnecting");
+                    tracing::warn!(session = %client_id, error = %e, retry_in_ms = backoff.as_millis() as u64, "MQTT connection lost; reconnecting");
                     tokio::select! {
                         _ = shutdown.changed() => break,
                         _ = tokio::time::sleep(backoff) => {}
+                    }
+                    // A cluster session reconnects only while its node still owns the work
+                    // center: otherwise it would take the session back from the new owner.
+                    if let Some(g) = &guard {
+                        if !g().await {
+                            tracing::info!(session = %client_id, "work center owned elsewhere now; session ends");
+                            break;
+                        }
                     }
                     backoff = (backoff * 2).min(BACKOFF_MAX);
                 }
@@ -177,7 +227,9 @@ pub fn start(
         }
         let offline = sparkplug.as_ref().map(|_| (state_topic, sparkplug::state_payload(false, state_ts)));
         drain(&mut eventloop, &client, &metrics, offline).await;
-        metrics.mqtt_connected.store(false, Relaxed);
+        if primary {
+            metrics.mqtt_connected.store(false, Relaxed);
+        }
         tracing::info!("MQTT intake stopped");
     });
     Ok((handle, task))

@@ -283,7 +283,12 @@ impl Mes {
 impl Drop for Mes {
     fn drop(&mut self) {
         self.kill9();
-        let _ = std::fs::remove_dir_all(&self.dir);
+        if std::thread::panicking() {
+            // Kept for the post-mortem: config, log, database.
+            eprintln!("kept {} (the test failed)", self.dir.display());
+        } else {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
     }
 }
 

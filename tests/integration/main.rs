@@ -12,6 +12,7 @@
 mod harness;
 
 mod cli;
+mod cluster;
 mod dashboard;
 mod influx;
 mod ingest;

@@ -677,6 +677,7 @@ pub async fn handle(
                 slot: Some(slot),
                 raw: None,
                 metrics: Default::default(),
+                lease: None,
             };
             tokio::spawn(async move {
                 if writer.send(job).await.is_err() {
