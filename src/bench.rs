@@ -59,7 +59,7 @@ pub async fn publish(addr: &str, prefix: &str, devices: &[String], n: u64, first
 }
 
 /// Raw broker rate: messages per second received by a subscriber that does nothing.
-async fn baseline(addr: &str, devices: &[String], n: u64) -> anyhow::Result<f64> {
+pub async fn baseline(addr: &str, devices: &[String], n: u64) -> anyhow::Result<f64> {
     let (sub, mut el) = AsyncClient::new(options("bench-sub", addr)?, 1000);
     sub.subscribe("bench-raw/devices/+/telemetry", QoS::AtLeastOnce).await?;
     let got = Arc::new(AtomicU64::new(0));

@@ -5,6 +5,7 @@
 
 pub mod app;
 pub mod bench;
+pub mod bench_cluster;
 pub mod bench_http;
 pub mod bench_modbus;
 pub mod bench_scale;

@@ -99,6 +99,25 @@ enum Cmd {
         #[arg(long, hide = true)]
         trivial_server: Option<u16>,
     },
+    /// Aggregate committed telemetry per second with 1, 2, 3 … cluster nodes on one
+    /// PostgreSQL database, next to the raw broker rate, and the failover time after a
+    /// SIGKILL, in one run.
+    BenchCluster {
+        /// Node counts to measure, comma-separated.
+        #[arg(long, default_value = "1,2,3", value_delimiter = ',')]
+        nodes: Vec<usize>,
+        #[arg(long, default_value_t = 30_000)]
+        messages: u64,
+        /// PostgreSQL admin URL (a fresh database per node count is created under it).
+        #[arg(long, default_value = "postgres://postgres@127.0.0.1:5432/postgres")]
+        database: String,
+        /// An external broker (mqtt://host:port); default: the embedded broker.
+        #[arg(long)]
+        mqtt: Option<String>,
+        /// Lease timeout of the nodes.
+        #[arg(long, default_value = "3s")]
+        lease: String,
+    },
     /// Memory per work-center actor and per open-order actor: a child `mes serve` loaded
     /// with many of each, next to one with almost none.
     BenchScale {
@@ -348,6 +367,18 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
             let md = runtime()?.block_on(mes::bench_http::run(concurrency.clamp(1, 1024), seconds.clamp(1, 600)))?;
             println!("{md}");
             println!("written to target/bench/http.md and target/bench/http.json");
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::BenchCluster { nodes, messages, database, mqtt, lease } => {
+            init_logging(None, cli.log_json);
+            let lease_ms = mes::config::parse_duration(&lease)
+                .ok_or_else(|| anyhow::anyhow!("--lease `{lease}` is not a duration like 3s"))?
+                .as_millis() as u64;
+            let nodes: Vec<usize> = nodes.into_iter().map(|n| n.clamp(1, 16)).collect();
+            let opts = mes::bench_cluster::Options { nodes, messages: messages.max(1), database, mqtt, lease_ms };
+            let md = runtime()?.block_on(mes::bench_cluster::run(opts))?;
+            println!("{md}");
+            println!("written to target/bench/cluster.md and target/bench/cluster.json");
             Ok(ExitCode::SUCCESS)
         }
         Cmd::BenchScale { work_centers, orders } => {
