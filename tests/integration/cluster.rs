@@ -60,6 +60,10 @@ initial = 0
 /// A node of the cluster: its own directory, config and HTTP port; shared database,
 /// broker, topic prefix and MQTT client id (work-center sessions are named after it).
 async fn node(id: &str, db: &str, broker: &str, prefix: &str, plant: &std::path::Path) -> Mes {
+    node_with(id, db, broker, prefix, plant, LEASE_MS).await
+}
+
+async fn node_with(id: &str, db: &str, broker: &str, prefix: &str, plant: &std::path::Path, lease_ms: u64) -> Mes {
     let dir = temp_dir();
     let http_port = free_port();
     let hp = broker.trim_start_matches("mqtt://");
@@ -68,7 +72,7 @@ async fn node(id: &str, db: &str, broker: &str, prefix: &str, plant: &std::path:
     std::fs::write(
         &config,
         format!(
-            "[http]\nlisten = \"127.0.0.1:{http_port}\"\n[database]\nurl = \"{db}\"\n[mqtt]\nurl = \"{broker}\"\nclient_id = \"mes-{prefix}\"\ntopic_prefix = \"{prefix}\"\n[plant]\nfile = \"{}\"\n[cluster]\nnode_id = \"{id}\"\nlease_timeout = \"{LEASE_MS}ms\"\n",
+            "[http]\nlisten = \"127.0.0.1:{http_port}\"\n[database]\nurl = \"{db}\"\n[mqtt]\nurl = \"{broker}\"\nclient_id = \"mes-{prefix}\"\ntopic_prefix = \"{prefix}\"\n[plant]\nfile = \"{}\"\n[cluster]\nnode_id = \"{id}\"\nlease_timeout = \"{lease_ms}ms\"\n",
             plant.display()
         ),
     )
@@ -331,4 +335,78 @@ async fn a_commit_under_a_lease_taken_over_is_refused() {
     assert!(store.cluster_release("b", "WC-01", 2).await.expect("release"));
     assert_eq!(run("b", 2, 2).await, (false, 1));
     assert_eq!(totals().await, (5, 0));
+}
+
+/// The API is the same on every node: a Modbus device polled by one node is written through
+/// the other (forwarded to the owner), an order released through the non-owner reaches the
+/// device through the owner, and when the owner dies the other node polls on from the
+/// committed registers without losing or doubling a unit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn any_node_answers_and_modbus_work_goes_to_the_owner() {
+    use crate::modbus::{serve, Press};
+    let (Some(_), Some(broker)) = (postgres(), crate::harness::external_broker()) else {
+        eprintln!("cluster Modbus test skipped: needs MES_TEST_DATABASE_URL (PostgreSQL) and MES_TEST_MQTT_URL");
+        return;
+    };
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
+    let press = Press::new();
+    press.set(100, 2, 1, 2);
+    let server = serve(addr, press.clone());
+    let dir = temp_dir();
+    let db = fresh_database(&dir).await;
+    let plant_path = dir.join("plant.toml");
+    std::fs::write(&plant_path, crate::modbus::plant(addr)).expect("plant");
+    let prefix = format!("m{}", std::process::id());
+    let a = node_with("a", &db, &broker, &prefix, &plant_path, 2_000).await;
+    let b = node_with("b", &db, &broker, &prefix, &plant_path, 2_000).await;
+    let (_, o) = wait_for(&a, Duration::from_secs(20), "PRESS-1 owned", |o| o.values().sum::<usize>() == 1).await;
+    let owner_is_a = o.contains_key("a");
+    let (mut owner, other) = if owner_is_a { (a, b) } else { (b, a) };
+    // The first poll is the baseline; later units count.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    press.set(130, 3, 1, 2);
+    assert_eq!(other.wait_totals("PRESS-1", (30, 1)).await, (30, 1), "read through the non-owner");
+
+    // A point write and a command through the non-owner reach the device via the owner.
+    let (s, r) =
+        other.post("/api/v1/work-centers/PRESS-1/points/order_target", serde_json::json!({"value": 70_000}), &[]).await;
+    assert_eq!((s, r["after"].as_u64()), (200, Some(70_000)), "{r}");
+    assert_eq!(press.u32_at(100), 70_000);
+    let (s, _) = other.post("/api/v1/work-centers/PRESS-1/commands", serde_json::json!({"cmd": "start"}), &[]).await;
+    assert_eq!(s, 202);
+    assert_eq!(press.reg(102), 1);
+
+    // An order released through the non-owner: dispatched by the owner.
+    let (s, _) = other
+        .post(
+            "/api/v1/orders",
+            serde_json::json!({"id": "PO-C", "sku": "WIDGET", "quantity": 500, "work_center": "PRESS-1"}),
+            &[],
+        )
+        .await;
+    assert_eq!(s, 201);
+    let (s, _) = other.post("/api/v1/orders/PO-C/release", serde_json::json!({}), &[]).await;
+    assert_eq!(s, 200);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while press.u32_at(100) != 500 {
+        assert!(Instant::now() < deadline, "the owner never wrote the dispatched target");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, order) = other.get("/api/v1/orders/PO-C").await;
+        if order["dispatch"]["status"] == "acknowledged" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "dispatch not acknowledged: {order}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // The owner dies; the other node takes the poller over and counts on exactly.
+    owner.kill9();
+    press.set(175, 5, 1, 2);
+    let survivor = if owner_is_a { "b" } else { "a" };
+    wait_for(&other, Duration::from_secs(20), "takeover of PRESS-1", |o| o.get(survivor) == Some(&1)).await;
+    assert_eq!(other.wait_totals("PRESS-1", (75, 3)).await, (75, 3));
+    server.abort();
 }

@@ -283,7 +283,7 @@ impl Mes {
 impl Drop for Mes {
     fn drop(&mut self) {
         self.kill9();
-        if std::thread::panicking() {
+        if std::thread::panicking() || std::env::var_os("MES_TEST_KEEP").is_some() {
             // Kept for the post-mortem: config, log, database.
             eprintln!("kept {} (the test failed)", self.dir.display());
         } else {

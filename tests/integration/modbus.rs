@@ -11,23 +11,23 @@ use tokio_modbus::server::tcp::{accept_tcp_connection, Server};
 
 /// Register image of one press (`press-v1`: CDAB u32 good at 2, u16 scrap at 4, u16 boot at 7).
 #[derive(Clone)]
-struct Press(Arc<Mutex<Vec<u16>>>, Arc<Mutex<u32>>);
+pub(crate) struct Press(pub(crate) Arc<Mutex<Vec<u16>>>, pub(crate) Arc<Mutex<u32>>);
 
 impl Press {
-    fn new() -> Self {
+    pub(crate) fn new() -> Self {
         Press(Arc::new(Mutex::new(vec![0; 200])), Arc::new(Mutex::new(0)))
     }
-    fn writes(&self) -> u32 {
+    pub(crate) fn writes(&self) -> u32 {
         *self.1.lock().expect("lock")
     }
-    fn u32_at(&self, a: usize) -> u32 {
+    pub(crate) fn u32_at(&self, a: usize) -> u32 {
         let r = self.0.lock().expect("lock");
         u32::from(r[a]) | (u32::from(r[a + 1]) << 16)
     }
-    fn reg(&self, a: usize) -> u16 {
+    pub(crate) fn reg(&self, a: usize) -> u16 {
         self.0.lock().expect("lock")[a]
     }
-    fn set(&self, good: u32, scrap: u16, boot: u16, state: u16) {
+    pub(crate) fn set(&self, good: u32, scrap: u16, boot: u16, state: u16) {
         let mut r = self.0.lock().expect("lock");
         r[0] = state;
         r[2] = (good & 0xFFFF) as u16; // CDAB: low word first
@@ -74,7 +74,7 @@ impl tokio_modbus::server::Service for Press {
     }
 }
 
-fn serve(addr: SocketAddr, press: Press) -> tokio::task::JoinHandle<()> {
+pub(crate) fn serve(addr: SocketAddr, press: Press) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let listener = loop {
             match tokio::net::TcpListener::bind(addr).await {
@@ -91,7 +91,7 @@ fn serve(addr: SocketAddr, press: Press) -> tokio::task::JoinHandle<()> {
     })
 }
 
-fn plant(addr: SocketAddr) -> String {
+pub(crate) fn plant(addr: SocketAddr) -> String {
     crate::harness::widget_plant(&format!(
         r#"{{ modbus = {{ address = "{addr}", unit = 1, map = "press-v1", poll_ms = 50 }} }}"#
     ))
