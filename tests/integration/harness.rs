@@ -284,8 +284,8 @@ impl Drop for Mes {
     fn drop(&mut self) {
         self.kill9();
         if std::thread::panicking() || std::env::var_os("MES_TEST_KEEP").is_some() {
-            // Kept for the post-mortem: config, log, database.
-            eprintln!("kept {} (the test failed)", self.dir.display());
+            // Kept for the post-mortem (config, log, database) on failure or MES_TEST_KEEP.
+            eprintln!("kept {} (MES_TEST_KEEP or a failed test)", self.dir.display());
         } else {
             let _ = std::fs::remove_dir_all(&self.dir);
         }
