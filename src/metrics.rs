@@ -177,6 +177,12 @@ impl Metrics {
         );
         counter(
             &mut out,
+            "mes_actor_panics_total",
+            "Readings whose application panicked (a defect): held for review, the work center restored.",
+            mes_actors::actor::PANICS.load(Relaxed),
+        );
+        counter(
+            &mut out,
             "mes_cluster_fenced_total",
             "Jobs refused at commit: this node no longer held the work center's lease (fencing).",
             self.cluster_fenced.load(Relaxed),

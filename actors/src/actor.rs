@@ -6,7 +6,7 @@
 use crate::buffer::{AlertChange, BufferState};
 use crate::order::{OrderProgress, OrderStatus, ProgressEvent};
 use crate::reading::Reading;
-use crate::work_center::{Outcome, WorkCenterState};
+use crate::work_center::{Held, Outcome, WorkCenterState};
 use actix::prelude::*;
 
 /// Default bound of every actor mailbox.
@@ -38,11 +38,45 @@ impl Actor for WorkCenterActor {
 #[rtype(result = "()")]
 pub struct ApplyThen(pub Reading, pub Box<dyn FnOnce(Outcome) + Send>);
 
+/// Readings whose application panicked (a defect), since start; `mes_actor_panics_total`.
+pub static PANICS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
 impl Handler<ApplyThen> for WorkCenterActor {
     type Result = ();
 
+    /// A reading whose application panics (a defect, never expected) does not take the
+    /// work center down: its state goes back to what it was before that reading (which is
+    /// what is committed plus what is queued for commit, so the writer's queue stays
+    /// consistent with it), and the reading is held for review like an implausible one,
+    /// nothing booked. Rebuilding from the database instead would be wrong while the
+    /// writer still holds this work center's applied readings: the next delta would
+    /// count them again.
     fn handle(&mut self, msg: ApplyThen, _ctx: &mut Self::Context) {
-        let outcome = self.state.apply(&msg.0);
+        let before = self.state.clone();
+        let reading = &msg.0;
+        let outcome = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.state.apply(reading))) {
+            Ok(o) => o,
+            Err(panic) => {
+                self.state = before;
+                PANICS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let what = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "unknown panic".into());
+                Outcome::Held(Held {
+                    device: reading.device.clone(),
+                    reason: format!(
+                        "internal error applying this reading to {} ({what}); the work center went back to its state before it; held for review, nothing booked",
+                        self.state.id
+                    ),
+                    payload: format!(
+                        r#"{{"boot":{},"seq":{},"good":{},"scrap":{}}}"#,
+                        reading.boot, reading.seq, reading.good, reading.scrap
+                    ),
+                })
+            }
+        };
         (msg.1)(outcome);
     }
 }
@@ -194,6 +228,39 @@ mod tests {
                 ("RM".to_string(), AlertChange::Cleared(MaterialShortage))
             ]
         );
+    }
+
+    /// A reading that makes the state machine panic (here a routing defect caught by a
+    /// debug assertion) is held, the state is as before, and the next reading counts.
+    #[cfg(debug_assertions)]
+    #[actix::test]
+    async fn a_panicking_reading_is_held_and_the_work_center_goes_on() {
+        use std::sync::{Arc, Mutex};
+        let addr = WorkCenterActor::new(WorkCenterState::new("PRESS-1", "press-01")).start();
+        let reading = |device: &str, seq, good| Reading {
+            device: device.into(),
+            boot: 1,
+            seq,
+            ts_ms: None,
+            good,
+            scrap: 0,
+            state: Some(MachineState::Running),
+            reason: None,
+            order: None,
+            metrics: BTreeMap::new(),
+        };
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        for r in [reading("press-01", 1, 3), reading("elsewhere", 2, 50), reading("press-01", 3, 9)] {
+            let s = seen.clone();
+            addr.send(ApplyThen(r, Box::new(move |o| s.lock().expect("lock").push(o)))).await.expect("actor alive");
+        }
+        let seen = seen.lock().expect("lock").clone();
+        assert!(matches!(&seen[0], Outcome::Counted(d) if d.good == 3));
+        assert!(matches!(&seen[1], Outcome::Held(h) if h.reason.contains("internal error")), "{:?}", seen[1]);
+        assert!(matches!(&seen[2], Outcome::Counted(d) if d.good == 6));
+        let s = addr.send(GetState).await.expect("actor alive");
+        assert_eq!((s.good_total, s.cursor.map(|c| c.seq)), (9, Some(3)));
+        assert!(PANICS.load(std::sync::atomic::Ordering::Relaxed) >= 1);
     }
 
     #[actix::test]
