@@ -6,8 +6,10 @@
 pub mod app;
 pub mod bench;
 pub mod bench_http;
+pub mod bench_load;
 pub mod bench_modbus;
 pub mod bench_scale;
+pub mod bench_suite;
 pub mod broker;
 pub mod config;
 pub mod dashboard;
