@@ -18,13 +18,23 @@ NR=target/bench/node-red
 
 case "${1:-}" in
 install)
-  if [ -f "$NR/node_modules/node-red/red.js" ] && [ -d "$NR/node_modules/node-red-node-sqlite" ]; then
+  if [ -f "$NR/node_modules/node-red/red.js" ] \
+    && [ -f "$NR/node_modules/sqlite3/build/Release/node_sqlite3.node" ]; then
     exit 0
   fi
   mkdir -p "$NR"
-  [ -f "$NR/package.json" ] || echo '{"name":"mes-bench-node-red","private":true}' >"$NR/package.json"
-  echo "installing node-red@4 and node-red-node-sqlite into $NR (npm) ..." >&2
-  (cd "$NR" && npm install --no-audit --no-fund --loglevel=error node-red@4 node-red-node-sqlite >&2)
+  # npm 11 runs a dependency's install script only when package.json allows it; sqlite3's
+  # builds the native module. Its prebuilt binaries are not downloadable here: build from
+  # source, against the local Node headers when they are installed.
+  echo '{"name":"mes-bench-node-red","private":true,"allowScripts":{"sqlite3":true}}' >"$NR/package.json"
+  export npm_config_build_from_source=true
+  if [ -f /usr/include/node/node.h ]; then export npm_config_nodedir=/usr; fi
+  echo "installing node-red@4 and node-red-node-sqlite into $NR (npm; sqlite3 compiles, ~2 min) ..." >&2
+  (cd "$NR" && npm install --no-audit --no-fund --loglevel=error node-red@4 node-red-node-sqlite@1 >&2)
+  [ -f "$NR/node_modules/sqlite3/build/Release/node_sqlite3.node" ] || {
+    echo "sqlite3 was not built: see npm's output above" >&2
+    exit 1
+  }
   ;;
 run)
   [ $# -eq 6 ] || { echo "usage: $0 run DIR BROKER_PORT HTTP_PORT DB TOPIC" >&2; exit 2; }

@@ -193,20 +193,25 @@ pub fn proc_kib(pid: u32, field: &str) -> Option<u64> {
     })
 }
 
-/// Follows the `telemetry` table in `pool` until every message of `load` is seen or
+/// The highest row id of the `telemetry` table (0 when empty): taken before the
+/// publisher starts, so that no row of the run is mistaken for an earlier one.
+pub async fn last_id(pool: &sqlx::AnyPool) -> anyhow::Result<i64> {
+    Ok(sqlx::query("SELECT COALESCE(MAX(id), 0) AS m FROM telemetry").fetch_one(pool).await?.try_get::<i64, _>("m")?)
+}
+
+/// Follows the `telemetry` table in `pool`, from row id `after_id` on, until every message of `load` is seen or
 /// nothing new arrived for `stall` after publishing ended; prints progress on stderr.
 /// `rss_of`: a process whose resident set is sampled every 100 ms.
 pub async fn observe(
     pool: &sqlx::AnyPool,
+    after_id: i64,
     load: Arc<Load>,
     label: &str,
     rss_of: Option<u32>,
     stall: Duration,
 ) -> anyhow::Result<Vec<Sample>> {
     let positions: HashMap<&str, usize> = load.devices.iter().enumerate().map(|(i, d)| (d.as_str(), i)).collect();
-    // Start after what the table already holds.
-    let mut last_id: i64 =
-        sqlx::query("SELECT COALESCE(MAX(id), 0) AS m FROM telemetry").fetch_one(pool).await?.try_get::<i64, _>("m")?;
+    let mut last_id = after_id;
     let mut samples = Vec::new();
     let mut last_print = Instant::now();
     let mut last_sample = 0u64;
@@ -343,8 +348,9 @@ pub async fn run(
     label: &str,
     rss_of: Option<u32>,
 ) -> anyhow::Result<(Vec<PhaseFigures>, Vec<Sample>)> {
+    let after_id = last_id(pool).await?;
     let publisher = tokio::spawn(publish_owned(broker.to_string(), load.clone()));
-    let samples = observe(pool, load.clone(), label, rss_of, Duration::from_secs(20)).await?;
+    let samples = observe(pool, after_id, load.clone(), label, rss_of, Duration::from_secs(20)).await?;
     publisher.await.map_err(|e| anyhow::anyhow!("publisher: {e}"))??;
     Ok((figures(&load, &samples), samples))
 }

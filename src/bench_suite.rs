@@ -128,20 +128,21 @@ struct IngestFigures {
 
 async fn ingest_one(url: String, o: &Options) -> anyhow::Result<IngestFigures> {
     let label = db_label(&url);
-    let (cfg, broker, devices, prefix) = in_process(url, "mes-bench-ingest")?;
+    let (cfg, broker, devices, prefix) = in_process(url.clone(), "mes-bench-ingest")?;
     let (n, secs) = (o.messages, o.seconds.max(1) as f64);
-    crate::app::run_with(cfg, move |handle: Handle| async move {
+    crate::app::run_with(cfg, move |_handle: Handle| async move {
+        // The observer's own connections, not the MES's pool.
+        let obs = crate::db::Store::connect(&url, 2).await?;
         eprintln!("[ingest {label}] raw broker: {n} messages to a no-op subscriber ...");
         let raw = crate::bench::baseline(&broker, &devices, n).await?;
         eprintln!("[ingest {label}] raw broker: {raw:.0} msg/s");
         let load = Load::new(devices.clone(), &prefix, 1, vec![Phase::flood("flood", n)]);
-        let (mut f, _) =
-            bench_load::run(&broker, &handle.store.pool, load.clone(), &format!("ingest {label}"), None).await?;
+        let (mut f, _) = bench_load::run(&broker, &obs.pool, load.clone(), &format!("ingest {label}"), None).await?;
         let flood = f.remove(0);
         let half_rate = flood.committed_per_s / 2.0;
         eprintln!("[ingest {label}] paced at half of {:.0} msg/s for {secs} s ...", flood.committed_per_s);
         let paced = Load::new(devices, &prefix, load.next_seq(), vec![Phase::paced("half", half_rate, secs)]);
-        let (mut h, _) = bench_load::run(&broker, &handle.store.pool, paced, &format!("ingest {label}"), None).await?;
+        let (mut h, _) = bench_load::run(&broker, &obs.pool, paced, &format!("ingest {label}"), None).await?;
         Ok(IngestFigures { database: label, raw_per_s: raw, flood, half: h.remove(0) })
     })
     .await
@@ -195,11 +196,12 @@ async fn settlement(o: &Options) -> anyhow::Result<()> {
         None => fresh_sqlite("bench-settlement")?,
     };
     let label = db_label(&url);
-    let (cfg, broker, devices, prefix) = in_process(url, "mes-bench-settlement")?;
+    let (cfg, broker, devices, prefix) = in_process(url.clone(), "mes-bench-settlement")?;
     let n = o.messages;
     let (f, mes, raw, per_tx) = crate::app::run_with(cfg, move |handle: Handle| async move {
+        let obs = crate::db::Store::connect(&url, 2).await?;
         let load = Load::new(devices, &prefix, 1, vec![Phase::flood("flood", n)]);
-        let (mut f, _) = bench_load::run(&broker, &handle.store.pool, load, "settlement", None).await?;
+        let (mut f, _) = bench_load::run(&broker, &obs.pool, load, "settlement", None).await?;
         let f = f.remove(0);
         let secs = f.messages as f64 / f.committed_per_s.max(f64::MIN_POSITIVE);
         let commits = handle.metrics.commits.load(std::sync::atomic::Ordering::Relaxed);
@@ -504,14 +506,15 @@ async fn start_node_red(broker: &str, prefix: &str) -> anyhow::Result<(Kill, cra
 
 async fn node_red(o: &Options) -> anyhow::Result<()> {
     let url = fresh_sqlite("bench-node-red-mes")?;
-    let (cfg, broker, devices, prefix) = in_process(url, "mes-bench-node-red")?;
+    let (cfg, broker, devices, prefix) = in_process(url.clone(), "mes-bench-node-red")?;
     let (n, peer_n) = (o.messages, o.peer_messages.max(1));
-    let (raw, mes, nr, nr_hwm) = crate::app::run_with(cfg, move |handle: Handle| async move {
+    let (raw, mes, nr, nr_hwm) = crate::app::run_with(cfg, move |_handle: Handle| async move {
+        let obs = crate::db::Store::connect(&url, 2).await?;
         eprintln!("[node-red] raw broker: {n} messages to a no-op subscriber ...");
         let raw = crate::bench::baseline(&broker, &devices, n).await?;
         eprintln!("[node-red] raw broker: {raw:.0} msg/s");
         let load = Load::new(devices.clone(), &prefix, 1, vec![Phase::flood("MES", n)]);
-        let (mut f, _) = bench_load::run(&broker, &handle.store.pool, load, "MES", None).await?;
+        let (mut f, _) = bench_load::run(&broker, &obs.pool, load, "MES", None).await?;
         let mes = f.remove(0);
         let (child, store) = start_node_red(&broker, "nodered").await?;
         let pid = child.0.id();
