@@ -11,37 +11,18 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::bench_load::{mqtt_options as options, payload};
+use crate::bench_load::mqtt_options as options;
 
 /// Publishes `n` messages round-robin over `devices` under `prefix`, each device's `seq`
 /// counting from `first_seq`; returns when all are acked by the broker.
 pub async fn publish(addr: &str, prefix: &str, devices: &[String], n: u64, first_seq: u64) -> anyhow::Result<()> {
-    let (client, mut el) = AsyncClient::new(options("bench-pub", addr)?, 10_000);
-    let acked = Arc::new(AtomicU64::new(0));
-    let a = acked.clone();
-    let poller = tokio::spawn(async move {
-        loop {
-            match el.poll().await {
-                Ok(Event::Incoming(Packet::PubAck(_))) => {
-                    a.fetch_add(1, Relaxed);
-                }
-                Ok(_) => {}
-                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
-            }
-        }
-    });
-    let d = devices.len().max(1) as u64;
-    for i in 0..n {
-        let dev = &devices[(i % d) as usize];
-        let seq = i / d + first_seq;
-        client.publish(format!("{prefix}/devices/{dev}/telemetry"), QoS::AtLeastOnce, false, payload(seq)).await?;
-    }
-    let deadline = Instant::now() + Duration::from_secs(300);
-    while acked.load(Relaxed) < n && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    poller.abort();
-    Ok(())
+    let load = crate::bench_load::Load::new(
+        devices.to_vec(),
+        prefix,
+        first_seq,
+        vec![crate::bench_load::Phase::flood("flood", n)],
+    );
+    crate::bench_load::publish(addr, load).await
 }
 
 /// Raw broker rate: messages per second received by a subscriber that does nothing.
