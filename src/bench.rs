@@ -6,56 +6,23 @@
 //! the clock stops when the last message is committed.
 
 use crate::app::Handle;
-use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use rumqttc::{AsyncClient, Event, Packet, QoS};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-fn options(id: &str, addr: &str) -> anyhow::Result<MqttOptions> {
-    let (host, port) = addr.rsplit_once(':').ok_or_else(|| anyhow::anyhow!("bad broker address {addr}"))?;
-    let mut o = MqttOptions::new(id, host, port.parse()?);
-    o.set_keep_alive(Duration::from_secs(30)).set_inflight(1000).set_clean_session(true);
-    Ok(o)
-}
-
-fn payload(device_seq: u64) -> Vec<u8> {
-    format!(
-        r#"{{"boot":1,"seq":{device_seq},"good":{},"scrap":{},"state":"running","ts":"2026-11-11T00:00:00.000Z","metrics":{{"temp_c":71.5}}}}"#,
-        device_seq * 2,
-        device_seq / 50
-    )
-    .into_bytes()
-}
+use crate::bench_load::mqtt_options as options;
 
 /// Publishes `n` messages round-robin over `devices` under `prefix`, each device's `seq`
 /// counting from `first_seq`; returns when all are acked by the broker.
 pub async fn publish(addr: &str, prefix: &str, devices: &[String], n: u64, first_seq: u64) -> anyhow::Result<()> {
-    let (client, mut el) = AsyncClient::new(options("bench-pub", addr)?, 10_000);
-    let acked = Arc::new(AtomicU64::new(0));
-    let a = acked.clone();
-    let poller = tokio::spawn(async move {
-        loop {
-            match el.poll().await {
-                Ok(Event::Incoming(Packet::PubAck(_))) => {
-                    a.fetch_add(1, Relaxed);
-                }
-                Ok(_) => {}
-                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
-            }
-        }
-    });
-    let d = devices.len().max(1) as u64;
-    for i in 0..n {
-        let dev = &devices[(i % d) as usize];
-        let seq = i / d + first_seq;
-        client.publish(format!("{prefix}/devices/{dev}/telemetry"), QoS::AtLeastOnce, false, payload(seq)).await?;
-    }
-    let deadline = Instant::now() + Duration::from_secs(300);
-    while acked.load(Relaxed) < n && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    poller.abort();
-    Ok(())
+    let load = crate::bench_load::Load::new(
+        devices.to_vec(),
+        prefix,
+        first_seq,
+        vec![crate::bench_load::Phase::flood("flood", n)],
+    );
+    crate::bench_load::publish(addr, load).await
 }
 
 /// Raw broker rate: messages per second received by a subscriber that does nothing.
@@ -126,7 +93,7 @@ pub async fn run(
         committed as f64 / commits as f64
     );
     settlement(handle, secs, commits).await?;
-    reservations(handle, 64, 50).await?;
+    reservations(handle, 64, 50, None).await?;
     Ok((raw, mes))
 }
 
@@ -188,13 +155,37 @@ pub async fn settlement(handle: &Handle, secs: f64, commits: u64) -> anyhow::Res
     Ok((mes_rate, raw_rate))
 }
 
-/// 64 concurrent clients reserving one unit at a time through the HTTP API, next to the
-/// same clients calling `/healthz` (the HTTP floor). Returns (reservations/s, p99 ms).
-pub async fn reservations(handle: &Handle, clients: usize, per_client: usize) -> anyhow::Result<(f64, f64)> {
+/// Figures of one reservations round.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Reservations {
+    pub clients: usize,
+    pub per_client: usize,
+    pub floor_per_s: f64,
+    pub per_s: f64,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    /// Requests answered 201.
+    pub granted: u64,
+}
+
+/// Concurrent clients reserving one unit of BASE-BOXED at a time through the HTTP API,
+/// next to the same clients calling `/healthz` (the HTTP floor). `available`: units left
+/// to promise in FG-BOXED before the round (default: ten million, more than asked).
+pub async fn reservations(
+    handle: &Handle,
+    clients: usize,
+    per_client: usize,
+    available: Option<i64>,
+) -> anyhow::Result<Reservations> {
     // Stock to promise: the bench database is scratch.
-    sqlx::query("UPDATE buffers SET on_hand = 10000000 WHERE id = 'FG-BOXED'").execute(&handle.store.pool).await?;
+    let sql = format!(
+        "UPDATE buffers SET on_hand = reserved + {} WHERE id = 'FG-BOXED'",
+        available.unwrap_or(10_000_000).max(0)
+    );
+    sqlx::query(sqlx::AssertSqlSafe(sql)).execute(&handle.store.pool).await?;
     let client = reqwest::Client::builder().timeout(Duration::from_secs(30)).pool_max_idle_per_host(clients).build()?;
     let base = format!("http://{}", handle.http_addr);
+    let round = crate::now_ms();
     let run = |reserve: bool| {
         let client = client.clone();
         let base = base.clone();
@@ -209,7 +200,7 @@ pub async fn reservations(handle: &Handle, clients: usize, per_client: usize) ->
                     for i in 0..per_client {
                         let t = Instant::now();
                         let ok = if reserve {
-                            let body = serde_json::json!({"sku": "BASE-BOXED", "quantity": 1, "ref": format!("bench-{reserve}-{c}-{i}")});
+                            let body = serde_json::json!({"sku": "BASE-BOXED", "quantity": 1, "ref": format!("bench-{round}-{c}-{i}")});
                             client.post(format!("{base}/api/v1/reservations")).json(&body).send().await.map(|r| r.status().as_u16() == 201)
                         } else {
                             client.get(format!("{base}/healthz")).send().await.map(|r| r.status().is_success())
@@ -244,5 +235,13 @@ pub async fn reservations(handle: &Handle, clients: usize, per_client: usize) ->
         lat.len()
     );
     println!("  ratio reservations / floor: {:.2}", rate / floor_rate);
-    Ok((rate, p(0.99)))
+    Ok(Reservations {
+        clients,
+        per_client,
+        floor_per_s: floor_rate,
+        per_s: rate,
+        p50_ms: p(0.5),
+        p99_ms: p(0.99),
+        granted: lat.len() as u64,
+    })
 }

@@ -146,8 +146,26 @@ async fn raw_loop(addrs: &[SocketAddr], poll: Duration, for_: Duration) -> anyho
     Ok(polls.load(Relaxed))
 }
 
+/// The figures of one Modbus run.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Figures {
+    pub devices: usize,
+    pub poll_ms: u64,
+    pub seconds: u64,
+    pub target_polls_per_s: f64,
+    pub mes_polls_per_s: f64,
+    pub mes_points_per_cpu_s: f64,
+    pub raw_polls_per_s: f64,
+    pub raw_points_per_cpu_s: f64,
+    pub ratio: f64,
+    /// Histogram bucket bounds (≤), ms.
+    pub p50_ms: Option<f64>,
+    pub p99_ms: Option<f64>,
+    pub errors: u64,
+}
+
 /// Measures the running MES (already polling `addrs`) and then the raw loop.
-pub async fn run(handle: &Handle, addrs: &[SocketAddr], poll_ms: u64, seconds: u64) -> anyhow::Result<()> {
+pub async fn run(handle: &Handle, addrs: &[SocketAddr], poll_ms: u64, seconds: u64) -> anyhow::Result<Figures> {
     let n = addrs.len();
     let points = RegisterMap::shipped("press-v1").and_then(|r| r.ok()).map(|m| m.points.len()).unwrap_or(0) as f64;
     // Let every device come online and settle.
@@ -192,5 +210,18 @@ pub async fn run(handle: &Handle, addrs: &[SocketAddr], poll_ms: u64, seconds: u
         p99.map(|v| format!("{:.1}", v * 1000.0)).unwrap_or_else(|| "-".into()),
         errors
     );
-    Ok(())
+    Ok(Figures {
+        devices: n,
+        poll_ms,
+        seconds,
+        target_polls_per_s: target,
+        mes_polls_per_s: mes_polls / secs,
+        mes_points_per_cpu_s: mes_polls * points / mes_cpu,
+        raw_polls_per_s: raw_polls / secs,
+        raw_points_per_cpu_s: raw_polls * points / raw_cpu,
+        ratio: (mes_polls / mes_cpu) / (raw_polls / raw_cpu),
+        p50_ms: p50.map(|v| v * 1000.0),
+        p99_ms: p99.map(|v| v * 1000.0),
+        errors,
+    })
 }

@@ -56,8 +56,21 @@ enum Cmd {
         /// The map file.
         file: PathBuf,
     },
-    /// Measure committed telemetry per second against the raw broker rate, in one run.
+    /// Measure committed telemetry per second against the raw broker rate, in one run; or
+    /// one scenario of the suite (docs/BENCHMARKS.md), written to target/bench/<scenario>.md
+    /// and .json.
     Bench {
+        /// ingest, surge, settlement, modbus, reservations, scale, http or node-red.
+        scenario: Option<String>,
+        /// Scenarios: length of a paced phase or measurement.
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+        /// surge: stations of the line, each reporting once a second at its normal rate.
+        #[arg(long, default_value_t = 300)]
+        stations: usize,
+        /// node-red: messages sent to the Node-RED flow.
+        #[arg(long, default_value_t = 20_000)]
+        peer_messages: u64,
         /// Messages per measurement.
         #[arg(long, default_value_t = 100_000)]
         messages: u64,
@@ -272,7 +285,16 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
                 Ok(ExitCode::from(1))
             }
         },
-        Cmd::Bench { messages, database, exporter, influx_url } => {
+        Cmd::Bench { scenario: Some(scenario), messages, database, seconds, stations, peer_messages, .. } => {
+            // Progress lines on stderr stay readable: the in-process MES logs warnings only.
+            let mut quiet = Config::load(None)?;
+            quiet.log.filter = "warn".into();
+            init_logging(Some(&quiet), cli.log_json);
+            let o = mes::bench_suite::Options { messages, database, seconds, stations, peer_messages };
+            runtime()?.block_on(mes::bench_suite::run(&scenario, o))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Bench { scenario: None, messages, database, exporter, influx_url, .. } => {
             let mut cfg = Config::load(None)?;
             let broker_port = free_port()?;
             let http_port = free_port()?;

@@ -11,6 +11,7 @@
 
 mod harness;
 
+mod bench;
 mod cli;
 mod cluster;
 mod dashboard;

@@ -1,0 +1,557 @@
+//! `mes bench <scenario>`: the benchmark suite's front end (docs/BENCHMARKS.md).
+//!
+//! Each scenario starts what it needs on loopback (free ports, fresh databases), prints
+//! its progress on stderr, and writes `target/bench/<scenario>.md` (table rows with the
+//! ratio to the baseline measured in the same run) and `target/bench/<scenario>.json`.
+
+use crate::app::Handle;
+use crate::bench_http::{free_port, Kill};
+use crate::bench_load::{self, Load, Phase, PhaseFigures};
+use crate::config::Config;
+use anyhow::Context;
+use serde_json::json;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub const SCENARIOS: &[&str] =
+    &["ingest", "surge", "settlement", "modbus", "reservations", "scale", "http", "node-red"];
+
+/// Options shared by the scenarios (each uses the ones it needs).
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// Messages of a flood (ingest, settlement, node-red's MES and raw runs).
+    pub messages: u64,
+    /// One database URL instead of the scenario's default(s).
+    pub database: Option<String>,
+    /// Length of a paced phase or measurement, seconds.
+    pub seconds: u64,
+    /// Stations of the surge scenario's line (each reporting once a second at 1×).
+    pub stations: usize,
+    /// Messages sent to the Node-RED flow.
+    pub peer_messages: u64,
+}
+
+/// Where PostgreSQL is looked for when a scenario measures it (`MES_BENCH_POSTGRES`).
+fn postgres_base() -> String {
+    std::env::var("MES_BENCH_POSTGRES").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into())
+}
+
+/// A fresh, empty PostgreSQL database `name`; its URL.
+async fn fresh_postgres(name: &str) -> anyhow::Result<String> {
+    let base = postgres_base();
+    let admin = crate::db::Store::connect(&format!("{base}/postgres"), 2).await?;
+    sqlx::query(sqlx::AssertSqlSafe(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")))
+        .execute(&admin.pool)
+        .await?;
+    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}"))).execute(&admin.pool).await?;
+    admin.pool.close().await;
+    Ok(format!("{base}/{name}"))
+}
+
+/// A fresh SQLite file under mes-data/; its URL.
+fn fresh_sqlite(name: &str) -> anyhow::Result<String> {
+    std::fs::create_dir_all("mes-data")?;
+    let path = format!("mes-data/{name}.db");
+    for suffix in ["", "-wal", "-shm"] {
+        let _ = std::fs::remove_file(format!("{path}{suffix}"));
+    }
+    Ok(format!("sqlite://{path}"))
+}
+
+fn db_label(url: &str) -> &'static str {
+    if url.starts_with("sqlite:") {
+        "SQLite"
+    } else {
+        "PostgreSQL"
+    }
+}
+
+/// The in-process MES of `mes bench`: embedded broker on a free port, the demo line with
+/// every device on MQTT. Returns the config, the broker address, the devices and the
+/// topic prefix.
+fn in_process(database: String, client: &str) -> anyhow::Result<(Config, String, Vec<String>, String)> {
+    let mut cfg = Config::load(None)?;
+    let broker_port = free_port()?;
+    cfg.http.listen = format!("127.0.0.1:{}", free_port()?);
+    cfg.mqtt.url = format!("mqtt://127.0.0.1:{broker_port}");
+    cfg.mqtt.embedded_broker = Some(format!("127.0.0.1:{broker_port}"));
+    cfg.mqtt.client_id = client.into();
+    cfg.database.url = database;
+    std::fs::create_dir_all("mes-data")?;
+    let plant_path = PathBuf::from(format!("mes-data/{client}-plant.toml"));
+    std::fs::write(&plant_path, crate::plant::MQTT_LINE)?;
+    cfg.plant.file = Some(plant_path.clone());
+    let plant = crate::plant::Plant::load(Some(&plant_path))?;
+    let devices = plant.work_centers.iter().map(|w| w.device_id()).collect();
+    let prefix = cfg.mqtt.topic_prefix.clone();
+    Ok((cfg, format!("127.0.0.1:{broker_port}"), devices, prefix))
+}
+
+/// Runs one scenario.
+pub async fn run(scenario: &str, o: Options) -> anyhow::Result<()> {
+    match scenario {
+        "ingest" => ingest(&o).await,
+        "surge" => surge(&o).await,
+        "settlement" => settlement(&o).await,
+        "reservations" => reservations(&o).await,
+        "modbus" => modbus(&o).await,
+        "node-red" => node_red(&o).await,
+        "scale" => {
+            let md = crate::bench_scale::run(10_000, 100_000).await?;
+            println!("{md}");
+            Ok(())
+        }
+        "http" => {
+            let md = crate::bench_http::run(32, o.seconds.clamp(1, 600)).await?;
+            println!("{md}");
+            Ok(())
+        }
+        other => anyhow::bail!("unknown scenario `{other}`; one of: {}", SCENARIOS.join(", ")),
+    }
+}
+
+fn ms(v: f64) -> String {
+    format!("{v:.1}")
+}
+
+// ---------------------------------------------------------------- ingest
+
+/// One database: raw broker flood, MES flood, MES paced at half its flood rate.
+#[derive(serde::Serialize)]
+struct IngestFigures {
+    database: &'static str,
+    raw_per_s: f64,
+    flood: PhaseFigures,
+    half: PhaseFigures,
+}
+
+async fn ingest_one(url: String, o: &Options) -> anyhow::Result<IngestFigures> {
+    let label = db_label(&url);
+    let (cfg, broker, devices, prefix) = in_process(url.clone(), "mes-bench-ingest")?;
+    let (n, secs) = (o.messages, o.seconds.max(1) as f64);
+    crate::app::run_with(cfg, move |_handle: Handle| async move {
+        // The observer's own connections, not the MES's pool.
+        let obs = crate::db::Store::connect(&url, 2).await?;
+        eprintln!("[ingest {label}] raw broker: {n} messages to a no-op subscriber ...");
+        let raw = crate::bench::baseline(&broker, &devices, n).await?;
+        eprintln!("[ingest {label}] raw broker: {raw:.0} msg/s");
+        let load = Load::new(devices.clone(), &prefix, 1, vec![Phase::flood("flood", n)]);
+        let (mut f, _) = bench_load::run(&broker, &obs.pool, load.clone(), &format!("ingest {label}"), None).await?;
+        let flood = f.remove(0);
+        let half_rate = flood.committed_per_s / 2.0;
+        eprintln!("[ingest {label}] paced at half of {:.0} msg/s for {secs} s ...", flood.committed_per_s);
+        let paced = Load::new(devices, &prefix, load.next_seq(), vec![Phase::paced("half", half_rate, secs)]);
+        let (mut h, _) = bench_load::run(&broker, &obs.pool, paced, &format!("ingest {label}"), None).await?;
+        Ok(IngestFigures { database: label, raw_per_s: raw, flood, half: h.remove(0) })
+    })
+    .await
+}
+
+async fn ingest(o: &Options) -> anyhow::Result<()> {
+    let mut urls = Vec::new();
+    match &o.database {
+        Some(url) => urls.push(url.clone()),
+        None => {
+            urls.push(fresh_sqlite("bench-ingest")?);
+            match fresh_postgres("mes_bench_ingest").await {
+                Ok(url) => urls.push(url),
+                Err(e) => eprintln!("[ingest] PostgreSQL skipped ({}): {e:#}", postgres_base()),
+            }
+        }
+    }
+    let mut rows = Vec::new();
+    for url in urls {
+        rows.push(ingest_one(url, o).await?);
+    }
+    let mut md = String::from(
+        "| database | messages | raw broker msg/s | MES committed msg/s | ratio | p50 / p99 (flood) | half rate msg/s | committed msg/s | p50 / p99 ms at half rate |\n\
+         |---|---:|---:|---:|---:|---|---:|---:|---|\n",
+    );
+    for r in &rows {
+        md.push_str(&format!(
+            "| {} | {} | {:.0} | {:.0} | {:.2} | {} / {} ms | {:.0} | {:.0} | {} / {} |\n",
+            r.database,
+            r.flood.messages,
+            r.raw_per_s,
+            r.flood.committed_per_s,
+            r.flood.committed_per_s / r.raw_per_s.max(f64::MIN_POSITIVE),
+            ms(r.flood.p50_ms),
+            ms(r.flood.p99_ms),
+            r.half.published_per_s,
+            r.half.committed_per_s,
+            ms(r.half.p50_ms),
+            ms(r.half.p99_ms),
+        ));
+    }
+    println!("{md}");
+    bench_load::write_results("ingest", &md, &json!({"scenario": "ingest", "runs": rows}))
+}
+
+// ---------------------------------------------------------------- settlement
+
+async fn settlement(o: &Options) -> anyhow::Result<()> {
+    let url = match &o.database {
+        Some(u) => u.clone(),
+        None => fresh_sqlite("bench-settlement")?,
+    };
+    let label = db_label(&url);
+    let (cfg, broker, devices, prefix) = in_process(url.clone(), "mes-bench-settlement")?;
+    let n = o.messages;
+    let (f, mes, raw, per_tx) = crate::app::run_with(cfg, move |handle: Handle| async move {
+        let obs = crate::db::Store::connect(&url, 2).await?;
+        let load = Load::new(devices, &prefix, 1, vec![Phase::flood("flood", n)]);
+        let (mut f, _) = bench_load::run(&broker, &obs.pool, load, "settlement", None).await?;
+        let f = f.remove(0);
+        let secs = f.messages as f64 / f.committed_per_s.max(f64::MIN_POSITIVE);
+        let commits = handle.metrics.commits.load(std::sync::atomic::Ordering::Relaxed);
+        let (mes, raw) = crate::bench::settlement(&handle, secs, commits).await?;
+        let per_tx = (mes * secs) / commits.max(1) as f64;
+        Ok((f, mes, raw, per_tx))
+    })
+    .await?;
+    let md = format!(
+        "| database | readings | rows | rows per tx | raw inserts rows/s | MES rows/s | ratio |\n|---|---:|---:|---:|---:|---:|---:|\n\
+         | {label} | {} | {:.0} | {per_tx:.0} | {raw:.0} | {mes:.0} | {:.2} |\n",
+        f.committed,
+        mes * f.messages as f64 / f.committed_per_s.max(f64::MIN_POSITIVE),
+        mes / raw.max(f64::MIN_POSITIVE)
+    );
+    println!("{md}");
+    bench_load::write_results(
+        "settlement",
+        &md,
+        &json!({"scenario": "settlement", "database": label, "ingest": f, "mes_rows_per_s": mes, "raw_rows_per_s": raw,
+                "rows_per_tx": per_tx}),
+    )
+}
+
+// ---------------------------------------------------------------- reservations
+
+async fn reservations(o: &Options) -> anyhow::Result<()> {
+    let url = match &o.database {
+        Some(u) => u.clone(),
+        None => match fresh_postgres("mes_bench_reservations").await {
+            Ok(u) => u,
+            Err(e) => {
+                eprintln!("[reservations] PostgreSQL unreachable ({e:#}); measuring SQLite");
+                fresh_sqlite("bench-reservations")?
+            }
+        },
+    };
+    let label = db_label(&url);
+    let (cfg, _, _, _) = in_process(url, "mes-bench-reservations")?;
+    let (clients, per_client) = (64, 50);
+    let (plenty, scarce, on_hand, reserved) = crate::app::run_with(cfg, move |handle: Handle| async move {
+        eprintln!("[reservations {label}] {clients} clients × {per_client}, stock for all ...");
+        let plenty = crate::bench::reservations(&handle, clients, per_client, None).await?;
+        // Scarce: a quarter of the requests can be granted; exactly that many must be.
+        let left = (clients * per_client / 4) as i64;
+        eprintln!("[reservations {label}] {clients} clients × {per_client}, stock for {left} ...");
+        let scarce = crate::bench::reservations(&handle, clients, per_client, Some(left)).await?;
+        let client = reqwest::Client::new();
+        let inv: serde_json::Value =
+            client.get(format!("http://{}/api/v1/inventory/BASE-BOXED", handle.http_addr)).send().await?.json().await?;
+        let on_hand = inv["on_hand"].as_i64().unwrap_or(0);
+        let reserved = inv["reserved"].as_i64().unwrap_or(0);
+        anyhow::ensure!(scarce.granted as i64 == left, "scarce round granted {} of {left}", scarce.granted);
+        Ok((plenty, scarce, on_hand, reserved))
+    })
+    .await?;
+    let oversold = (reserved - on_hand).max(0);
+    let md = format!(
+        "| database | clients × requests | healthz req/s | reservations/s | ratio | p50 ms | p99 ms | granted when stock for a quarter | oversold |\n\
+         |---|---|---:|---:|---:|---:|---:|---:|---:|\n\
+         | {label} | {clients} × {per_client} | {:.0} | {:.0} | {:.3} | {} | {} | {} of {} | {oversold} |\n",
+        plenty.floor_per_s,
+        plenty.per_s,
+        plenty.per_s / plenty.floor_per_s.max(f64::MIN_POSITIVE),
+        ms(plenty.p50_ms),
+        ms(plenty.p99_ms),
+        scarce.granted,
+        clients * per_client,
+    );
+    println!("{md}");
+    bench_load::write_results(
+        "reservations",
+        &md,
+        &json!({"scenario": "reservations", "database": label, "plenty": plenty, "scarce": scarce,
+                "on_hand": on_hand, "reserved": reserved, "oversold": oversold}),
+    )
+}
+
+// ---------------------------------------------------------------- modbus
+
+async fn modbus(o: &Options) -> anyhow::Result<()> {
+    let (devices, poll_ms) = (500, 200);
+    let url = match &o.database {
+        Some(u) => u.clone(),
+        None => fresh_sqlite("bench-modbus")?,
+    };
+    let (mut cfg, _, _, _) = in_process(url, "mes-bench-modbus")?;
+    eprintln!("[modbus] {devices} simulated presses, polled every {poll_ms} ms, {} s per measurement ...", o.seconds);
+    let (addrs, servers) = crate::bench_modbus::start_devices(devices).await?;
+    let plant_path = PathBuf::from("mes-data/bench-modbus-plant.toml");
+    std::fs::write(&plant_path, crate::bench_modbus::plant(&addrs, poll_ms))?;
+    cfg.plant.file = Some(plant_path);
+    let seconds = o.seconds.max(1);
+    let r = crate::app::run_with(cfg, move |handle: Handle| async move {
+        crate::bench_modbus::run(&handle, &addrs, poll_ms, seconds).await
+    })
+    .await;
+    for s in servers {
+        s.abort();
+    }
+    let f = r?;
+    let bound = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("≤ {v:.0} ms"));
+    let md = format!(
+        "| devices | poll | target polls/s | MES polls/s | MES points per CPU-s | raw points per CPU-s | ratio | poll→commit p50 / p99 | errors |\n\
+         |---:|---:|---:|---:|---:|---:|---:|---|---:|\n\
+         | {} | {} ms | {:.0} | {:.0} | {:.0} | {:.0} | {:.2} | {} / {} | {} |\n",
+        f.devices,
+        f.poll_ms,
+        f.target_polls_per_s,
+        f.mes_polls_per_s,
+        f.mes_points_per_cpu_s,
+        f.raw_points_per_cpu_s,
+        f.ratio,
+        bound(f.p50_ms),
+        bound(f.p99_ms),
+        f.errors
+    );
+    println!("{md}");
+    bench_load::write_results("modbus", &md, &json!({"scenario": "modbus", "figures": f}))
+}
+
+// ---------------------------------------------------------------- surge
+
+/// Starts `mes serve` with `config` in a child process and waits for `/readyz`.
+async fn serve_child(exe: &Path, dir: &Path, http: u16) -> anyhow::Result<Kill> {
+    let log = std::fs::File::create(dir.join("mes.log"))?;
+    let child = Kill(
+        Command::new(exe)
+            .args(["serve", "--config"])
+            .arg(dir.join("mes.toml"))
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .context("start mes serve")?,
+    );
+    let client = reqwest::Client::builder().timeout(Duration::from_secs(5)).build()?;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        if let Ok(r) = client.get(format!("http://127.0.0.1:{http}/readyz")).send().await {
+            if r.status().is_success() {
+                return Ok(child);
+            }
+        }
+        anyhow::ensure!(Instant::now() < deadline, "mes serve not ready in 120 s (see {}/mes.log)", dir.display());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn surge(o: &Options) -> anyhow::Result<()> {
+    let exe = std::env::current_exe().context("own executable")?;
+    let stations = o.stations.max(1);
+    let normal = stations as f64; // one message per station per second
+    let secs = o.seconds.max(1) as f64;
+    let dir = PathBuf::from("mes-data/bench-surge");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    std::fs::write(dir.join("plant.toml"), crate::bench_scale::plant(stations))?;
+    let (http, mqtt) = (free_port()?, free_port()?);
+    let db = format!("sqlite://{}/mes.db", dir.display());
+    std::fs::write(
+        dir.join("mes.toml"),
+        format!(
+            "[http]\nlisten = \"127.0.0.1:{http}\"\n[database]\nurl = \"{db}\"\n[mqtt]\nurl = \"mqtt://127.0.0.1:{mqtt}\"\n\
+             client_id = \"mes-bench-surge\"\nembedded_broker = \"127.0.0.1:{mqtt}\"\n[plant]\nfile = \"{}/plant.toml\"\n",
+            dir.display()
+        ),
+    )?;
+    eprintln!("[surge] mes serve (SQLite, embedded broker), {stations} stations, normal rate {normal:.0} msg/s ...");
+    let child = serve_child(&exe, &dir, http).await?;
+    let pid = child.0.id();
+    let observer = crate::db::Store::connect(&db, 2).await?;
+    let devices: Vec<String> = (0..stations).map(|i| format!("dev-{i:05}")).collect();
+    let prefix = Config::load(None)?.mqtt.topic_prefix;
+    let phases = vec![
+        Phase::paced("1×", normal, secs / 2.0),
+        Phase::paced("10×", normal * 10.0, secs),
+        Phase::paced("30×", normal * 30.0, secs),
+        Phase::paced("1× after", normal, secs),
+    ];
+    let load = Load::new(devices, &prefix, 1, phases);
+    let (f, samples) =
+        bench_load::run(&format!("127.0.0.1:{mqtt}"), &observer.pool, load.clone(), "surge", Some(pid)).await?;
+    let hwm = bench_load::proc_kib(pid, "VmHWM").unwrap_or(0) as f64 / 1024.0;
+    let rss_end = bench_load::proc_kib(pid, "VmRSS").unwrap_or(0) as f64 / 1024.0;
+    drop(child);
+    // When the backlog of the 30× phase was gone (≤ one normal second of messages).
+    let p30_end = load.bounds[3];
+    let drained_at = samples
+        .iter()
+        .filter(|s| s.published >= p30_end)
+        .find(|s| s.published.saturating_sub(s.committed) as f64 <= normal)
+        .map(|s| s.at_us);
+    let end_30 = samples.iter().find(|s| s.published >= p30_end).map(|s| s.at_us);
+    let drain_s = match (drained_at, end_30) {
+        (Some(d), Some(e)) => Some(d.saturating_sub(e) as f64 / 1e6),
+        _ => None,
+    };
+    let mut md = String::from(
+        "| phase | target msg/s | published msg/s | committed msg/s | committed / published | max backlog | backlog at end | p50 ms | p99 ms | max ms | peak RSS MiB |\n\
+         |---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n"
+    );
+    for (p, x) in f.iter().enumerate() {
+        let target = load.phases[p].rate.unwrap_or(0.0);
+        md.push_str(&format!(
+            "| {} | {target:.0} | {:.0} | {:.0} | {:.2} | {} | {} | {} | {} | {} | {:.1} |\n",
+            x.name,
+            x.published_per_s,
+            x.committed_per_s,
+            x.committed_per_s / x.published_per_s.max(f64::MIN_POSITIVE),
+            x.max_backlog,
+            x.backlog_at_end,
+            ms(x.p50_ms),
+            ms(x.p99_ms),
+            ms(x.max_ms),
+            x.peak_rss_mib
+        ));
+    }
+    let committed: u64 = f.iter().map(|x| x.committed).sum();
+    md.push_str(&format!(
+        "\n{stations} stations, normal {normal:.0} msg/s; {committed} of {} messages committed; \
+         peak RSS (VmHWM) of mes serve {hwm:.1} MiB, {rss_end:.1} MiB at the end; \
+         30× backlog drained {} after the 30× phase ended.\n",
+        load.total(),
+        drain_s.map_or("not".to_string(), |d| format!("{d:.2} s"))
+    ));
+    println!("{md}");
+    bench_load::write_results(
+        "surge",
+        &md,
+        &json!({"scenario": "surge", "stations": stations, "normal_per_s": normal, "phases": f,
+                "messages": load.total(), "committed": committed, "vm_hwm_mib": hwm, "rss_end_mib": rss_end,
+                "drain_after_30x_s": drain_s}),
+    )
+}
+
+// ---------------------------------------------------------------- node-red
+
+const NODE_RED_TABLE: &str = "CREATE TABLE telemetry (id INTEGER PRIMARY KEY AUTOINCREMENT, device TEXT NOT NULL, \
+     boot BIGINT NOT NULL, seq BIGINT NOT NULL, good BIGINT NOT NULL, scrap BIGINT NOT NULL, state TEXT NOT NULL, \
+     ts TEXT, received_ms BIGINT NOT NULL, UNIQUE (device, boot, seq))";
+
+/// Node-RED on the broker at `broker_port`: installed, started, subscribed (a probe
+/// message reached its table). Returns the process and the database it writes.
+async fn start_node_red(broker: &str, prefix: &str) -> anyhow::Result<(Kill, crate::db::Store)> {
+    let script = Path::new("scripts/bench-node-red.sh");
+    anyhow::ensure!(script.exists(), "scripts/bench-node-red.sh not found: run from the repository root");
+    eprintln!("[node-red] installing node-red@4 and node-red-node-sqlite (npm, once) ...");
+    let ok = Command::new("bash").arg(script).arg("install").status()?.success();
+    anyhow::ensure!(ok, "installing Node-RED failed");
+    let dir = std::env::current_dir()?.join("mes-data/bench-node-red");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    let db_path = dir.join("telemetry.db");
+    let store = crate::db::Store::connect(&format!("sqlite://{}", db_path.display()), 2).await?;
+    sqlx::query(NODE_RED_TABLE).execute(&store.pool).await?;
+    let port = broker.rsplit_once(':').map(|(_, p)| p).unwrap_or("1883").to_string();
+    let http = free_port()?;
+    let log = std::fs::File::create(dir.join("node-red.log"))?;
+    let child = Kill(
+        Command::new("bash")
+            .arg(script)
+            .arg("run")
+            .arg(&dir)
+            .arg(&port)
+            .arg(http.to_string())
+            .arg(&db_path)
+            .arg(format!("{prefix}/devices/+/telemetry"))
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("start Node-RED")?,
+    );
+    // Subscribed once a probe reaches the table (probe rows are not counted).
+    let (client, mut el) = rumqttc::AsyncClient::new(bench_load::mqtt_options("bench-probe", broker)?, 100);
+    let poller = tokio::spawn(async move { while el.poll().await.is_ok() {} });
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let mut seq = 0u64;
+    loop {
+        seq += 1;
+        client
+            .publish(
+                format!("{prefix}/devices/probe/telemetry"),
+                rumqttc::QoS::AtLeastOnce,
+                false,
+                bench_load::payload(seq),
+            )
+            .await?;
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM telemetry").fetch_one(&store.pool).await?;
+        if n > 0 {
+            break;
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "Node-RED did not subscribe in 120 s (see {}/node-red.log)",
+            dir.display()
+        );
+    }
+    poller.abort();
+    Ok((child, store))
+}
+
+async fn node_red(o: &Options) -> anyhow::Result<()> {
+    let url = fresh_sqlite("bench-node-red-mes")?;
+    let (cfg, broker, devices, prefix) = in_process(url.clone(), "mes-bench-node-red")?;
+    let (n, peer_n) = (o.messages, o.peer_messages.max(1));
+    let (raw, mes, nr, nr_hwm) = crate::app::run_with(cfg, move |_handle: Handle| async move {
+        let obs = crate::db::Store::connect(&url, 2).await?;
+        eprintln!("[node-red] raw broker: {n} messages to a no-op subscriber ...");
+        let raw = crate::bench::baseline(&broker, &devices, n).await?;
+        eprintln!("[node-red] raw broker: {raw:.0} msg/s");
+        let load = Load::new(devices.clone(), &prefix, 1, vec![Phase::flood("MES", n)]);
+        let (mut f, _) = bench_load::run(&broker, &obs.pool, load, "MES", None).await?;
+        let mes = f.remove(0);
+        let (child, store) = start_node_red(&broker, "nodered").await?;
+        let pid = child.0.id();
+        let load = Load::new(devices, "nodered", 1, vec![Phase::flood("Node-RED", peer_n)]);
+        let (mut f, _) = bench_load::run(&broker, &store.pool, load, "Node-RED", Some(pid)).await?;
+        let hwm = bench_load::proc_kib(pid, "VmHWM").unwrap_or(0) as f64 / 1024.0;
+        drop(child);
+        Ok((raw, mes, f.remove(0), hwm))
+    })
+    .await?;
+    let md = format!(
+        "| system | messages | committed | committed msg/s | ratio to raw broker | MES / system | p50 ms | p99 ms |\n\
+         |---|---:|---:|---:|---:|---:|---:|---:|\n\
+         | raw broker (no-op subscriber) | {n} | — | {raw:.0} | 1.00 | {:.2} | | |\n\
+         | MES (SQLite, settled) | {} | {} | {:.0} | {:.2} | 1.00 | {} | {} |\n\
+         | Node-RED 4 (mqtt in → json → sqlite) | {} | {} | {:.0} | {:.2} | {:.1} | {} | {} |\n\
+         \nNode-RED peak RSS (VmHWM) {nr_hwm:.0} MiB.\n",
+        mes.committed_per_s / raw.max(f64::MIN_POSITIVE),
+        mes.messages,
+        mes.committed,
+        mes.committed_per_s,
+        mes.committed_per_s / raw.max(f64::MIN_POSITIVE),
+        ms(mes.p50_ms),
+        ms(mes.p99_ms),
+        nr.messages,
+        nr.committed,
+        nr.committed_per_s,
+        nr.committed_per_s / raw.max(f64::MIN_POSITIVE),
+        mes.committed_per_s / nr.committed_per_s.max(f64::MIN_POSITIVE),
+        ms(nr.p50_ms),
+        ms(nr.p99_ms),
+    );
+    println!("{md}");
+    bench_load::write_results(
+        "node-red",
+        &md,
+        &json!({"scenario": "node-red", "raw_per_s": raw, "mes": mes, "node_red": nr, "node_red_vm_hwm_mib": nr_hwm,
+                "ratio_mes_to_node_red": mes.committed_per_s / nr.committed_per_s.max(f64::MIN_POSITIVE)}),
+    )
+}
