@@ -58,6 +58,8 @@ pub struct Node {
     mqtt: MqttConfig,
     ingest: IngestConfig,
     owned: tokio::sync::Mutex<BTreeMap<String, Local>>,
+    /// Pending Modbus dispatches are being written (one batch at a time).
+    dispatching: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Node {
@@ -88,6 +90,7 @@ impl Node {
             mqtt,
             ingest,
             owned: Default::default(),
+            dispatching: Default::default(),
         })
     }
 
@@ -210,19 +213,29 @@ impl Node {
                 }
             }
         }
-        // Modbus dispatches that other nodes recorded for our devices: written here.
-        for (id, wc, device, quantity) in self.store.pending_dispatches(&ids).await? {
-            let Some(h) = self.writers.get(&device) else { continue };
-            let target = WriteTarget::Role(mes_plc_maps::Role::Target);
-            let q = quantity.max(0) as u64;
-            let result = match h.check(&target, q) {
-                Ok(_) => h.write(target, q).await.map(|_| ()).map_err(|e| e.to_string()),
-                Err(_) => Ok(()), // the map has no target point: nothing to write
-            };
-            if let Err(e) = &result {
-                tracing::warn!(work_center = %wc, dispatch = %id, error = %e, "order dispatch failed");
-            }
-            self.store.finish_dispatch(&id, result.err().as_deref()).await?;
+        // Modbus dispatches that other nodes recorded for our devices: written here, off
+        // the heartbeat's path (a slow device must not delay lease renewal).
+        if !self.dispatching.swap(true, Relaxed) {
+            let pending = self.store.pending_dispatches(&ids).await;
+            let (store, writers, busy) = (self.store.clone(), self.writers.clone(), self.dispatching.clone());
+            tokio::spawn(async move {
+                for (id, wc, device, quantity) in pending.unwrap_or_default() {
+                    let Some(h) = writers.get(&device) else { continue };
+                    let target = WriteTarget::Role(mes_plc_maps::Role::Target);
+                    let q = quantity.max(0) as u64;
+                    let result = match h.check(&target, q) {
+                        Ok(_) => h.write(target, q).await.map(|_| ()).map_err(|e| e.to_string()),
+                        Err(_) => Ok(()), // the map has no target point: nothing to write
+                    };
+                    if let Err(e) = &result {
+                        tracing::warn!(work_center = %wc, dispatch = %id, error = %e, "order dispatch failed");
+                    }
+                    if let Err(e) = store.finish_dispatch(&id, result.err().as_deref()).await {
+                        tracing::warn!(dispatch = %id, error = %e, "dispatch result not recorded; retried");
+                    }
+                }
+                busy.store(false, Relaxed);
+            });
         }
         self.metrics.cluster_owned.store(owned.len() as i64, Relaxed);
         Ok(())
@@ -237,7 +250,7 @@ impl Node {
             .await
             .map_err(|e| e.to_string())?
             .ok_or_else(|| format!("work center `{wc}` is not in the database"))?;
-        let cursor = self.store.cursors().await.map_err(|e| e.to_string())?.get(&row.device_id).copied();
+        let cursor = self.store.cursor_of(&row.device_id).await.map_err(|e| e.to_string())?;
         let state = crate::app::work_center_state(&self.plant, &row, cursor);
         let current_order = state.current_order.clone();
         let addr = WorkCenterActor::new(state).start();
