@@ -282,7 +282,13 @@ impl Sim {
 
     /// Waits (bounded) for the end of the run; returns the truth and the number of
     /// publishes the broker acknowledged.
-    pub async fn finish(mut self, limit: Duration) -> (Value, u64) {
+    pub async fn finish(self, limit: Duration) -> (Value, u64) {
+        let (truth, acked, _) = self.finish_with_log(limit).await;
+        (truth, acked)
+    }
+
+    /// [`Sim::finish`], and the simulator's log.
+    pub async fn finish_with_log(mut self, limit: Duration) -> (Value, u64, String) {
         let deadline = Instant::now() + limit;
         let status = loop {
             if let Ok(Some(s)) = self.child.try_wait() {
@@ -306,7 +312,7 @@ impl Sim {
             .and_then(|r| r.split_whitespace().next())
             .and_then(|n| n.parse().ok())
             .unwrap_or_else(|| panic!("no message count in the line-sim log:\n{log}"));
-        (truth, acked)
+        (truth, acked, log)
     }
 }
 
@@ -678,7 +684,31 @@ pub async fn check_invariants(
     let mut missing = expected_rows.iter().filter(|k| !keys.contains(**k) && !dead.contains(**k)).collect::<Vec<_>>();
     missing.sort();
     if !missing.is_empty() {
-        v.fail("I3", format!("{} accepted messages not committed, first {:?}", missing.len(), missing[0]));
+        // Per device and boot: the runs of missing seqs, to tell a lost stretch from strays.
+        let mut runs: BTreeMap<(&str, u64), Vec<(u64, u64)>> = BTreeMap::new();
+        for k in &missing {
+            let r = runs.entry((k.0.as_str(), k.1)).or_default();
+            match r.last_mut() {
+                Some(last) if last.1 + 1 == k.2 => last.1 = k.2,
+                _ => r.push((k.2, k.2)),
+            }
+        }
+        let detail: Vec<String> = runs
+            .iter()
+            .map(|((d, b), r)| {
+                let r: Vec<String> = r.iter().take(8).map(|(a, z)| format!("{a}..{z}")).collect();
+                format!("{d} boot {b}: seq {}", r.join(","))
+            })
+            .collect();
+        v.fail(
+            "I3",
+            format!(
+                "{} accepted messages not committed, first {:?} ({})",
+                missing.len(),
+                missing[0],
+                detail.join("; ")
+            ),
+        );
     }
     let unseen = keys.iter().filter(|k| !witnessed_set.contains(k)).count();
     if unseen > 0 {
@@ -805,8 +835,10 @@ pub fn record(runs: &[RunResult]) {
     let _ = std::fs::write(dir.join("results.md"), md);
 }
 
-/// Records the run, then fails the test with every violation if there was one.
-pub fn conclude(scenario: &str, seed: u64, verdict: &Verdict, notes: Vec<String>, context: &str) {
+/// Records the run, then fails the test with every violation if there was one. A failed
+/// run's evidence (the MES's directory: database file, logs, truth files; and the
+/// witness's log) is kept under `<target>/reliability/failed/`.
+pub fn conclude(scenario: &str, seed: u64, verdict: &Verdict, notes: Vec<String>, mes: &Mes, witnessed: &[Key]) {
     record(&[RunResult {
         scenario: scenario.to_string(),
         database: database_label(),
@@ -815,10 +847,26 @@ pub fn conclude(scenario: &str, seed: u64, verdict: &Verdict, notes: Vec<String>
         passed: verdict.passed(),
         notes,
     }]);
-    assert!(
-        verdict.passed(),
-        "{scenario}, seed {seed} ({}): invariants violated:\n  {}\n{context}",
+    if verdict.passed() {
+        return;
+    }
+    let slug: String = scenario.chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '-' }).collect();
+    let keep = results_dir().join("failed").join(format!("{slug}-{seed}-{}-{}", database_label(), std::process::id()));
+    let _ = std::fs::create_dir_all(&keep);
+    for e in std::fs::read_dir(&mes.dir).into_iter().flatten().flatten() {
+        if e.path().is_file() {
+            let _ = std::fs::copy(e.path(), keep.join(e.file_name()));
+        }
+    }
+    let lines: Vec<String> = witnessed.iter().map(|(d, b, s)| format!("{d} {b} {s}")).collect();
+    let _ = std::fs::write(keep.join("witness.txt"), lines.join("\n"));
+    let log = mes.log();
+    let tail: Vec<&str> = log.lines().rev().take(40).collect::<Vec<_>>().into_iter().rev().collect();
+    panic!(
+        "{scenario}, seed {seed} ({}): invariants violated:\n  {}\nevidence kept in {}\nMES log (tail):\n{}",
         database_label(),
-        verdict.failures.join("\n  ")
+        verdict.failures.join("\n  "),
+        keep.display(),
+        tail.join("\n")
     );
 }

@@ -85,13 +85,14 @@ async fn sigkill_during_promo_surge() {
         witness.wait_for(acked, Duration::from_secs(30)).await;
         let drain = wait_drained(&mes, &want, Duration::from_secs(120)).await;
         let samples = sampler.stop().await;
-        let verdict = check_invariants(&mes, &want, &initial, &witness.keys(), &samples).await;
+        let keys = witness.keys();
+        let verdict = check_invariants(&mes, &want, &initial, &keys, &samples).await;
         let notes = vec![
             format!("{kills} kills at {} s", at.join("/")),
             format!("{acked} messages"),
             format!("drain {:.1} s after the run", drain.as_secs_f64()),
         ];
-        conclude("1. SIGKILL during promo-surge", seed, &verdict, notes, &format!("MES log:\n{}", tail(&mes.log())));
+        conclude("1. SIGKILL during promo-surge", seed, &verdict, notes, &mes, &keys);
         broker.stop();
     }
 }
@@ -124,39 +125,74 @@ async fn broker_restart_and_outage() {
         let outage = dice.ms(3000, 8000);
         tokio::time::sleep(outage).await;
         broker.spawn().await;
-        let (truth, acked) = sim.finish(Duration::from_secs(180)).await;
+        let (truth, acked, sim_log) = sim.finish_with_log(Duration::from_secs(180)).await;
         let mut want = Expected::default();
         want.add_truth(&truth, &initial);
         witness.wait_for(acked, Duration::from_secs(30)).await;
         let drain = wait_drained(&mes, &want, Duration::from_secs(120)).await;
         let samples = sampler.stop().await;
-        let verdict = check_invariants(&mes, &want, &initial, &witness.keys(), &samples).await;
+        let keys = witness.keys();
+        let mut verdict = check_invariants(&mes, &want, &initial, &keys, &samples).await;
+        // The faults really happened: both sides lost the broker twice and got their
+        // sessions back (nothing replayed from scratch).
+        let mes_reconnects = mes.metric("mes_mqtt_reconnects_total").await;
+        let resumed = sim_log.matches("reconnected to the MQTT broker (session present: true)").count();
+        if mes_reconnects < 2 || resumed < 2 || sim_log.contains("session present: false") {
+            verdict.failures.push(format!(
+                "faults: MES reconnects {mes_reconnects}, simulator sessions resumed {resumed} (want 2 each, none lost)"
+            ));
+        }
         let notes = vec![
+            format!("MES reconnects {mes_reconnects}, device sessions resumed {resumed}"),
             format!("restart at {restart_at:.1} s, down {:.1} s from {outage_at:.1} s", outage.as_secs_f64()),
             format!("{acked} messages"),
             format!("drain {:.1} s", drain.as_secs_f64()),
         ];
-        conclude("2. broker restart + outage", seed, &verdict, notes, &format!("MES log:\n{}", tail(&mes.log())));
+        conclude("2. broker restart + outage", seed, &verdict, notes, &mes, &keys);
     }
 }
 
-/// The test line with large starting stock: runs of the simulator each start from the
-/// plant's levels, so several runs in a row must not book a buffer below zero.
-fn deep_stock_line() -> String {
-    TEST_LINE
-        .lines()
-        .map(|l| match l.strip_prefix("initial = ").and_then(|n| n.trim().parse::<i64>().ok()) {
-            Some(n) if n < 100_000 => "initial = 100000".to_string(),
-            _ => l.to_string(),
-        })
-        .collect::<Vec<_>>()
-        .join("\n")
+/// `lines` copies of the test line (buffers, work centers and devices suffixed `-L1`, …)
+/// sharing the materials, each buffer with large starting stock: simulator runs each start
+/// from the plant's levels, so several runs in a row must not book a buffer below zero.
+fn plant_of_lines(lines: usize) -> String {
+    let base: toml::Value = toml::from_str(TEST_LINE).expect("test line");
+    let mut plant = toml::map::Map::new();
+    for key in ["materials", "boms"] {
+        plant.insert(key.into(), base[key].clone());
+    }
+    let (mut buffers, mut wcs) = (Vec::new(), Vec::new());
+    for l in 1..=lines {
+        let sfx = |v: &toml::Value| toml::Value::String(format!("{}-L{l}", v.as_str().unwrap_or("")));
+        for b in base["buffers"].as_array().into_iter().flatten() {
+            let mut b = b.clone();
+            b["id"] = sfx(&b["id"]);
+            if b["initial"].as_integer().is_some_and(|n| n < 100_000) {
+                b["initial"] = toml::Value::Integer(100_000);
+            }
+            buffers.push(b);
+        }
+        for w in base["work_centers"].as_array().into_iter().flatten() {
+            let mut w = w.clone();
+            w["id"] = sfx(&w["id"]);
+            w["output"] = sfx(&w["output"]);
+            w["inputs"] = toml::Value::Array(w["inputs"].as_array().into_iter().flatten().map(sfx).collect());
+            w["device"]["mqtt"]["id"] = sfx(&w["device"]["mqtt"]["id"]);
+            wcs.push(w);
+        }
+    }
+    plant.insert("buffers".into(), toml::Value::Array(buffers));
+    plant.insert("work_centers".into(), toml::Value::Array(wcs));
+    toml::to_string(&toml::Value::Table(plant)).expect("plant TOML")
 }
+
+/// Lines of the load scenarios' plant: 160 devices.
+const LINES: usize = 40;
 
 /// Runs `steady` at each `(speed × normal rate, real seconds)` phase in turn, sampling
 /// memory, latency and I4 meanwhile; then waits for the backlog to drain and checks.
 async fn load_phases(name: &str, seed: u64, phases: &[(u64, u64)]) {
-    let plant = deep_stock_line();
+    let plant = plant_of_lines(LINES);
     let initial = initial_levels(&plant);
     let broker = Mosquitto::start().await;
     let mes = start_mes(&broker, &plant).await;
@@ -187,7 +223,8 @@ async fn load_phases(name: &str, seed: u64, phases: &[(u64, u64)]) {
     witness.wait_for(acked_total, Duration::from_secs(60)).await;
     let drain = wait_drained(&mes, &want, Duration::from_secs(300)).await;
     let samples = sampler.stop().await;
-    let mut verdict = check_invariants(&mes, &want, &initial, &witness.keys(), &samples).await;
+    let keys = witness.keys();
+    let mut verdict = check_invariants(&mes, &want, &initial, &keys, &samples).await;
     // Generous bounds only: the numbers themselves are reported, not asserted.
     if samples.latency_max_ms() > 5000 {
         verdict.failures.push(format!("API: slowest answer {} ms under load (bound 5000)", samples.latency_max_ms()));
@@ -210,7 +247,7 @@ async fn load_phases(name: &str, seed: u64, phases: &[(u64, u64)]) {
         format!("drain {:.1} s", drain.as_secs_f64()),
     ];
     eprintln!("{name} seed {seed}: {}", notes.join("; "));
-    conclude(name, seed, &verdict, notes, &format!("MES log:\n{}", tail(&mes.log())));
+    conclude(name, seed, &verdict, notes, &mes, &keys);
 }
 
 /// Scenario 4: overload — 10× then 30× the normal message rate (`steady` at `--speed 1`
@@ -299,7 +336,8 @@ async fn clock_jumps_and_counter_glitches() {
         want.buffers.insert("RM".into(), 50_000 - 2 * (total_good + total_scrap));
         witness.wait_for(n, Duration::from_secs(30)).await;
         let drain = wait_drained(&mes, &want, Duration::from_secs(60)).await;
-        let mut verdict = check_invariants(&mes, &want, &initial, &witness.keys(), &Default::default()).await;
+        let keys = witness.keys();
+        let mut verdict = check_invariants(&mes, &want, &initial, &keys, &Default::default()).await;
         let got_held = mes.wait_metric("mes_readings_held_total", held).await;
         let got_skew = mes.wait_metric("mes_clock_skew_total", skewed).await;
         if (got_held, got_skew) != (held, skewed) {
@@ -312,17 +350,60 @@ async fn clock_jumps_and_counter_glitches() {
             format!("{skewed} skewed clocks flagged, {held} glitches held"),
             format!("drain {:.1} s", drain.as_secs_f64()),
         ];
-        conclude(
-            "6. clock jumps + counter glitches",
-            seed,
-            &verdict,
-            notes,
-            &format!("MES log:\n{}", tail(&mes.log())),
-        );
+        conclude("6. clock jumps + counter glitches", seed, &verdict, notes, &mes, &keys);
     }
 }
 
-fn tail(log: &str) -> String {
-    let lines: Vec<&str> = log.lines().collect();
-    lines[lines.len().saturating_sub(40)..].join("\n")
+/// The invariant check itself: a correct run passes, and each kind of violation is found.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invariant_check_finds_violations() {
+    if skip_without_mosquitto() {
+        return;
+    }
+    let plant = widget_plant(r#"{ mqtt = { id = "press-01" } }"#);
+    let broker = Mosquitto::start().await;
+    let mes = start_mes(&broker, &plant).await;
+    let initial = initial_levels(&plant);
+    let witness = Witness::connect(broker.port, &mes.prefix).await;
+    let mut dev = mes.device("check");
+    for seq in 1..=20u64 {
+        dev.reading("press-01", 1, seq, seq * 3, seq / 10, json!({})).await;
+    }
+    dev.flush().await;
+    let mut want = Expected::default();
+    want.work_centers.insert("PRESS-1".into(), (60, 2));
+    want.buffers.insert("FG".into(), 60);
+    want.buffers.insert("RM".into(), 50_000 - 2 * 62);
+    witness.wait_for(20, Duration::from_secs(30)).await;
+    wait_drained(&mes, &want, Duration::from_secs(30)).await;
+    let keys = witness.keys();
+    assert_eq!(keys.len(), 20);
+    let ok = check_invariants(&mes, &want, &initial, &keys, &Default::default()).await;
+    assert!(ok.passed(), "{:?}", ok.failures);
+
+    let mut wrong = want.clone();
+    wrong.work_centers.insert("PRESS-1".into(), (61, 2));
+    wrong.buffers.insert("FG".into(), 61);
+    let v = check_invariants(&mes, &wrong, &initial, &keys, &Default::default()).await;
+    assert_eq!(v.failures.len(), 2, "{:?}", v.failures);
+    assert!(v.failures.iter().all(|f| f.starts_with("I1: ")), "{:?}", v.failures);
+
+    // A message the broker accepted that the MES never stored; a row the broker never carried.
+    let mut more = keys.clone();
+    more.push(("press-01".into(), 1, 21));
+    let v = check_invariants(&mes, &want, &initial, &more, &Default::default()).await;
+    assert_eq!(v.failures, vec!["I3: 1 accepted messages not committed, first (\"press-01\", 1, 21)".to_string()]);
+    let v = check_invariants(&mes, &want, &initial, &keys[1..], &Default::default()).await;
+    assert_eq!(v.failures, vec!["I3: 1 telemetry rows the broker never carried".to_string()]);
+
+    // Another starting level: the movements no longer explain the balance.
+    let mut other = initial.clone();
+    other.insert("RM".into(), 49_999);
+    let v = check_invariants(&mes, &want, &other, &keys, &Default::default()).await;
+    assert_eq!(v.failures, vec!["I2: buffer RM: initial 49999 + movements -124 ≠ on hand 49876".to_string()]);
+
+    let samples =
+        crate::driver::Samples { i4_violations: vec!["\"FG\": reserved 5 > on hand 4".into()], ..Default::default() };
+    let v = check_invariants(&mes, &want, &initial, &keys, &samples).await;
+    assert_eq!(v.failures, vec!["I4: \"FG\": reserved 5 > on hand 4".to_string()]);
 }
