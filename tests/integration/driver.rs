@@ -481,6 +481,10 @@ pub const ALL: [&str; 6] = ["I1", "I2", "I3", "I4", "I5", "I6"];
 pub struct Verdict {
     pub checked: Vec<&'static str>,
     pub failures: Vec<String>,
+    /// Messages new in the broker's order to the witness that the MES received after a
+    /// newer reading of the same boot and acknowledged as stale (their counts are in the
+    /// newer reading); see I3.
+    pub superseded: usize,
 }
 
 impl Verdict {
@@ -513,10 +517,12 @@ fn database_url(mes: &Mes) -> String {
 /// - I2: nothing counted twice: one telemetry row per (device, boot, seq); per work
 ///   center the rows' deltas sum to the API's totals; no stock movement or journal line
 ///   booked twice for the same source; each buffer's movements sum to its change.
-/// - I3: every message the broker accepted is committed: a telemetry row (or a dead
-///   letter: held for review, rejected) exists for each witnessed message that was new
-///   when it arrived (not a duplicate or older than one already seen), and every row is a
-///   witnessed message.
+/// - I3: every message the broker accepted is committed: for each witnessed message that
+///   was new when it reached the witness (not a duplicate, not older than one seen before)
+///   there is its telemetry row, a dead letter (held for review, rejected), or a stored
+///   newer reading of the same device and boot (the MES got it after that one and acked it
+///   as stale: counters are cumulative, so the newer row carries its counts; counted in
+///   `superseded`); and every row is a witnessed message.
 /// - I4: reserved ≤ on hand on every buffer, at the end and in every sample.
 /// - I5: the trial balance balances (API), and so does the journal.
 /// - I6: every stock movement and journal line has a source that exists: the telemetry
@@ -528,7 +534,7 @@ pub async fn check_invariants(
     witnessed: &[Key],
     samples: &Samples,
 ) -> Verdict {
-    let mut v = Verdict { checked: ALL.to_vec(), failures: Vec::new() };
+    let mut v = Verdict { checked: ALL.to_vec(), failures: Vec::new(), superseded: 0 };
 
     // I1 (API)
     let mut api_totals = BTreeMap::new();
@@ -681,7 +687,20 @@ pub async fn check_invariants(
             expected_rows.insert(k);
         }
     }
-    let mut missing = expected_rows.iter().filter(|k| !keys.contains(**k) && !dead.contains(**k)).collect::<Vec<_>>();
+    // Newest stored seq per (device, boot): counters are cumulative within a boot, so a
+    // stored newer reading of the same boot carries everything an older one did.
+    let mut newest_stored: BTreeMap<(&str, u64), u64> = BTreeMap::new();
+    for k in &keys {
+        let e = newest_stored.entry((k.0.as_str(), k.1)).or_insert(0);
+        *e = (*e).max(k.2);
+    }
+    let not_stored: Vec<&&Key> = expected_rows.iter().filter(|k| !keys.contains(**k) && !dead.contains(**k)).collect();
+    let mut missing: Vec<&&Key> = not_stored
+        .iter()
+        .copied()
+        .filter(|k| newest_stored.get(&(k.0.as_str(), k.1)).is_none_or(|n| *n < k.2))
+        .collect();
+    v.superseded = not_stored.len() - missing.len();
     missing.sort();
     if !missing.is_empty() {
         // Per device and boot: the runs of missing seqs, to tell a lost stretch from strays.
@@ -839,6 +858,10 @@ pub fn record(runs: &[RunResult]) {
 /// run's evidence (the MES's directory: database file, logs, truth files; and the
 /// witness's log) is kept under `<target>/reliability/failed/`.
 pub fn conclude(scenario: &str, seed: u64, verdict: &Verdict, notes: Vec<String>, mes: &Mes, witnessed: &[Key]) {
+    let mut notes = notes;
+    if verdict.superseded > 0 {
+        notes.push(format!("{} messages received after a newer one (acked as stale)", verdict.superseded));
+    }
     record(&[RunResult {
         scenario: scenario.to_string(),
         database: database_label(),

@@ -392,7 +392,11 @@ async fn invariant_check_finds_violations() {
     let mut more = keys.clone();
     more.push(("press-01".into(), 1, 21));
     let v = check_invariants(&mes, &want, &initial, &more, &Default::default()).await;
-    assert_eq!(v.failures, vec!["I3: 1 accepted messages not committed, first (\"press-01\", 1, 21)".to_string()]);
+    assert_eq!(
+        v.failures,
+        vec!["I3: 1 accepted messages not committed, first (\"press-01\", 1, 21) (press-01 boot 1: seq 21..21)"
+            .to_string()]
+    );
     let v = check_invariants(&mes, &want, &initial, &keys[1..], &Default::default()).await;
     assert_eq!(v.failures, vec!["I3: 1 telemetry rows the broker never carried".to_string()]);
 
