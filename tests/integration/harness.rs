@@ -93,6 +93,9 @@ pub struct MesOptions {
     pub extra_config: String,
     /// Plant file text; default [`TEST_LINE`].
     pub plant: Option<String>,
+    /// An external broker for this MES only (`mqtt://127.0.0.1:PORT`), e.g. a private
+    /// Mosquitto; default: `MES_TEST_MQTT_URL`, else the embedded broker.
+    pub mqtt_url: Option<String>,
 }
 
 /// A running `mes serve` child process.
@@ -114,7 +117,7 @@ impl Mes {
         let db = fresh_database(&dir).await;
         let http_port = free_port();
         let prefix = format!("t{}", unique());
-        let (mqtt_section, host, port) = match external_broker() {
+        let (mqtt_section, host, port) = match opts.mqtt_url.clone().or_else(external_broker) {
             Some(url) => {
                 let hp = url.trim_start_matches("mqtt://");
                 let (h, p) = hp.rsplit_once(':').expect("host:port");

@@ -199,7 +199,7 @@ async fn exported_values_read_back_exactly_and_an_outage_is_backfilled() {
         vm.url()
     );
     let plant = widget_plant(&format!("{{ mqtt = {{ id = \"{DEVICE}\" }} }}"));
-    let mes = Mes::start(MesOptions { extra_config: extra, plant: Some(plant) }).await;
+    let mes = Mes::start(MesOptions { extra_config: extra, plant: Some(plant), ..Default::default() }).await;
     // Device time starts three hours ago, on a minute.
     let now = chrono::Utc::now().timestamp_millis();
     let model = Model { t0: (now - 3 * 3_600_000).div_euclid(60_000) * 60_000 };
@@ -342,7 +342,7 @@ async fn rejected_points_are_dropped_with_the_reason_and_never_retried() {
         "[influx]\nurl = \"{url}\"\norg = \"mes\"\nbucket = \"mes\"\ntoken = \"test-token\"\nflush_interval = \"50ms\"\nrollup_delay = \"1s\"\n"
     );
     let plant = widget_plant(&format!("{{ mqtt = {{ id = \"{DEVICE}\" }} }}"));
-    let mes = Mes::start(MesOptions { extra_config: extra, plant: Some(plant) }).await;
+    let mes = Mes::start(MesOptions { extra_config: extra, plant: Some(plant), ..Default::default() }).await;
     let model = Model { t0: (chrono::Utc::now().timestamp_millis() - 3_600_000).div_euclid(60_000) * 60_000 };
     play(&mes, &model, 0..120).await;
     // 120 readings × 2 points, 4 state changes, 2 minutes: all rejected, none retried.

@@ -9,6 +9,7 @@
 //!   MES runs its embedded broker on a free port. Tests that need a broker that outlives
 //!   the MES (kill -9 while devices publish) run only with an external broker.
 
+mod driver;
 mod harness;
 
 mod bench;
@@ -22,6 +23,7 @@ mod orders;
 mod planner;
 mod recovery;
 mod reliability;
+mod scenarios;
 mod settlement;
 mod simulator;
 mod sparkplug;

@@ -150,7 +150,7 @@ async fn sixty_four_concurrent_reservations_never_oversell() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn progress_documents_every_n_units() {
     let extra = "[erp]\nwebhook_url = \"http://127.0.0.1:9/erp\"\nprogress_every_units = 30\n".to_string();
-    let mes = Mes::start(MesOptions { plant: Some(plant()), extra_config: extra }).await;
+    let mes = Mes::start(MesOptions { plant: Some(plant()), extra_config: extra, ..Default::default() }).await;
     produce(&mes).await; // good passes 30, 60, 90, then completes at 100
     let (_, docs) = mes.get("/api/v1/erp/outbox").await;
     let kinds: Vec<&str> = docs.as_array().expect("list").iter().filter_map(|d| d["kind"].as_str()).collect();
@@ -209,7 +209,7 @@ fn flaky_erp() -> (String, Arc<Mutex<Vec<String>>>) {
 async fn erp_receiver_failing_and_timing_out_still_gets_every_document_once() {
     let (url, accepted) = flaky_erp();
     let extra = format!("[erp]\nwebhook_url = \"{url}\"\n");
-    let mes = Mes::start(MesOptions { plant: Some(plant()), extra_config: extra }).await;
+    let mes = Mes::start(MesOptions { plant: Some(plant()), extra_config: extra, ..Default::default() }).await;
     produce(&mes).await;
     let (s, _) = mes.post("/api/v1/orders/PO-1/close", json!({}), &[]).await;
     assert_eq!(s, 200);
