@@ -55,17 +55,21 @@ async fn start(opts: &Options, broker: &str, n: usize, prefix: &str) -> anyhow::
     let db = fresh_database(&opts.database, &format!("mes_bench_cluster_{n}")).await?;
     let mut nodes = Vec::new();
     let client = reqwest::Client::builder().timeout(Duration::from_secs(5)).build()?;
-    for i in 1..=n {
+    // 0 nodes: one plain `mes serve` without `[cluster]` (the single-node reference).
+    for i in 1..=n.max(1) {
+        let cluster = if n == 0 {
+            String::new()
+        } else {
+            format!("[cluster]\nnode_id = \"n{i}\"\nlease_timeout = \"{}ms\"\n", opts.lease_ms)
+        };
         let http = free_port()?;
         let config = dir.join(format!("n{i}.toml"));
         std::fs::write(
             &config,
             format!(
                 "[http]\nlisten = \"127.0.0.1:{http}\"\n[database]\nurl = \"{db}\"\nmax_connections = 8\n[mqtt]\nurl = \"{broker}\"\n\
-                 client_id = \"mes-{prefix}\"\ntopic_prefix = \"{prefix}\"\n[plant]\nfile = \"{}\"\n\
-                 [cluster]\nnode_id = \"n{i}\"\nlease_timeout = \"{}ms\"\n",
+                 client_id = \"mes-{prefix}\"\ntopic_prefix = \"{prefix}\"\n[plant]\nfile = \"{}\"\n{cluster}",
                 plant.display(),
-                opts.lease_ms
             ),
         )?;
         let log = std::fs::File::create(dir.join(format!("n{i}.log")))?;
@@ -90,14 +94,19 @@ async fn start(opts: &Options, broker: &str, n: usize, prefix: &str) -> anyhow::
     }
     let store = Store::connect(&db, 2).await?;
     let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let per = owners(&store).await?;
-        let total: i64 = per.iter().map(|(_, c)| c).sum();
-        if total == WORK_CENTERS as i64 && per.len() == n && per.iter().all(|(_, c)| *c >= (WORK_CENTERS / n) as i64) {
-            break;
+    if n > 0 {
+        loop {
+            let per = owners(&store).await?;
+            let total: i64 = per.iter().map(|(_, c)| c).sum();
+            if total == WORK_CENTERS as i64
+                && per.len() == n
+                && per.iter().all(|(_, c)| *c >= (WORK_CENTERS / n) as i64)
+            {
+                break;
+            }
+            anyhow::ensure!(Instant::now() < deadline, "work centers not spread over {n} nodes in 60 s: {per:?}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        anyhow::ensure!(Instant::now() < deadline, "work centers not spread over {n} nodes in 60 s: {per:?}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
     }
     Ok(Cluster { nodes, store })
 }
@@ -296,8 +305,9 @@ pub async fn run(opts: Options) -> anyhow::Result<String> {
         "| nodes | messages | raw broker msg/s | committed msg/s (all nodes) | ratio to raw broker | ratio to 1 node |\n|---:|---:|---:|---:|---:|---:|\n",
     );
     for (n, rate) in &rows {
+        let label = if *n == 0 { "1, no `[cluster]`".to_string() } else { n.to_string() };
         md.push_str(&format!(
-            "| {n} | {} | {raw:.0} | {rate:.0} | {:.2} | {} |\n",
+            "| {label} | {} | {raw:.0} | {rate:.0} | {:.2} | {} |\n",
             opts.messages,
             rate / raw,
             one.map_or("–".into(), |o| format!("{:.2}", rate / o))
