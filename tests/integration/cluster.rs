@@ -361,6 +361,21 @@ async fn any_node_answers_and_modbus_work_goes_to_the_owner() {
     let b = node_with("b", &db, &broker, &prefix, &plant_path, 2_000).await;
     let (_, o) = wait_for(&a, Duration::from_secs(20), "PRESS-1 owned", |o| o.values().sum::<usize>() == 1).await;
     let owner_is_a = o.contains_key("a");
+    // `mes cluster status` shows both nodes live and who holds the one work center.
+    let (code, out, err) = a.cli(&["cluster", "status"]);
+    assert_eq!(code, 0, "{err}");
+    let holder = if owner_is_a { "a" } else { "b" };
+    let line = |id: &str| out.lines().find(|l| l.split_whitespace().next() == Some(id)).map(str::to_string);
+    let held = |id: &str| line(id).and_then(|l| l.split_whitespace().last().map(str::to_string));
+    assert!(line("a").is_some_and(|l| l.contains(" yes ")), "{out}");
+    assert!(line("b").is_some_and(|l| l.contains(" yes ")), "{out}");
+    assert_eq!(held(holder).as_deref(), Some("1"), "{out}");
+    assert!(out.contains("1 work centers, 0 without a live owner"), "{out}");
+    let (code, json, _) = a.cli(&["cluster", "status", "--json"]);
+    assert_eq!(code, 0);
+    let doc: Value = serde_json::from_str(&json).expect("json");
+    assert_eq!(doc["node"], "a");
+    assert_eq!(doc["leases"][0]["node_id"], holder);
     let (mut owner, other) = if owner_is_a { (a, b) } else { (b, a) };
     // The first poll is the baseline; later units count.
     tokio::time::sleep(Duration::from_millis(500)).await;
