@@ -13,6 +13,8 @@ mod harness;
 
 mod cli;
 mod dashboard;
+mod hostile;
+mod http_fuzz;
 mod influx;
 mod ingest;
 mod modbus;
