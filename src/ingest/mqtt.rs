@@ -58,6 +58,9 @@ impl MqttHandle {
     }
 }
 
+/// The largest remaining length of an MQTT packet (MQTT 3.1.1 §2.2.3).
+const MQTT_MAX_PACKET: usize = 268_435_455;
+
 /// One MQTT session of the MES: a single node has one, subscribed to every device's
 /// telemetry; a cluster node has one per work center it owns (a stable client id per work
 /// center, so its persistent session and the messages queued in it pass to the next owner)
@@ -95,9 +98,11 @@ fn options(
     o.set_clean_session(false)
         .set_manual_acks(true)
         .set_keep_alive(Duration::from_secs(cfg.keep_alive_s))
-        // Accept packets well past `max_payload`, so an oversized payload arrives and becomes
-        // a dead letter instead of breaking the connection.
-        .set_max_packet_size((ingest.max_payload * 16).max(1 << 20), 256 * 1024)
+        // Accept every packet a broker can deliver (MQTT's largest), so an oversized payload
+        // arrives and becomes a dead letter: refused here, it would break the connection and,
+        // redelivered on every reconnect, stop all ingest. A broker's own limit (Mosquitto's
+        // `message_size_limit`) is where to bound what publishers may send.
+        .set_max_packet_size(MQTT_MAX_PACKET.max(ingest.max_payload), 256 * 1024)
         .set_inflight(1000);
     if let Some(w) = will {
         o.set_last_will(w);
@@ -348,5 +353,20 @@ async fn acker(
             }
             Metrics::inc(&metrics.acks_sent);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Found by tests/integration/hostile.rs: a 3 MiB publish forwarded by Mosquitto (which
+    /// has no size limit by default) was over the client's packet limit, broke the
+    /// connection, and came back on every reconnect: no ingest at all. Every packet MQTT
+    /// allows must be readable, so that it becomes a dead letter.
+    #[test]
+    fn every_mqtt_packet_can_be_read() {
+        let o = options(&MqttConfig::embedded(), "mes", &IngestConfig::default(), None).expect("options");
+        assert_eq!(o.max_packet_size(), 268_435_455);
     }
 }

@@ -209,6 +209,18 @@ mod tests {
         assert!(parse("d", &[0xff, 0xfe]).expect_err("bad utf8").contains("UTF-8"));
     }
 
+    /// Found by the `telemetry_parse` fuzz target: without serde_json's `float_roundtrip`
+    /// a metric of `1e49` was stored as 1.0000000000000001e49 (one unit in the last place
+    /// off), so a reading written back did not read the same.
+    #[test]
+    fn metrics_are_parsed_to_the_nearest_double() {
+        let p = br#"{"boot":1,"seq":1,"good":0,"scrap":0,"metrics":{"a":1e49,"b":99999999999999999999999999999999999999999e10,"c":2.2250738585072014e-308}}"#;
+        let r = parse("d", p).expect("valid");
+        assert_eq!(r.metrics.get("a").map(|x| x.to_bits()), Some(1e49_f64.to_bits()));
+        assert_eq!(r.metrics.get("b").map(|x| x.to_bits()), Some(1e51_f64.to_bits()));
+        assert_eq!(r.metrics.get("c").map(|x| x.to_bits()), Some(f64::MIN_POSITIVE.to_bits()));
+    }
+
     #[test]
     fn topics() {
         assert_eq!(device_from_topic("mes", "mes/devices/press-01/telemetry"), Ok("press-01"));

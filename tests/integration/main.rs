@@ -16,6 +16,8 @@ mod bench;
 mod cli;
 mod cluster;
 mod dashboard;
+mod hostile;
+mod http_fuzz;
 mod influx;
 mod ingest;
 mod modbus;
