@@ -265,22 +265,24 @@ async fn failover(c: &mut Cluster, broker_addr: &str, prefix: &str, first_seq: u
 
 /// Runs the whole benchmark; returns the Markdown table (also written under target/bench).
 pub async fn run(opts: Options) -> anyhow::Result<String> {
-    let broker = match &opts.mqtt {
-        Some(u) => u.clone(),
-        None => {
-            let port = free_port()?;
-            crate::broker::start(format!("127.0.0.1:{port}").parse()?, 64 * 1024).map_err(anyhow::Error::msg)?;
-            format!("mqtt://127.0.0.1:{port}")
-        }
-    };
-    let addr = broker.trim_start_matches("mqtt://").to_string();
-    eprintln!("bench-cluster: raw broker baseline, {} messages …", opts.messages);
-    let raw = crate::bench::baseline(&addr, &devices(), opts.messages).await?;
-    eprintln!("bench-cluster: raw broker {raw:.0} msg/s");
     let mut rows = Vec::new();
     let mut fail = None;
     let last = opts.nodes.iter().copied().max().unwrap_or(1);
     for &n in &opts.nodes {
+        // A fresh embedded broker for every node count (the sessions of the previous
+        // count stay in the old one), its raw rate measured right before.
+        let broker = match &opts.mqtt {
+            Some(u) => u.clone(),
+            None => {
+                let port = free_port()?;
+                crate::broker::start(format!("127.0.0.1:{port}").parse()?, 64 * 1024).map_err(anyhow::Error::msg)?;
+                format!("mqtt://127.0.0.1:{port}")
+            }
+        };
+        let addr = broker.trim_start_matches("mqtt://").to_string();
+        eprintln!("bench-cluster: raw broker baseline, {} messages …", opts.messages);
+        let raw = crate::bench::baseline(&addr, &devices(), opts.messages).await?;
+        eprintln!("bench-cluster: raw broker {raw:.0} msg/s");
         let prefix = format!("bc{n}x{}", std::process::id());
         eprintln!("bench-cluster: {n} node(s): starting and spreading {WORK_CENTERS} work centers …");
         let mut c = start(&opts, &broker, n, &prefix).await?;
@@ -288,7 +290,7 @@ pub async fn run(opts: Options) -> anyhow::Result<String> {
         eprintln!("bench-cluster: {n} node(s): {} messages …", opts.messages);
         let rate = throughput(&c, &addr, &prefix, opts.messages).await?;
         eprintln!("bench-cluster: {n} node(s): {rate:.0} committed msg/s ({:.2} × raw broker)", rate / raw);
-        rows.push((n, rate));
+        rows.push((n, raw, rate));
         if n == last && n > 1 {
             eprintln!("bench-cluster: failover: SIGKILL of the node owning WC-00000 …");
             let f = failover(&mut c, &addr, &prefix, opts.messages + 1).await?;
@@ -300,11 +302,11 @@ pub async fn run(opts: Options) -> anyhow::Result<String> {
         }
         c.stop();
     }
-    let one = rows.iter().find(|(n, _)| *n == 1).map(|r| r.1);
+    let one = rows.iter().find(|(n, _, _)| *n == 1).map(|r| r.2);
     let mut md = String::from(
         "| nodes | messages | raw broker msg/s | committed msg/s (all nodes) | ratio to raw broker | ratio to 1 node |\n|---:|---:|---:|---:|---:|---:|\n",
     );
-    for (n, rate) in &rows {
+    for (n, raw, rate) in &rows {
         let label = if *n == 0 { "1, no `[cluster]`".to_string() } else { n.to_string() };
         md.push_str(&format!(
             "| {label} | {} | {raw:.0} | {rate:.0} | {:.2} | {} |\n",
@@ -322,8 +324,8 @@ pub async fn run(opts: Options) -> anyhow::Result<String> {
     std::fs::create_dir_all("target/bench")?;
     std::fs::write("target/bench/cluster.md", &md)?;
     let doc = json!({
-        "raw_broker_msg_s": raw, "messages": opts.messages, "lease_ms": opts.lease_ms,
-        "nodes": rows.iter().map(|(n, r)| json!({"nodes": n, "committed_msg_s": r, "ratio_raw": r / raw})).collect::<Vec<_>>(),
+        "messages": opts.messages, "lease_ms": opts.lease_ms,
+        "nodes": rows.iter().map(|(n, raw, r)| json!({"nodes": n, "cluster": *n > 0, "raw_broker_msg_s": raw, "committed_msg_s": r, "ratio_raw": r / raw})).collect::<Vec<_>>(),
         "failover": fail.map(|(n, (t, f))| json!({"nodes": n, "lease_taken_s": t, "first_commit_s": f})),
     });
     std::fs::write("target/bench/cluster.json", serde_json::to_string_pretty(&doc)?)?;
