@@ -518,3 +518,25 @@ impl Drop for TimeSeriesServer {
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
+
+/// An outside tool a test drives (a Python peer, schemathesis): the program named by
+/// `env` if set, else `default`, if running it with `probe` succeeds. Missing: `None` with
+/// `skip_note` printed, or a failed test when the variable `require` is set (as `.ci/run`
+/// sets it).
+pub fn optional_tool(env: &str, default: &str, probe: &[&str], require: &str, skip_note: &str) -> Option<String> {
+    let program = std::env::var(env).ok().filter(|s| !s.is_empty()).unwrap_or_else(|| default.to_string());
+    let ok = Command::new(&program)
+        .args(probe)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if ok {
+        return Some(program);
+    }
+    if std::env::var(require).is_ok_and(|v| !v.is_empty()) {
+        panic!("{require} is set but `{program}` is not usable ({skip_note})");
+    }
+    eprintln!("skipped: {skip_note}");
+    None
+}

@@ -18,7 +18,7 @@
 use crate::harness::{Mes, MesOptions};
 use serde_json::{json, Value};
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
+use std::process::Command;
 
 const TOKEN: &str = "fuzz-admin-token-1";
 /// Generated cases per operation and phase, and the seed that makes runs repeatable.
@@ -26,29 +26,15 @@ const EXAMPLES: &str = "50";
 const SEED: &str = "20261127";
 
 fn schemathesis() -> Option<PathBuf> {
-    let candidates: Vec<PathBuf> = match std::env::var("MES_TEST_SCHEMATHESIS").ok().filter(|s| !s.is_empty()) {
-        Some(p) => vec![PathBuf::from(p)],
-        None => vec![PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/schemathesis-venv/bin/st")],
-    };
-    for p in candidates {
-        let ok = Command::new(&p)
-            .arg("--version")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success());
-        if ok {
-            return Some(p);
-        }
-    }
-    if std::env::var("MES_TEST_REQUIRE_SCHEMATHESIS").is_ok_and(|v| !v.is_empty()) {
-        panic!("MES_TEST_REQUIRE_SCHEMATHESIS is set but schemathesis was not found (set MES_TEST_SCHEMATHESIS)");
-    }
-    eprintln!(
-        "skipped: no schemathesis (python3 -m venv target/schemathesis-venv && \
-         target/schemathesis-venv/bin/pip install schemathesis; or set MES_TEST_SCHEMATHESIS)"
-    );
-    None
+    let default = format!("{}/target/schemathesis-venv/bin/st", env!("CARGO_MANIFEST_DIR"));
+    crate::harness::optional_tool(
+        "MES_TEST_SCHEMATHESIS",
+        &default,
+        &["--version"],
+        "MES_TEST_REQUIRE_SCHEMATHESIS",
+        "no schemathesis (python3 -m venv target/schemathesis-venv && target/schemathesis-venv/bin/pip install schemathesis; or set MES_TEST_SCHEMATHESIS)",
+    )
+    .map(PathBuf::from)
 }
 
 /// Runs `st run` against the MES with `args`; panics with its output unless it passed.

@@ -14,26 +14,13 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 fn python() -> Option<String> {
-    let candidates: Vec<String> = match std::env::var("MES_TEST_SPARKPLUG_PYTHON").ok().filter(|s| !s.is_empty()) {
-        Some(p) => vec![p],
-        None => vec!["python3".into()],
-    };
-    for p in candidates {
-        let ok = Command::new(&p)
-            .args(["-c", "import pysparkplug, paho.mqtt.client"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success());
-        if ok {
-            return Some(p);
-        }
-    }
-    if std::env::var("MES_TEST_REQUIRE_SPARKPLUG").is_ok_and(|v| !v.is_empty()) {
-        panic!("MES_TEST_REQUIRE_SPARKPLUG is set but no Python with pysparkplug and paho-mqtt was found");
-    }
-    eprintln!("skipped: no Python with pysparkplug (pip install pysparkplug; or set MES_TEST_SPARKPLUG_PYTHON)");
-    None
+    crate::harness::optional_tool(
+        "MES_TEST_SPARKPLUG_PYTHON",
+        "python3",
+        &["-c", "import pysparkplug, paho.mqtt.client"],
+        "MES_TEST_REQUIRE_SPARKPLUG",
+        "no Python with pysparkplug and paho-mqtt (pip install pysparkplug; or set MES_TEST_SPARKPLUG_PYTHON)",
+    )
 }
 
 /// The work center's binding: group (unique per MES), edge node `E1`, device `press`.
