@@ -8,6 +8,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 seconds="${1:-20}"
+# The instrumented build shares nothing with the regular one (other flags, other
+# toolchain), so it has its own target directory, kept outside the clone like cargo's
+# registry cache: a fresh clone then rebuilds only what changed.
+export CARGO_TARGET_DIR="${MES_FUZZ_TARGET_DIR:-${HOME:-/tmp}/.cache/mes-fuzz-target}"
 # libFuzzer's instrumentation takes unstable compiler flags: nightly if it is installed,
 # else the stable toolchain told to accept them (RUSTC_BOOTSTRAP=1).
 if cargo +nightly --version >/dev/null 2>&1; then
