@@ -70,6 +70,12 @@ pub struct WorkCenterState {
     /// Most units (good + scrap) one reading may add; more is held for review.
     #[serde(default)]
     pub max_step: Option<u64>,
+    /// Where counting of the previous boot stopped, kept when the device restarts: a
+    /// reading of that boot delivered after the new boot's first one (a broker that
+    /// reorders across a reconnect) still counts what it adds. Not persisted: after an MES
+    /// restart such a reading is stale, as before.
+    #[serde(default)]
+    pub prev_boot: Option<Cursor>,
 }
 
 impl WorkCenterState {
@@ -85,6 +91,7 @@ impl WorkCenterState {
             scrap_total: 0,
             last_ts_ms: None,
             max_step: None,
+            prev_boot: None,
         }
     }
 
@@ -95,24 +102,16 @@ impl WorkCenterState {
     pub fn apply(&mut self, r: &Reading) -> Outcome {
         debug_assert_eq!(r.device, self.device, "reading routed to the wrong work center");
         let (good, scrap, next, restarted) = match advance(self.cursor.as_ref(), r.boot, r.seq, r.good, r.scrap) {
-            Advance::Stale => return Outcome::Duplicate,
+            Advance::Stale => return self.late_previous_boot(r),
             Advance::Counted { good, scrap, next, restarted } => (good, scrap, next, restarted),
         };
-        if let Some(limit) = self.max_step {
-            let step = good.saturating_add(scrap);
-            if step > limit {
-                return Outcome::Held(Held {
-                    device: self.device.clone(),
-                    reason: format!(
-                        "implausible step: {step} units in one reading (boot {}, seq {}) exceeds the limit of {limit} for {}; held for review, nothing booked",
-                        r.boot, r.seq, self.id
-                    ),
-                    payload: format!(
-                        r#"{{"boot":{},"seq":{},"good":{},"scrap":{}}}"#,
-                        r.boot, r.seq, r.good, r.scrap
-                    ),
-                });
-            }
+        if let Some(held) = self.implausible(r, good, scrap) {
+            return held;
+        }
+        if restarted {
+            // Keep where the old boot stopped for its late readings (a fall within a boot
+            // leaves nothing to continue from).
+            self.prev_boot = self.cursor.filter(|c| c.boot < r.boot);
         }
         if let Some(o) = &r.order {
             if self.current_order.as_deref() != Some(o) {
@@ -154,6 +153,56 @@ impl WorkCenterState {
         }))
     }
 
+    /// More units in one step than the work center's limit: held for review.
+    fn implausible(&self, r: &Reading, good: u64, scrap: u64) -> Option<Outcome> {
+        let limit = self.max_step?;
+        let step = good.saturating_add(scrap);
+        (step > limit).then(|| {
+            Outcome::Held(Held {
+                device: self.device.clone(),
+                reason: format!(
+                    "implausible step: {step} units in one reading (boot {}, seq {}) exceeds the limit of {limit} for {}; held for review, nothing booked",
+                    r.boot, r.seq, self.id
+                ),
+                payload: format!(r#"{{"boot":{},"seq":{},"good":{},"scrap":{}}}"#, r.boot, r.seq, r.good, r.scrap),
+            })
+        })
+    }
+
+    /// A reading behind the cursor: a duplicate, unless it belongs to the previous boot and
+    /// goes beyond where counting of that boot stopped. Then it counts what it adds (its
+    /// delta keeps the current cursor and changes no state: it is old news of output).
+    fn late_previous_boot(&mut self, r: &Reading) -> Outcome {
+        let Some(p) = self.prev_boot else { return Outcome::Duplicate };
+        if r.boot != p.boot || r.seq <= p.seq || r.good < p.good || r.scrap < p.scrap {
+            return Outcome::Duplicate;
+        }
+        let (good, scrap) = (r.good - p.good, r.scrap - p.scrap);
+        if let Some(held) = self.implausible(r, good, scrap) {
+            return held;
+        }
+        let Some(cursor) = self.cursor else { return Outcome::Duplicate };
+        self.prev_boot = Some(Cursor { boot: r.boot, seq: r.seq, good: r.good, scrap: r.scrap });
+        self.good_total = self.good_total.saturating_add(good);
+        self.scrap_total = self.scrap_total.saturating_add(scrap);
+        Outcome::Counted(Box::new(Delta {
+            work_center: self.id.clone(),
+            device: self.device.clone(),
+            boot: r.boot,
+            seq: r.seq,
+            ts_ms: r.ts_ms,
+            good,
+            scrap,
+            order: r.order.clone().or_else(|| self.current_order.clone()),
+            state: self.state,
+            state_changed: false,
+            reason: self.reason.clone(),
+            restarted: false,
+            running_ms: 0,
+            cursor,
+        }))
+    }
+
     /// A planner or the device dispatch set the current order.
     pub fn set_order(&mut self, order: Option<String>) {
         self.current_order = order;
@@ -164,6 +213,31 @@ impl WorkCenterState {
 mod tests {
     use super::*;
     use std::collections::BTreeMap;
+
+    /// A broker that delivers the old boot's last readings after the new boot's first one:
+    /// what they add still counts, once.
+    #[test]
+    fn late_readings_of_the_previous_boot_still_count_once() {
+        let mut wc = WorkCenterState::new("PRESS-1", "press-01");
+        let counted = |o: Outcome| match o {
+            Outcome::Counted(d) => (d.good, d.scrap, d.cursor.boot, d.cursor.seq),
+            other => panic!("expected a count, got {other:?}"),
+        };
+        assert_eq!(counted(wc.apply(&r(1, 1, 10, 1, None))), (10, 1, 1, 1));
+        assert_eq!(counted(wc.apply(&r(1, 2, 15, 1, None))), (5, 0, 1, 2));
+        // The device restarted; boot 2 arrives before boot 1's seq 3 and 4.
+        assert_eq!(counted(wc.apply(&r(2, 1, 4, 0, None))), (4, 0, 2, 1));
+        assert_eq!(counted(wc.apply(&r(1, 3, 18, 2, None))), (3, 1, 2, 1), "late: counted, cursor unchanged");
+        assert_eq!(wc.apply(&r(1, 3, 18, 2, None)), Outcome::Duplicate);
+        assert_eq!(wc.apply(&r(1, 2, 15, 1, None)), Outcome::Duplicate);
+        assert_eq!(counted(wc.apply(&r(1, 4, 20, 2, None))), (2, 0, 2, 1));
+        // Two boots back is not followed.
+        assert_eq!(counted(wc.apply(&r(3, 1, 1, 0, None))), (1, 0, 3, 1));
+        assert_eq!(counted(wc.apply(&r(2, 2, 6, 0, None))), (2, 0, 3, 1));
+        assert_eq!(wc.apply(&r(1, 5, 25, 2, None)), Outcome::Duplicate);
+        assert_eq!((wc.good_total, wc.scrap_total), (10 + 5 + 4 + 3 + 2 + 1 + 2, 1 + 1));
+        assert_eq!(wc.cursor.map(|c| (c.boot, c.seq)), Some((3, 1)));
+    }
 
     fn r(boot: u64, seq: u64, good: u64, scrap: u64, order: Option<&str>) -> Reading {
         Reading {
@@ -270,8 +344,9 @@ mod tests {
         wc.apply(&r(1, 1, 10, 1, None));
         wc.apply(&r(1, 2, 20, 2, None));
         wc.apply(&r(2, 1, 4, 0, None));
-        wc.apply(&r(1, 3, 99, 9, None)); // late message of the old boot: stale
+        wc.apply(&r(1, 3, 99, 9, None)); // late message of the old boot: what it adds counts
+        wc.apply(&r(1, 3, 99, 9, None)); // once
         wc.apply(&r(2, 2, 9, 1, None));
-        assert_eq!((wc.good_total, wc.scrap_total), (29, 3));
+        assert_eq!((wc.good_total, wc.scrap_total), (20 + 79 + 9, 2 + 7 + 1));
     }
 }

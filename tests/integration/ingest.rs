@@ -92,13 +92,22 @@ async fn device_restart_loses_and_doubles_nothing() {
     for seq in 1..=5 {
         dev.reading("pack-01", 5, seq, seq * 7, 0, json!({})).await;
     }
-    // Late messages of the old boot and a replay of the new one change nothing.
+    // A replay of the old boot and of the new one change nothing.
     dev.reading("pack-01", 4, 9, 90, 9, json!({})).await;
     dev.reading("pack-01", 5, 3, 21, 0, json!({})).await;
     dev.flush().await;
     assert_eq!(mes.wait_totals("PACK-1", (135, 10)).await, (135, 10));
     let dups = mes.wait_metric("mes_telemetry_duplicates_total", 2).await;
     assert_eq!(dups, 2);
+    // The old boot's last message, delivered after the new boot's (a broker reordering
+    // across a reconnect): what it adds counts, once; then the new boot goes on.
+    dev.reading("pack-01", 4, 11, 115, 11, json!({})).await;
+    dev.reading("pack-01", 4, 11, 115, 11, json!({})).await;
+    dev.reading("pack-01", 5, 6, 42, 0, json!({})).await;
+    dev.flush().await;
+    assert_eq!(mes.wait_totals("PACK-1", (135 + 15 + 7, 11)).await, (157, 11));
+    assert_eq!(mes.wait_metric("mes_telemetry_duplicates_total", 3).await, 3);
+    assert_eq!(mes.metric("mes_writer_order_violations_total").await, 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
