@@ -312,9 +312,4 @@ impl Node {
         }
         self.metrics.cluster_owned.store(0, Relaxed);
     }
-
-    /// The work centers this node owns now.
-    pub async fn owned(&self) -> Vec<String> {
-        self.owned.lock().await.keys().cloned().collect()
-    }
 }

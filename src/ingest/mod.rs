@@ -77,11 +77,6 @@ impl Router {
     pub fn work_center(&self, wc: &str) -> Option<Addr<WorkCenterActor>> {
         self.inner.read().ok().and_then(|r| r.by_wc.get(wc).map(|x| x.addr.clone()))
     }
-
-    /// The work centers routed here.
-    pub fn work_centers(&self) -> Vec<String> {
-        self.inner.read().map(|r| r.by_wc.keys().cloned().collect()).unwrap_or_default()
-    }
 }
 
 /// One input received but not yet committed; dropping it frees its place.
