@@ -181,12 +181,13 @@ where
     let (mqtt_handle, mqtt_task) =
         mqtt::start(&cfg.mqtt, &cfg.ingest, session, pipeline.clone(), shutdown_rx.clone(), spb)
             .map_err(anyhow::Error::msg)?;
+    let plant_arc = Arc::new(plant.clone());
     let node = cluster.map(|(id, lease_ms)| {
         crate::cluster::Node::new(
             id,
             lease_ms,
             store.clone(),
-            Arc::new(plant.clone()),
+            plant_arc.clone(),
             pipeline.clone(),
             router.clone(),
             board.clone(),
@@ -212,7 +213,7 @@ where
         router,
         mqtt: Some(mqtt_handle),
         ledger: ledger.clone(),
-        plant: Arc::new(plant.clone()),
+        plant: plant_arc.clone(),
         modbus: board,
         live: live.clone(),
         modbus_writers,

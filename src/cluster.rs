@@ -258,17 +258,20 @@ impl Node {
         let pipeline = self.pipeline.lock().ok().and_then(|p| p.clone()).ok_or("the node is leaving")?;
         let (stop, stop_rx) = watch::channel(false);
         let started = match self.plant.work_center(wc).map(|w| &w.device) {
-            Some(Device::Modbus(_)) => crate::ingest::modbus::start_one(
-                &self.plant,
-                wc,
-                &self.store,
-                &pipeline,
-                &self.board,
-                &self.writers,
-                stop_rx,
-            )
-            .await
-            .map(|_| ()),
+            Some(Device::Modbus(_)) => {
+                let raw = self.store.modbus_raw().await.map_err(|e| e.to_string())?.get(&row.device_id).copied();
+                crate::ingest::modbus::start_one(
+                    &self.plant,
+                    wc,
+                    cursor,
+                    raw,
+                    &pipeline,
+                    &self.board,
+                    &self.writers,
+                    stop_rx,
+                )
+                .map(|_| ())
+            }
             Some(Device::Mqtt { .. }) => {
                 let (store, node, wc2) = (self.store.clone(), self.node_id.clone(), wc.to_string());
                 let guard: mqtt::Guard = Arc::new(move || {

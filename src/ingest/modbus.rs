@@ -219,23 +219,29 @@ pub async fn start(
     board: StatusBoard,
     shutdown: watch::Receiver<bool>,
 ) -> Result<(Vec<tokio::task::JoinHandle<()>>, Writers), String> {
+    let cursors = store.cursors().await.map_err(|e| e.to_string())?;
+    let raws = store.modbus_raw().await.map_err(|e| e.to_string())?;
     let writers = Writers::default();
     let mut tasks = Vec::new();
     for w in &plant.work_centers {
-        if let Some(t) = start_one(plant, &w.id, store, &pipeline, &board, &writers, shutdown.clone()).await? {
+        let device = w.device_id();
+        let (cursor, raw) = (cursors.get(&device).copied(), raws.get(&device).copied());
+        if let Some(t) = start_one(plant, &w.id, cursor, raw, &pipeline, &board, &writers, shutdown.clone())? {
             tasks.push(t);
         }
     }
     Ok((tasks, writers))
 }
 
-/// Starts the poller of one work center's device, if it is a Modbus device: from the
-/// stored cursor and raw registers, so a device taken over by another node (or polled
-/// again after a restart) goes on from what was committed.
-pub async fn start_one(
+/// Starts the poller of one work center's device, if it is a Modbus device: from its
+/// committed cursor and raw registers (`cursor`, `last_raw`), so a device taken over by
+/// another node (or polled again after a restart) goes on from what was committed.
+#[allow(clippy::too_many_arguments)]
+pub fn start_one(
     plant: &Plant,
     wc: &str,
-    store: &Store,
+    cursor: Option<Cursor>,
+    last_raw: Option<RawCounters>,
     pipeline: &Pipeline,
     board: &StatusBoard,
     writers: &Writers,
@@ -247,8 +253,6 @@ pub async fn start_one(
     let addr: SocketAddr =
         m.address.parse().map_err(|_| format!("work center `{}`: bad modbus address `{}`", w.id, m.address))?;
     let device = w.device_id();
-    let cursor = store.cursors().await.map_err(|e| e.to_string())?.get(&device).copied();
-    let last_raw = store.modbus_raw().await.map_err(|e| e.to_string())?.get(&device).copied();
     // Counter registers are read last in each poll: a poll that reaches them is
     // complete, so counters that were read are always counted (a device that fails
     // half-way through a poll fails before its counters are read, not after).
