@@ -170,17 +170,59 @@ where
     // device births and deaths show on the same status board as polled devices.
     let spb = Arc::new(crate::ingest::sparkplug::Bindings::from_plant(&plant));
     let spb = (!spb.is_empty()).then(|| crate::ingest::sparkplug::Host::new(spb, board.clone(), Some(store.clone())));
-    // The node's own session: every device's telemetry on a single node; commands only on
-    // a cluster node (its work centers' sessions start with their leases).
+    // MQTT sessions. A single node: the plant's MQTT devices split over `mqtt.sessions`
+    // partition sessions plus the main one (`ingest::sessions`); sessions an earlier
+    // configuration used are drained in the background. A cluster node: commands only
+    // (its work centers' sessions start with their leases).
+    let mut intake_tasks = Vec::new();
     let session = match &cluster {
-        None => mqtt::Session::all_devices(&cfg.mqtt),
-        Some((node, _)) => {
-            mqtt::Session { client_id: format!("{}-node-{node}", cfg.mqtt.client_id), filter: None, guard: None }
+        None => {
+            let devices: Vec<String> = plant
+                .work_centers
+                .iter()
+                .filter_map(|w| match &w.device {
+                    crate::plant::Device::Mqtt { id } => Some(id.clone()),
+                    _ => None,
+                })
+                .collect();
+            let layout = crate::ingest::sessions::layout(&cfg.mqtt, &devices);
+            let retired =
+                crate::ingest::sessions::record(&store, &cfg.mqtt, &layout).await.map_err(anyhow::Error::msg)?;
+            for part in layout.partitions {
+                let (_, task) = mqtt::start(&cfg.mqtt, &cfg.ingest, part, pipeline.clone(), shutdown_rx.clone(), None)
+                    .map_err(anyhow::Error::msg)?;
+                intake_tasks.push(task);
+            }
+            if !layout.routes.wait_subscribed(Duration::from_secs(5)).await {
+                // The main session ingests those devices itself until their sessions are
+                // subscribed (a broker not reachable yet: nothing is lost by waiting).
+                tracing::warn!("not every MQTT partition session is subscribed yet; starting the main session anyway");
+            }
+            if !retired.is_empty() {
+                tracing::info!(sessions = ?retired, "draining MQTT sessions this configuration no longer uses");
+                intake_tasks.push(tokio::spawn(crate::ingest::sessions::retire(
+                    cfg.mqtt.clone(),
+                    cfg.ingest.clone(),
+                    store.clone(),
+                    retired,
+                    devices,
+                    pipeline.clone(),
+                    shutdown_rx.clone(),
+                )));
+            }
+            layout.main
         }
+        Some((node, _)) => mqtt::Session {
+            client_id: format!("{}-node-{node}", cfg.mqtt.client_id),
+            filters: Vec::new(),
+            guard: None,
+            kind: mqtt::Kind::Plain,
+        },
     };
     let (mqtt_handle, mqtt_task) =
         mqtt::start(&cfg.mqtt, &cfg.ingest, session, pipeline.clone(), shutdown_rx.clone(), spb)
             .map_err(anyhow::Error::msg)?;
+    intake_tasks.push(mqtt_task);
     let plant_arc = Arc::new(plant.clone());
     let node = cluster.map(|(id, lease_ms)| {
         crate::cluster::Node::new(
@@ -290,7 +332,7 @@ where
             tracing::warn!("cluster node did not leave in time; its leases expire on their own");
         }
     }
-    if tokio::time::timeout(Duration::from_secs(4), mqtt_task).await.is_err() {
+    if tokio::time::timeout(Duration::from_secs(4), futures_util::future::join_all(intake_tasks)).await.is_err() {
         tracing::warn!("MQTT intake did not stop in time");
     }
     if tokio::time::timeout(Duration::from_secs(2), writer_task).await.is_err() {

@@ -280,8 +280,9 @@ impl Node {
                 });
                 let session = mqtt::Session {
                     client_id: Node::session_id(&self.mqtt.client_id, wc),
-                    filter: Some(format!("{}/devices/{}/telemetry", self.mqtt.topic_prefix, row.device_id)),
+                    filters: vec![format!("{}/devices/{}/telemetry", self.mqtt.topic_prefix, row.device_id)],
                     guard: Some(guard),
+                    kind: mqtt::Kind::Plain,
                 };
                 mqtt::start(&self.mqtt, &self.ingest, session, pipeline, stop_rx, None).map(|_| ())
             }

@@ -102,6 +102,14 @@ pub struct MqttConfig {
     /// Keep-alive in seconds.
     #[serde(default = "default_keep_alive")]
     pub keep_alive_s: u64,
+    /// Telemetry sessions of a single node: the plant's MQTT devices are split over this
+    /// many persistent sessions by a stable hash of their id (`ingest::sessions`), because a
+    /// broker keeps only a small window of unacknowledged messages per session (rumqttd
+    /// 100, Mosquitto `max_inflight_messages`, 20 by default) and the MES acknowledges after
+    /// the commit. Changing it moves devices between sessions; the retired sessions are
+    /// drained at the next start.
+    #[serde(default = "default_sessions")]
+    pub sessions: u16,
 }
 
 fn default_mqtt_url() -> String {
@@ -116,6 +124,9 @@ fn default_prefix() -> String {
 fn default_keep_alive() -> u64 {
     15
 }
+fn default_sessions() -> u16 {
+    8
+}
 
 impl MqttConfig {
     pub fn embedded() -> Self {
@@ -127,6 +138,7 @@ impl MqttConfig {
             username: None,
             password: None,
             keep_alive_s: default_keep_alive(),
+            sessions: default_sessions(),
         }
     }
 
@@ -412,6 +424,9 @@ impl Config {
         }
         if self.mqtt.keep_alive_s < 5 {
             return Err(key_err("mqtt.keep_alive_s", "must be at least 5"));
+        }
+        if !(1..=64).contains(&self.mqtt.sessions) {
+            return Err(key_err("mqtt.sessions", format!("{} is not between 1 and 64", self.mqtt.sessions)));
         }
         for (i, t) in self.auth.tokens.iter().enumerate() {
             let key = format!("auth.tokens[{i}]");

@@ -70,6 +70,8 @@ pub struct Metrics {
     pub commit_latency: Histogram,
     pub modbus_poll_to_commit: Histogram,
     pub acks_sent: AtomicU64,
+    /// Messages the main session passed to their partition session (`ingest::sessions`).
+    pub mqtt_main_skipped: AtomicU64,
     pub mailbox_full: AtomicU64,
     /// Counted readings that reached the writer out of apply order (must stay 0).
     pub order_violations: AtomicU64,
@@ -86,6 +88,8 @@ pub struct Metrics {
     pub cluster_released: AtomicU64,
     pub cluster_lost: AtomicU64,
     pub in_flight: AtomicI64,
+    /// Readings sent to work-center actors and not yet applied (all mailboxes together).
+    pub mailbox_depth: AtomicI64,
     pub writer_queue: AtomicI64,
     pub mqtt_connected: AtomicBool,
     pub mqtt_reconnects: AtomicU64,
@@ -156,6 +160,12 @@ impl Metrics {
             "mes_mqtt_acks_total",
             "MQTT acknowledgements sent after commit.",
             self.acks_sent.load(Relaxed),
+        );
+        counter(
+            &mut out,
+            "mes_mqtt_passed_total",
+            "Copies the main MQTT session acknowledged without work because a partition session commits them.",
+            self.mqtt_main_skipped.load(Relaxed),
         );
         counter(
             &mut out,
@@ -232,6 +242,12 @@ impl Metrics {
             "mes_ingest_in_flight",
             "Inputs received but not yet committed and acknowledged.",
             self.in_flight.load(Relaxed),
+        );
+        gauge(
+            &mut out,
+            "mes_mailbox_depth",
+            "Readings queued in work-center actor mailboxes, not yet applied.",
+            self.mailbox_depth.load(Relaxed),
         );
         gauge(
             &mut out,

@@ -9,6 +9,7 @@ pub mod cluster;
 pub mod outbox;
 pub mod planner;
 pub mod queries;
+pub mod sessions;
 pub mod writer;
 
 use crate::plant::Plant;

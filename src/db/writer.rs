@@ -79,6 +79,9 @@ pub struct MqttAck {
     pub n: u64,
     /// `None`: not committed (abandoned); let later acknowledgements pass.
     pub publish: Option<rumqttc::Publish>,
+    /// A copy the main session passes to a partition session (`ingest::sessions`): its
+    /// acknowledgement confirms no commit, so it is not counted as one.
+    pub pass: bool,
     /// The acknowledger of the session the publish arrived on (one per MQTT session:
     /// a cluster node holds one session per work center it owns).
     pub acker: AckSender,

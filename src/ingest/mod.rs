@@ -7,6 +7,7 @@
 pub mod modbus;
 pub mod mqtt;
 pub mod parse;
+pub mod sessions;
 pub mod sparkplug;
 
 use crate::db::writer::{Completion, Job, Work};
@@ -156,6 +157,14 @@ impl Pipeline {
         let Some(Route { addr, work_center, token }) = self.router.route(&reading.device) else {
             return Some(done);
         };
+        // Work center and order on every event of this reading's way in (the device, boot
+        // and seq are on the adapter's span around this one).
+        let span = tracing::debug_span!(
+            "apply",
+            work_center = %work_center,
+            order = reading.order.as_deref().unwrap_or("")
+        );
+
         let lease = Some((work_center, token));
         if let Some(ts) = reading.ts_ms {
             // A device clock far from ours: flagged (its counts are still exact; its times
@@ -178,6 +187,7 @@ impl Pipeline {
         let mut msg = ApplyThen(
             reading,
             Box::new(move |o| {
+                metrics.mailbox_depth.fetch_sub(1, Relaxed);
                 let work = match o {
                     Outcome::Duplicate => {
                         metrics.telemetry_duplicates.fetch_add(1, Relaxed);
@@ -205,21 +215,27 @@ impl Pipeline {
                 }
             }),
         );
-        loop {
-            match addr.try_send(msg) {
-                Ok(()) => return None,
-                Err(SendError::Full(m)) => {
-                    self.metrics.mailbox_full.fetch_add(1, Relaxed);
-                    msg = m;
-                    tokio::time::sleep(std::time::Duration::from_millis(1)).await;
-                }
-                Err(SendError::Closed(m)) => {
-                    tracing::error!(device = %m.0.device, "work center actor gone; input left unacknowledged");
-                    drop(m);
-                    return done.lock().ok().and_then(|mut d| d.take());
+        let submit = async {
+            loop {
+                match addr.try_send(msg) {
+                    Ok(()) => {
+                        self.metrics.mailbox_depth.fetch_add(1, Relaxed);
+                        return None;
+                    }
+                    Err(SendError::Full(m)) => {
+                        self.metrics.mailbox_full.fetch_add(1, Relaxed);
+                        msg = m;
+                        tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+                    }
+                    Err(SendError::Closed(m)) => {
+                        tracing::error!(device = %m.0.device, "work center actor gone; input left unacknowledged");
+                        drop(m);
+                        return done.lock().ok().and_then(|mut d| d.take());
+                    }
                 }
             }
-        }
+        };
+        tracing::Instrument::instrument(submit, span).await
     }
 
     /// Whether a device is known (its readings have a work center).

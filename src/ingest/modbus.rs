@@ -283,7 +283,8 @@ pub fn start_one(
         last_reason: None,
         last_submit: tokio::time::Instant::now(),
     };
-    Ok(Some(tokio::spawn(p.run(shutdown))))
+    let span = tracing::info_span!("modbus", work_center = %w.id, device = %device, addr = %addr);
+    Ok(Some(tokio::spawn(tracing::Instrument::instrument(p.run(shutdown), span))))
 }
 
 impl Poller {

@@ -11,8 +11,8 @@ use crate::db::writer::{AckSender, Completion, MqttAck};
 use crate::metrics::Metrics;
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use std::collections::BTreeMap;
-use std::sync::atomic::AtomicU64;
 use std::sync::atomic::Ordering::Relaxed;
+use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{mpsc, watch};
@@ -61,31 +61,57 @@ impl MqttHandle {
 /// The largest remaining length of an MQTT packet (MQTT 3.1.1 §2.2.3).
 const MQTT_MAX_PACKET: usize = 268_435_455;
 
-/// One MQTT session of the MES: a single node has one, subscribed to every device's
-/// telemetry; a cluster node has one per work center it owns (a stable client id per work
-/// center, so its persistent session and the messages queued in it pass to the next owner)
-/// and one for commands only.
+/// One MQTT session of the MES. A single node has a main session (commands, Sparkplug,
+/// and every device topic for devices the plant does not name) and its plant's MQTT
+/// devices split over `mqtt.sessions` partition sessions (`super::sessions`); a cluster
+/// node has one per work center it owns (a stable client id per work center, so its
+/// persistent session and the messages queued in it pass to the next owner) and one for
+/// commands only.
 pub struct Session {
     pub client_id: String,
-    /// Subscribed at every connect; `None`: publish commands only.
-    pub filter: Option<String>,
+    /// Subscribed at every connect; empty: publish commands only, or drain.
+    pub filters: Vec<String>,
     /// Asked before each reconnect; `false` ends the session (the node lost the work
     /// center's lease, so the session belongs to another node now).
     pub guard: Option<Guard>,
+    pub kind: Kind,
 }
 
 pub type Guard = Arc<dyn Fn() -> futures_util::future::BoxFuture<'static, bool> + Send + Sync>;
 
-impl Session {
-    /// The single node's session: every device's telemetry on `mqtt.client_id`.
-    pub fn all_devices(cfg: &MqttConfig) -> Session {
-        Session {
-            client_id: cfg.client_id.clone(),
-            filter: Some(format!("{}/devices/+/telemetry", cfg.topic_prefix)),
-            guard: None,
-        }
-    }
+/// What a session does with what it receives.
+pub enum Kind {
+    /// Ingests everything.
+    Plain,
+    /// A partition of the plant's devices: raises the flag once the broker has confirmed
+    /// every subscription of this connection, lowers it when the connection drops.
+    Partition(Arc<AtomicBool>),
+    /// The main session of a partitioned node, subscribed to every device topic: a message
+    /// of a device whose partition session is subscribed right now is acknowledged without
+    /// work (that session has its own copy and commits it); anything else is ingested
+    /// (devices the plant does not name become dead letters; a device whose partition is
+    /// disconnected is ingested here, and deduplication absorbs the second copy).
+    Main(Arc<super::sessions::Partitions>),
+    /// A session the configuration no longer uses: takes what the broker kept for it, and
+    /// ends once quiet; the report says whether everything taken was committed.
+    Drain(tokio::sync::oneshot::Sender<DrainReport>),
 }
+
+/// How a retired session's drain ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DrainReport {
+    /// The broker still kept the session.
+    pub present: bool,
+    /// Messages taken from it.
+    pub received: u64,
+    /// Every message taken was committed and acknowledged (so the session may be removed).
+    pub complete: bool,
+}
+
+/// A drained session ends after this long without a message.
+const DRAIN_QUIET: Duration = Duration::from_secs(2);
+/// Topic filters per SUBSCRIBE packet.
+const FILTERS_PER_SUBSCRIBE: usize = 200;
 
 fn options(
     cfg: &MqttConfig,
@@ -111,6 +137,29 @@ fn options(
         o.set_credentials(u.clone(), p.clone());
     }
     Ok(o)
+}
+
+/// Removes a session from the broker: a clean-session connect discards what the broker
+/// kept for it, and the clean session itself ends with the disconnect.
+pub async fn forget(cfg: &MqttConfig, client_id: &str) -> Result<(), String> {
+    let mut o = options(cfg, client_id, &IngestConfig::default(), None)?;
+    o.set_clean_session(true);
+    let (client, mut eventloop) = AsyncClient::new(o, 10);
+    let connected = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            match eventloop.poll().await {
+                Ok(Event::Incoming(Packet::ConnAck(_))) => return Ok(()),
+                Ok(_) => {}
+                Err(e) => return Err(e.to_string()),
+            }
+        }
+    })
+    .await
+    .map_err(|_| "timed out connecting".to_string())?;
+    connected?;
+    let _ = client.try_disconnect();
+    let _ = tokio::time::timeout(Duration::from_millis(500), async { while eventloop.poll().await.is_ok() {} }).await;
+    Ok(())
 }
 
 /// Starts the client; returns the command handle and the task running the event loop.
@@ -140,36 +189,91 @@ pub fn start(
         sparkplug: sparkplug.as_ref().map(|h| h.bindings_arc()),
     };
     let generation = Arc::new(AtomicU64::new(0));
-    tokio::spawn(acker(client.clone(), ack_rx, generation.clone(), pipeline.metrics.clone()));
-    let Session { client_id, filter, guard } = session;
-    // The node's own session (not a work center's) reports the broker connection.
-    let primary = guard.is_none();
+    let progress = Arc::new(AckProgress::default());
+    tokio::spawn(acker(client.clone(), ack_rx, generation.clone(), progress.clone(), pipeline.metrics.clone()));
+    let Session { client_id, filters, guard, kind } = session;
+    // The node's own session (not a work center's or a partition's) reports the broker
+    // connection.
+    let primary = guard.is_none() && matches!(kind, Kind::Main(_) | Kind::Plain);
+    let (subscribed, partitions, mut drain_tx) = match kind {
+        Kind::Plain => (None, None, None),
+        Kind::Partition(flag) => (Some(flag), None, None),
+        Kind::Main(p) => (None, Some(p), None),
+        Kind::Drain(tx) => (None, None, Some(tx)),
+    };
+    let draining = drain_tx.is_some();
+    let mut report = DrainReport { present: false, received: 0, complete: false };
     let prefix = cfg.topic_prefix.clone();
     let max_payload = ingest.max_payload;
     let metrics = pipeline.metrics.clone();
     let task = tokio::spawn(async move {
         let mut backoff = BACKOFF_MIN;
         let mut received_qos1: u64 = 0;
+        // SUBACKs still awaited on this connection, and whether one refused a filter.
+        let mut pending_subacks = 0usize;
+        let mut refused = false;
+        let mut last_message = tokio::time::Instant::now();
+        let mut tick = tokio::time::interval(Duration::from_millis(100));
         loop {
             let ev = tokio::select! {
                 _ = shutdown.changed() => break,
                 ev = eventloop.poll() => ev,
+                _ = tick.tick(), if draining => {
+                    // A retired session ends once nothing came for a while and everything
+                    // it took has been committed and acknowledged (or given up).
+                    if report.present
+                        && last_message.elapsed() >= DRAIN_QUIET
+                        && progress.settled.load(Relaxed) == received_qos1
+                    {
+                        report.complete = progress.abandoned.load(Relaxed) == 0;
+                        break;
+                    }
+                    continue;
+                }
             };
             match ev {
                 Ok(Event::Incoming(Packet::ConnAck(ack))) => {
                     backoff = BACKOFF_MIN;
                     // A new connection: packet ids of the old one mean nothing now.
                     generation.fetch_add(1, Relaxed);
+                    progress.reset();
                     received_qos1 = 0;
                     if primary {
                         metrics.mqtt_connected.store(true, Relaxed);
                     }
                     tracing::info!(session = %client_id, session_present = ack.session_present, "connected to MQTT broker");
+                    // A kept session kept its subscriptions too: a partition receives its
+                    // devices' messages from now on (the main session need not ingest them
+                    // while the SUBACK of the repeated subscription is on its way).
+                    if let (true, Some(flag)) = (ack.session_present, &subscribed) {
+                        flag.store(true, Relaxed);
+                    }
+                    if draining {
+                        report.present = ack.session_present;
+                        last_message = tokio::time::Instant::now();
+                        if !ack.session_present {
+                            report.complete = true;
+                            break;
+                        }
+                    }
                     // Subscribing again is harmless when the broker kept the session, and
                     // needed when it lost it.
-                    if let Some(filter) = &filter {
-                        if let Err(e) = client.try_subscribe(filter.clone(), QoS::AtLeastOnce) {
-                            tracing::error!(error = %e, "cannot queue subscribe");
+                    pending_subacks = 0;
+                    refused = false;
+                    if draining {
+                        // A retired session keeps nothing new: its subscriptions go, what
+                        // the broker already queued for it still arrives.
+                        for f in &filters {
+                            if let Err(e) = client.try_unsubscribe(f.clone()) {
+                                tracing::error!(session = %client_id, error = %e, "cannot queue unsubscribe");
+                            }
+                        }
+                    }
+                    for chunk in filters.chunks(FILTERS_PER_SUBSCRIBE).filter(|_| !draining) {
+                        let many = chunk.iter().map(|f| rumqttc::SubscribeFilter::new(f.clone(), QoS::AtLeastOnce));
+                        match client.try_subscribe_many(many) {
+                            Ok(()) => pending_subacks += 1,
+                            Err(e) => tracing::error!(session = %client_id, error = %e, "cannot queue subscribe"),
                         }
                     }
                     if sparkplug.is_some() {
@@ -184,7 +288,35 @@ pub fn start(
                         }
                     }
                 }
+                Ok(Event::Incoming(Packet::SubAck(ack))) if pending_subacks > 0 => {
+                    pending_subacks -= 1;
+                    if ack.return_codes.iter().any(|c| matches!(c, rumqttc::SubscribeReasonCode::Failure)) {
+                        refused = true;
+                        tracing::error!(session = %client_id, "the broker refused a subscription; the main session ingests those devices");
+                    }
+                    if let (0, false, Some(flag)) = (pending_subacks, refused, &subscribed) {
+                        flag.store(true, Relaxed);
+                    }
+                }
                 Ok(Event::Incoming(Packet::Publish(p))) => {
+                    last_message = tokio::time::Instant::now();
+                    tracing::trace!(session = %client_id, topic = %p.topic, pkid = p.pkid, n = received_qos1, "publish in");
+                    if partitions.as_ref().is_some_and(|parts| parts.covers(&prefix, &p.topic)) {
+                        // Its partition session has this message too and commits it.
+                        Metrics::inc(&metrics.mqtt_main_skipped);
+                        if p.qos != QoS::AtMostOnce {
+                            received_qos1 += 1;
+                            let a = MqttAck {
+                                generation: generation.load(Relaxed),
+                                n: received_qos1 - 1,
+                                publish: Some(p),
+                                pass: true,
+                                acker: ack_tx.clone(),
+                            };
+                            let _ = ack_tx.send(vec![a]).await;
+                        }
+                        continue;
+                    }
                     Metrics::inc(&metrics.telemetry_messages);
                     let Some(slot) = pipeline.admit().await else {
                         break;
@@ -198,6 +330,7 @@ pub fn start(
                             generation: generation.load(Relaxed),
                             n,
                             publish: Some(p.clone()),
+                            pass: false,
                             acker: ack_tx.clone(),
                         })
                     };
@@ -210,6 +343,13 @@ pub fn start(
                 }
                 Ok(_) => {}
                 Err(e) => {
+                    if let Some(flag) = &subscribed {
+                        flag.store(false, Relaxed);
+                    }
+                    if draining {
+                        tracing::warn!(session = %client_id, error = %e, "connection lost while draining a retired session; kept for the next start");
+                        break;
+                    }
                     if !primary || metrics.mqtt_connected.swap(false, Relaxed) {
                         Metrics::inc(&metrics.mqtt_reconnects);
                     }
@@ -235,7 +375,14 @@ pub fn start(
         if primary {
             metrics.mqtt_connected.store(false, Relaxed);
         }
-        tracing::info!("MQTT intake stopped");
+        if let Some(flag) = &subscribed {
+            flag.store(false, Relaxed);
+        }
+        if let Some(tx) = drain_tx.take() {
+            report.received = received_qos1;
+            let _ = tx.send(report);
+        }
+        tracing::info!(session = %client_id, "MQTT intake stopped");
     });
     Ok((handle, task))
 }
@@ -318,6 +465,21 @@ async fn handle_publish(
     }
 }
 
+/// How far the acker got on the current connection: publishes settled in receive order
+/// (acknowledged, or given up because they were not committed).
+#[derive(Default)]
+struct AckProgress {
+    settled: AtomicU64,
+    abandoned: AtomicU64,
+}
+
+impl AckProgress {
+    fn reset(&self) {
+        self.settled.store(0, Relaxed);
+        self.abandoned.store(0, Relaxed);
+    }
+}
+
 /// Acknowledges committed publishes in the order they were received on the current
 /// connection (MQTT 3.1.1 §4.6; some brokers drop a client that acknowledges out of
 /// order). Commits complete out of order, so acknowledgements wait in a reorder buffer
@@ -327,11 +489,12 @@ async fn acker(
     client: AsyncClient,
     mut rx: mpsc::Receiver<Vec<MqttAck>>,
     generation: Arc<AtomicU64>,
+    progress: Arc<AckProgress>,
     metrics: Arc<Metrics>,
 ) {
     let mut current = 0u64;
     let mut next = 0u64;
-    let mut waiting: BTreeMap<u64, Option<rumqttc::Publish>> = BTreeMap::new();
+    let mut waiting: BTreeMap<u64, (Option<rumqttc::Publish>, bool)> = BTreeMap::new();
     while let Some(batch) = rx.recv().await {
         let live = generation.load(Relaxed);
         if live != current {
@@ -341,17 +504,29 @@ async fn acker(
         }
         for a in batch {
             if a.generation == current && a.n >= next {
-                waiting.insert(a.n, a.publish);
+                waiting.insert(a.n, (a.publish, a.pass));
             }
         }
-        while let Some(p) = waiting.remove(&next) {
+        while let Some((p, pass)) = waiting.remove(&next) {
             next += 1;
-            let Some(p) = p else { continue };
-            if let Err(e) = client.ack(&p).await {
-                tracing::warn!(error = %e, "ack not sent; the broker will redeliver (deduplicated)");
-                continue;
+            let sent = match p {
+                None => false,
+                Some(p) => match client.ack(&p).await {
+                    Ok(()) => true,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "ack not sent; the broker will redeliver (deduplicated)");
+                        false
+                    }
+                },
+            };
+            if sent {
+                if !pass {
+                    Metrics::inc(&metrics.acks_sent);
+                }
+            } else {
+                progress.abandoned.fetch_add(1, Relaxed);
             }
-            Metrics::inc(&metrics.acks_sent);
+            progress.settled.fetch_add(1, Relaxed);
         }
     }
 }

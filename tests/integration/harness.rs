@@ -164,7 +164,7 @@ impl Mes {
         let child = Command::new(env!("CARGO_BIN_EXE_mes"))
             .args(["serve", "--config"])
             .arg(&self.config)
-            .env("RUST_LOG", "info,rumqttd=off")
+            .env("RUST_LOG", std::env::var("MES_TEST_RUST_LOG").unwrap_or_else(|_| "info,rumqttd=off".into()))
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()

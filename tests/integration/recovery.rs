@@ -77,3 +77,83 @@ async fn sigkill_while_publishing_loses_and_doubles_nothing() {
     assert_eq!(fg["debit"], expect_debit.to_string());
     assert_eq!(fg["credit"], expect_credit.to_string());
 }
+
+/// `mqtt.sessions` changed between two runs while devices kept publishing: the sessions the
+/// new configuration no longer uses still hold what the broker queued for them; the MES
+/// drains them (nothing lost), removes them, and after that nothing is queued twice.
+/// Needs a broker that outlives the MES (`MES_TEST_MQTT_URL`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn changed_session_count_drains_the_retired_sessions() {
+    if external_broker().is_none() {
+        eprintln!("skipped: set MES_TEST_MQTT_URL to run against an external broker");
+        return;
+    }
+    const DEVICES: [(&str, &str); 4] =
+        [("blank-01", "BLANK-1"), ("form-01", "FORM-1"), ("assy-01", "ASSY-1"), ("pack-01", "PACK-1")];
+    let set_sessions = |mes: &Mes, n: u16| {
+        let text = std::fs::read_to_string(&mes.config).expect("config");
+        let kept: Vec<&str> = text.lines().filter(|l| !l.starts_with("sessions = ")).collect();
+        let text = kept.join("\n").replace("\n[plant]", &format!("\nsessions = {n}\n[plant]"));
+        std::fs::write(&mes.config, text).expect("config");
+    };
+    let mut mes = Mes::start(MesOptions::default()).await;
+    let mut dev = mes.device("sessions");
+    // Each round: 40 more readings per device, 2 good a reading, 1 scrap every 5th.
+    async fn round(dev: &mut crate::harness::Device, seq: &mut u64) {
+        for s in *seq + 1..=*seq + 40 {
+            for (d, _) in DEVICES {
+                dev.reading(d, 1, s, 2 * s, s / 5, json!({})).await;
+            }
+        }
+        *seq += 40;
+        dev.flush().await;
+    }
+    let mut seq = 0u64;
+    round(&mut dev, &mut seq).await;
+    let expect = |s: u64| (2 * s as i64, (s / 5) as i64);
+    for (_, wc) in DEVICES {
+        assert_eq!(mes.wait_totals(wc, expect(seq)).await, expect(seq));
+    }
+    // Down; the devices go on, into the 8 partition sessions the broker keeps.
+    assert!(mes.terminate().0.success());
+    round(&mut dev, &mut seq).await;
+    set_sessions(&mes, 3);
+    mes.spawn().await;
+    for (_, wc) in DEVICES {
+        assert_eq!(mes.wait_totals(wc, expect(seq)).await, expect(seq), "log:\n{}", mes.log());
+    }
+    // Every retired partition session was drained and removed.
+    let old: std::collections::BTreeSet<usize> =
+        DEVICES.iter().map(|(d, _)| mes::ingest::sessions::partition_of(d, 8)).collect();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let removed = mes
+            .log()
+            .lines()
+            .filter(|l| l.contains("retired MQTT session drained and removed") && l.contains("-in-"))
+            .count();
+        if removed == old.len() {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{removed} of {} removed; log:\n{}", old.len(), mes.log());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    for i in &old {
+        assert!(mes.log().contains(&format!("-in-{i}of8")), "session {i} of 8 not named in the log");
+    }
+    // Down again: now only the 3 current sessions queue; nothing is counted twice.
+    assert!(mes.terminate().0.success());
+    round(&mut dev, &mut seq).await;
+    let drained_before = mes.log().matches("draining MQTT sessions").count();
+    mes.spawn().await;
+    for (_, wc) in DEVICES {
+        assert_eq!(mes.wait_totals(wc, expect(seq)).await, expect(seq), "log:\n{}", mes.log());
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for (_, wc) in DEVICES {
+        assert_eq!(mes.totals(wc).await, expect(seq));
+    }
+    assert_eq!(mes.log().matches("draining MQTT sessions").count(), drained_before, "nothing left to drain");
+    assert_eq!(mes.metric("mes_dead_letters_total").await, 0);
+    assert_eq!(mes.metric("mes_writer_order_violations_total").await, 0);
+}
