@@ -63,17 +63,20 @@ fn redact(url: &str) -> String {
     }
 }
 
-/// A work center's actor state as committed: totals, state, current order, device cursor.
+/// A work center's actor state as committed: totals, state, current order, device cursor
+/// and the device time of its last counted reading.
 pub fn work_center_state(
     plant: &Plant,
     w: &crate::db::queries::WorkCenterRow,
     cursor: Option<mes_actors::counter::Cursor>,
+    last_ts_ms: Option<i64>,
 ) -> WorkCenterState {
     let mut st = WorkCenterState::new(&w.id, &w.device_id);
     st.state = w.state.parse().unwrap_or(MachineState::Stopped);
     st.reason = w.reason.clone();
     st.current_order = w.current_order.clone();
     st.cursor = cursor;
+    st.last_ts_ms = last_ts_ms;
     st.good_total = w.good_total.max(0) as u64;
     st.scrap_total = w.scrap_total.max(0) as u64;
     st.max_step = plant.work_center(&w.id).and_then(|p| p.max_units_per_reading);
@@ -121,7 +124,12 @@ where
             if plant.work_center(&w.id).is_none() {
                 continue; // retired from the plant file; its history stays
             }
-            let addr = WorkCenterActor::new(work_center_state(&plant, &w, cursors.get(&w.device_id).copied())).start();
+            let cursor = cursors.get(&w.device_id).copied();
+            let last_ts = match cursor {
+                Some(_) => store.last_ts_of(&w.device_id).await?,
+                None => None,
+            };
+            let addr = WorkCenterActor::new(work_center_state(&plant, &w, cursor, last_ts)).start();
             router.insert(&w.id, &w.device_id, addr);
         }
     }

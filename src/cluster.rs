@@ -251,7 +251,11 @@ impl Node {
             .map_err(|e| e.to_string())?
             .ok_or_else(|| format!("work center `{wc}` is not in the database"))?;
         let cursor = self.store.cursor_of(&row.device_id).await.map_err(|e| e.to_string())?;
-        let state = crate::app::work_center_state(&self.plant, &row, cursor);
+        let last_ts = match cursor {
+            Some(_) => self.store.last_ts_of(&row.device_id).await.map_err(|e| e.to_string())?,
+            None => None,
+        };
+        let state = crate::app::work_center_state(&self.plant, &row, cursor, last_ts);
         let current_order = state.current_order.clone();
         let addr = WorkCenterActor::new(state).start();
         self.router.insert_fenced(wc, &row.device_id, addr, token);

@@ -53,7 +53,8 @@ fn schemas() -> Value {
     let ratio = json!({"type": "number", "nullable": true});
     json!({
         "Error": {"type": "object", "required": ["error"], "properties": {"error": {"type": "object",
-            "required": ["code", "message"], "properties": {"code": s, "message": s}}}},
+            "required": ["code", "message"], "properties": {"code": s, "message": s,
+            "available": {"type": "integer", "description": "on insufficient_stock: what is available"}}}}},
         "NewOrder": {"type": "object", "required": ["sku", "quantity"], "additionalProperties": false, "properties": {
             "id": s, "sku": s, "quantity": {"type": "integer", "minimum": 1}, "due": {"type": "string",
             "description": "YYYY-MM-DD or RFC 3339, in the future"}, "priority": i, "work_center": s}},
@@ -82,6 +83,19 @@ fn schemas() -> Value {
         "NewReservation": {"type": "object", "required": ["sku", "quantity", "ref"], "additionalProperties": false,
             "properties": {"sku": s, "quantity": {"type": "integer", "minimum": 1}, "ref": s}},
         "Reservation": {"type": "object", "properties": {"id": s, "ref": s, "sku": s, "quantity": i, "status": s}},
+        "NewAdjustment": {"type": "object", "required": ["buffer", "quantity", "reason", "ref"], "additionalProperties": false,
+            "properties": {"buffer": s, "sku": s, "quantity": {"type": "integer", "minimum": -1_000_000_000,
+            "maximum": 1_000_000_000, "not": {"enum": [0]}, "description": "signed, non-zero"},
+            "reason": {"type": "string", "minLength": 1, "maxLength": 500}, "ref": {"type": "string", "minLength": 1,
+            "maxLength": 200, "description": "idempotency key: a repeated ref returns the first adjustment"}}},
+        "Adjustment": {"type": "object", "required": ["id", "ref", "buffer", "sku", "quantity", "reason", "on_hand"],
+            "properties": {"id": s, "ref": s, "buffer": s, "sku": s, "quantity": i, "reason": s, "on_hand": i, "by": s,
+            "created_at": s}},
+        "StockMovement": {"type": "object", "required": ["id", "buffer", "sku", "quantity", "kind", "source"],
+            "properties": {"id": i, "at": s, "buffer": s, "sku": s, "quantity": i, "kind": s,
+            "order": {"type": "string", "nullable": true}, "source": {"type": "object", "required": ["kind", "id"],
+            "properties": {"kind": {"type": "string", "description": "plant | telemetry | reservation | adjustment"},
+            "id": s}}}},
         "InventoryRow": {"type": "object", "required": ["sku", "on_hand", "reserved", "available"], "properties": {
             "sku": s, "on_hand": i, "reserved": i, "available": i}},
         "TrialBalance": {"type": "object", "required": ["accounts", "total_debits", "total_credits"], "properties": {

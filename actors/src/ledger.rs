@@ -17,10 +17,12 @@ pub enum Account {
     Scrap,
     MaterialUsageVariance,
     EfficiencyVariance,
+    /// Counted stock that differs from the books (inventory adjustments).
+    InventoryAdjustment,
 }
 
 impl Account {
-    pub const ALL: [Account; 8] = [
+    pub const ALL: [Account; 9] = [
         Account::RawMaterials,
         Account::Wip,
         Account::FinishedGoods,
@@ -29,6 +31,7 @@ impl Account {
         Account::Scrap,
         Account::MaterialUsageVariance,
         Account::EfficiencyVariance,
+        Account::InventoryAdjustment,
     ];
 
     pub fn code(self) -> &'static str {
@@ -41,6 +44,7 @@ impl Account {
             Account::Scrap => "5100",
             Account::MaterialUsageVariance => "5300",
             Account::EfficiencyVariance => "5310",
+            Account::InventoryAdjustment => "5400",
         }
     }
 
@@ -54,6 +58,7 @@ impl Account {
             Account::Scrap => "Scrap (yield variance)",
             Account::MaterialUsageVariance => "Material usage variance",
             Account::EfficiencyVariance => "Efficiency variance",
+            Account::InventoryAdjustment => "Inventory adjustments",
         }
     }
 

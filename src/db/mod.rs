@@ -129,7 +129,8 @@ impl Store {
     }
 
     /// Upserts the plant's master data in one transaction. Buffers keep their balances:
-    /// `initial` applies only when a buffer is first created.
+    /// `initial` applies only when a buffer is first created, booked as an `opening`
+    /// stock movement.
     pub async fn upsert_plant(&self, plant: &Plant) -> Result<(), DbError> {
         let mut tx = self.pool.begin().await?;
         for a in mes_actors::ledger::Account::ALL {
@@ -161,17 +162,40 @@ impl Store {
                     .await?;
             }
         }
+        let now = crate::now_ms();
         for b in &plant.buffers {
-            sqlx::query(
+            let created = sqlx::query(
                 "INSERT INTO buffers (id, sku, capacity, on_hand) VALUES ($1, $2, $3, $4)
-                 ON CONFLICT (id) DO UPDATE SET sku = excluded.sku, capacity = excluded.capacity",
+                 ON CONFLICT (id) DO NOTHING RETURNING id",
             )
             .bind(&b.id)
             .bind(&b.sku)
             .bind(b.capacity)
             .bind(b.initial)
-            .execute(&mut *tx)
-            .await?;
+            .fetch_optional(&mut *tx)
+            .await?
+            .is_some();
+            if created && b.initial != 0 {
+                // The opening balance is a movement too, so on_hand is the sum of the ledger.
+                sqlx::query(
+                    "INSERT INTO stock_movements (ts_ms, buffer, sku, qty, kind, order_id, source_kind, source_id)
+                     VALUES ($1, $2, $3, $4, 'opening', NULL, 'plant', $2)",
+                )
+                .bind(now)
+                .bind(&b.id)
+                .bind(&b.sku)
+                .bind(b.initial)
+                .execute(&mut *tx)
+                .await?;
+            }
+            if !created {
+                sqlx::query("UPDATE buffers SET sku = $1, capacity = $2 WHERE id = $3")
+                    .bind(&b.sku)
+                    .bind(b.capacity)
+                    .bind(&b.id)
+                    .execute(&mut *tx)
+                    .await?;
+            }
         }
         for w in &plant.work_centers {
             sqlx::query(

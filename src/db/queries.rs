@@ -152,6 +152,19 @@ impl Store {
         Ok(out)
     }
 
+    /// Device time of a device's newest counted reading that carried one: the actor's
+    /// `last_ts_ms`, so running time (and the conversion priced from it) between the last
+    /// reading before a restart and the first after it is counted as without the restart.
+    pub async fn last_ts_of(&self, device: &str) -> Result<Option<i64>, DbError> {
+        let r = sqlx::query(
+            "SELECT ts_ms FROM telemetry WHERE device = $1 AND ts_ms IS NOT NULL ORDER BY boot DESC, seq DESC LIMIT 1",
+        )
+        .bind(device)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(r.map(|r| r.try_get::<Option<i64>, _>("ts_ms")).transpose()?.flatten())
+    }
+
     /// The last raw counter registers per Modbus device (the restart baseline).
     pub async fn modbus_raw(&self) -> Result<BTreeMap<String, mes_actors::counter::RawCounters>, DbError> {
         let rows = sqlx::query("SELECT device, good, scrap, boot FROM modbus_raw").fetch_all(&self.pool).await?;
@@ -692,6 +705,17 @@ impl Store {
                 .bind(&r.buffer)
                 .execute(&mut *tx)
                 .await?;
+            // Like the reservation itself, a release moves no stock; the ledger shows it.
+            sqlx::query(
+                "INSERT INTO stock_movements (ts_ms, buffer, sku, qty, kind, order_id, source_kind, source_id)
+                 VALUES ($1, $2, $3, 0, 'release', NULL, 'reservation', $4)",
+            )
+            .bind(now)
+            .bind(&r.buffer)
+            .bind(&r.sku)
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
         }
         tx.commit().await?;
         self.reservation(id).await?.ok_or_else(|| ReserveError::NotFound(format!("reservation `{id}` vanished")))
@@ -705,6 +729,253 @@ impl Store {
         .fetch_all(&self.pool)
         .await?;
         rows.iter().map(outbox_row).collect::<Result<_, _>>().map_err(DbError::from)
+    }
+}
+
+/// One row of the append-only stock ledger.
+#[derive(Debug, Clone, Serialize)]
+pub struct MovementRow {
+    pub id: i64,
+    pub ts_ms: i64,
+    pub buffer: String,
+    pub sku: String,
+    pub qty: i64,
+    pub kind: String,
+    pub order_id: Option<String>,
+    pub source_kind: String,
+    pub source_id: String,
+}
+
+/// A counted correction of one buffer's stock.
+#[derive(Debug, Clone, Serialize)]
+pub struct AdjustmentRow {
+    pub id: String,
+    pub reference: String,
+    pub buffer: String,
+    pub sku: String,
+    pub quantity: i64,
+    pub reason: String,
+    pub on_hand_after: i64,
+    pub actor: String,
+    pub created_ms: i64,
+}
+
+/// An adjustment as the API validated it, priced for the books.
+#[derive(Debug, Clone)]
+pub struct NewAdjustment {
+    pub buffer: String,
+    pub quantity: i64,
+    pub reason: String,
+    pub reference: String,
+    pub actor: String,
+    /// Standard cost of one unit (1/10000), and the account the sku is carried in.
+    pub unit_cost: i64,
+    pub account: mes_actors::ledger::Account,
+}
+
+/// Why an adjustment could not be booked.
+#[derive(Debug, thiserror::Error)]
+pub enum AdjustError {
+    #[error("buffer `{buffer}` has {available} available ({on_hand} on hand, {reserved} reserved); cannot remove {requested}")]
+    Insufficient { buffer: String, on_hand: i64, reserved: i64, available: i64, requested: i64 },
+    #[error("buffer `{0}` does not exist")]
+    NotFound(String),
+    #[error(transparent)]
+    Db(#[from] DbError),
+}
+
+impl From<sqlx::Error> for AdjustError {
+    fn from(e: sqlx::Error) -> Self {
+        AdjustError::Db(DbError::Sqlx(e))
+    }
+}
+
+const ADJ_COLS: &str = "id, ref, buffer, sku, quantity, reason, on_hand_after, actor, created_ms";
+
+fn adjustment_row(r: &AnyRow) -> Result<AdjustmentRow, sqlx::Error> {
+    Ok(AdjustmentRow {
+        id: r.try_get("id")?,
+        reference: r.try_get("ref")?,
+        buffer: r.try_get("buffer")?,
+        sku: r.try_get("sku")?,
+        quantity: r.try_get("quantity")?,
+        reason: r.try_get("reason")?,
+        on_hand_after: r.try_get("on_hand_after")?,
+        actor: r.try_get("actor")?,
+        created_ms: r.try_get("created_ms")?,
+    })
+}
+
+impl Store {
+    async fn adjustment_by_ref(&self, reference: &str) -> Result<Option<AdjustmentRow>, DbError> {
+        let sql = format!("SELECT {ADJ_COLS} FROM stock_adjustments WHERE ref = $1");
+        let r = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(reference).fetch_optional(&self.pool).await?;
+        Ok(r.as_ref().map(adjustment_row).transpose()?)
+    }
+
+    /// Books an inventory adjustment in one transaction: the buffer's balance (a removal
+    /// only while `on_hand + quantity >= reserved`, decided by the conditional UPDATE), the
+    /// adjustment row (`ref` unique), its stock movement (source `adjustment`), its journal
+    /// line at standard cost (inventory against 5400) and its audit line. A repeated `ref`
+    /// returns the first adjustment. Returns the adjustment and whether it was booked now.
+    pub async fn adjust(&self, a: &NewAdjustment) -> Result<(AdjustmentRow, bool), AdjustError> {
+        if let Some(r) = self.adjustment_by_ref(&a.reference).await? {
+            return Ok((r, false));
+        }
+        let now = crate::now_ms();
+        let id = format!("ADJ-{}", reference_id(&a.reference, now));
+        let mut tx = self.pool.begin().await?;
+        let row = sqlx::query(
+            "UPDATE buffers SET on_hand = on_hand + $1 WHERE id = $2 AND ($1 > 0 OR on_hand + $1 >= reserved)
+             RETURNING on_hand, sku",
+        )
+        .bind(a.quantity)
+        .bind(&a.buffer)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some(row) = row else {
+            drop(tx);
+            let b = sqlx::query("SELECT on_hand, reserved FROM buffers WHERE id = $1")
+                .bind(&a.buffer)
+                .fetch_optional(&self.pool)
+                .await?
+                .ok_or_else(|| AdjustError::NotFound(a.buffer.clone()))?;
+            let (on_hand, reserved): (i64, i64) = (b.try_get("on_hand")?, b.try_get("reserved")?);
+            return Err(AdjustError::Insufficient {
+                buffer: a.buffer.clone(),
+                on_hand,
+                reserved,
+                available: on_hand - reserved,
+                requested: -a.quantity,
+            });
+        };
+        let (on_hand, sku): (i64, String) = (row.try_get("on_hand")?, row.try_get("sku")?);
+        let ins = sqlx::query(
+            "INSERT INTO stock_adjustments (id, ref, buffer, sku, quantity, reason, on_hand_after, actor, created_ms)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) ON CONFLICT (ref) DO NOTHING",
+        )
+        .bind(&id)
+        .bind(&a.reference)
+        .bind(&a.buffer)
+        .bind(&sku)
+        .bind(a.quantity)
+        .bind(&a.reason)
+        .bind(on_hand)
+        .bind(&a.actor)
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
+        if ins.rows_affected() == 0 {
+            // The same ref won a race: roll back and answer with the first one.
+            drop(tx);
+            let r = self
+                .adjustment_by_ref(&a.reference)
+                .await?
+                .ok_or_else(|| AdjustError::Db(DbError::Other("adjustment vanished".into())))?;
+            return Ok((r, false));
+        }
+        sqlx::query(
+            "INSERT INTO stock_movements (ts_ms, buffer, sku, qty, kind, order_id, source_kind, source_id)
+             VALUES ($1, $2, $3, $4, 'adjustment', NULL, 'adjustment', $5)",
+        )
+        .bind(now)
+        .bind(&a.buffer)
+        .bind(&sku)
+        .bind(a.quantity)
+        .bind(&id)
+        .execute(&mut *tx)
+        .await?;
+        let amount = a.quantity.unsigned_abs().saturating_mul(a.unit_cost.unsigned_abs());
+        let amount = i64::try_from(amount).unwrap_or(i64::MAX);
+        if amount > 0 {
+            use mes_actors::ledger::Account;
+            let (debit, credit) = if a.quantity > 0 {
+                (a.account, Account::InventoryAdjustment)
+            } else {
+                (Account::InventoryAdjustment, a.account)
+            };
+            sqlx::query(
+                "INSERT INTO journal (ts_ms, kind, debit, credit, amount, order_id, source_kind, source_id)
+                 VALUES ($1, 'inventory_adjustment', $2, $3, $4, NULL, 'adjustment', $5)",
+            )
+            .bind(now)
+            .bind(debit.code())
+            .bind(credit.code())
+            .bind(amount)
+            .bind(&id)
+            .execute(&mut *tx)
+            .await?;
+        }
+        let detail = serde_json::json!({"after": {"buffer": a.buffer, "sku": sku, "quantity": a.quantity,
+            "reason": a.reason, "ref": a.reference, "on_hand": on_hand}});
+        sqlx::query(
+            "INSERT INTO audit (ts_ms, actor, action, target, detail) VALUES ($1, $2, 'stock_adjustment', $3, $4)",
+        )
+        .bind(now)
+        .bind(&a.actor)
+        .bind(&id)
+        .bind(detail.to_string())
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok((
+            AdjustmentRow {
+                id,
+                reference: a.reference.clone(),
+                buffer: a.buffer.clone(),
+                sku,
+                quantity: a.quantity,
+                reason: a.reason.clone(),
+                on_hand_after: on_hand,
+                actor: a.actor.clone(),
+                created_ms: now,
+            },
+            true,
+        ))
+    }
+
+    /// The stock ledger of `sku` (optionally one buffer), oldest first, after movement `after`.
+    pub async fn movements(
+        &self,
+        sku: &str,
+        buffer: Option<&str>,
+        after: i64,
+        limit: i64,
+    ) -> Result<Vec<MovementRow>, DbError> {
+        const COLS: &str = "id, ts_ms, buffer, sku, qty, kind, order_id, source_kind, source_id";
+        let rows = match buffer {
+            Some(b) => {
+                let sql = format!(
+                    "SELECT {COLS} FROM stock_movements WHERE sku = $1 AND buffer = $2 AND id > $3 ORDER BY id LIMIT $4"
+                );
+                sqlx::query(sqlx::AssertSqlSafe(sql))
+                    .bind(sku)
+                    .bind(b)
+                    .bind(after)
+                    .bind(limit)
+                    .fetch_all(&self.pool)
+                    .await?
+            }
+            None => {
+                let sql = format!("SELECT {COLS} FROM stock_movements WHERE sku = $1 AND id > $2 ORDER BY id LIMIT $3");
+                sqlx::query(sqlx::AssertSqlSafe(sql)).bind(sku).bind(after).bind(limit).fetch_all(&self.pool).await?
+            }
+        };
+        let mut out = Vec::with_capacity(rows.len());
+        for r in rows {
+            out.push(MovementRow {
+                id: r.try_get("id")?,
+                ts_ms: r.try_get("ts_ms")?,
+                buffer: r.try_get("buffer")?,
+                sku: r.try_get("sku")?,
+                qty: r.try_get("qty")?,
+                kind: r.try_get("kind")?,
+                order_id: r.try_get("order_id")?,
+                source_kind: r.try_get("source_kind")?,
+                source_id: r.try_get("source_id")?,
+            });
+        }
+        Ok(out)
     }
 }
 

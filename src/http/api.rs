@@ -143,6 +143,18 @@ pub fn table() -> Vec<(RouteDoc, actix_web::Route)> {
             web::get().to(get_inventory),
         ),
         (
+            d("GET", "/api/v1/inventory/{sku}/movements", V, "The sku's stock ledger (append-only, oldest first)")
+                .query(&[("buffer", "string"), ("after", "integer"), ("limit", "integer")])
+                .ok(200, Some("[StockMovement]")),
+            web::get().to(list_movements),
+        ),
+        (
+            d("POST", "/api/v1/inventory/adjustments", P, "Adjust a buffer's stock (audited; 409 below reserved)")
+                .body("NewAdjustment")
+                .ok(201, Some("Adjustment")),
+            web::post().to(create_adjustment),
+        ),
+        (
             d("GET", "/api/v1/journal", V, "Double-entry postings").query(&[("order", "string"), ("limit", "integer")]),
             web::get().to(journal),
         ),
@@ -993,7 +1005,9 @@ fn reservation_json(r: &crate::db::queries::ReservationRow) -> Value {
 fn reserve_error(e: crate::db::queries::ReserveError) -> ApiError {
     use crate::db::queries::ReserveError as E;
     match e {
-        E::Insufficient { .. } => ApiError::conflict("insufficient_stock", e.to_string()),
+        E::Insufficient { available, requested, .. } => ApiError::conflict("insufficient_stock", e.to_string())
+            .with("available", available)
+            .with("requested", requested),
         E::UnknownSku(_) => ApiError::unprocessable("unknown_sku", e.to_string()),
         E::NotFound(m) => ApiError::not_found(m),
         E::Conflict(m) => ApiError::conflict("invalid_transition", m),
@@ -1030,10 +1044,6 @@ async fn create_reservation(req: HttpRequest, st: State, body: web::Bytes) -> Re
             }
             Ok(HttpResponse::Created().json(reservation_json(&r)))
         }
-        Err(crate::db::queries::ReserveError::Insufficient { sku, available, requested }) => Err(ApiError::conflict(
-            "insufficient_stock",
-            format!("only {available} of `{sku}` available, {requested} requested (available: {available})"),
-        )),
         Err(e) => Err(reserve_error(e)),
     }
 }
@@ -1070,6 +1080,104 @@ async fn release_reservation(req: HttpRequest, st: State, id: web::Path<String>)
     let detail = json!({"before": {"status": "reserved"}, "after": {"status": r.status}});
     st.store.audit(&caller.name, "reservation_release", &r.id, &detail.to_string()).await?;
     Ok(HttpResponse::Ok().json(reservation_json(&r)))
+}
+
+#[derive(Deserialize)]
+struct MovementQuery {
+    buffer: Option<String>,
+    after: Option<i64>,
+    limit: Option<i64>,
+}
+
+async fn list_movements(req: HttpRequest, st: State, sku: web::Path<String>) -> Res {
+    st.auth.check(&req, Role::Viewer)?;
+    let q: MovementQuery = super::query(&req)?;
+    if !st.plant.buffers.iter().any(|b| b.sku == sku.as_str()) {
+        return Err(ApiError::not_found(format!("sku `{sku}` has no buffer")));
+    }
+    let rows = st
+        .store
+        .movements(&sku, q.buffer.as_deref(), q.after.unwrap_or(0), q.limit.unwrap_or(10_000).clamp(1, 100_000))
+        .await?;
+    let out: Vec<Value> = rows
+        .iter()
+        .map(|m| {
+            json!({"id": m.id, "at": rfc3339(m.ts_ms), "buffer": m.buffer, "sku": m.sku, "quantity": m.qty,
+                   "kind": m.kind, "order": m.order_id, "source": {"kind": m.source_kind, "id": m.source_id}})
+        })
+        .collect();
+    Ok(HttpResponse::Ok().json(out))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AdjustmentBody {
+    buffer: String,
+    sku: Option<String>,
+    quantity: i64,
+    reason: String,
+    #[serde(rename = "ref")]
+    reference: String,
+}
+
+fn adjustment_json(a: &crate::db::queries::AdjustmentRow) -> Value {
+    json!({"id": a.id, "ref": a.reference, "buffer": a.buffer, "sku": a.sku, "quantity": a.quantity,
+           "reason": a.reason, "on_hand": a.on_hand_after, "by": a.actor, "created_at": rfc3339(a.created_ms)})
+}
+
+async fn create_adjustment(req: HttpRequest, st: State, body: web::Bytes) -> Res {
+    use crate::db::queries::{AdjustError, NewAdjustment};
+    let caller = st.auth.check(&req, Role::Planner)?;
+    let body: AdjustmentBody = super::json_body(&body)?;
+    if body.quantity == 0 || body.quantity.unsigned_abs() > 1_000_000_000 {
+        return Err(ApiError::unprocessable(
+            "invalid_field",
+            "`quantity` must be a non-zero integer within ±1000000000",
+        ));
+    }
+    if body.reference.is_empty() || body.reference.len() > 200 {
+        return Err(ApiError::unprocessable("invalid_field", "`ref` must be 1-200 characters"));
+    }
+    if body.reason.trim().is_empty() || body.reason.len() > 500 {
+        return Err(ApiError::unprocessable("invalid_field", "`reason` must be 1-500 characters"));
+    }
+    let Some(buffer) = st.plant.buffer(&body.buffer) else {
+        return Err(ApiError::not_found(format!("buffer `{}` does not exist", body.buffer)));
+    };
+    if let Some(sku) = body.sku.as_deref().filter(|s| *s != buffer.sku) {
+        return Err(ApiError::unprocessable(
+            "invalid_field",
+            format!("buffer `{}` holds `{}`, not `{sku}`", buffer.id, buffer.sku),
+        ));
+    }
+    let new = NewAdjustment {
+        buffer: buffer.id.clone(),
+        quantity: body.quantity,
+        reason: body.reason,
+        reference: body.reference,
+        actor: caller.name.clone(),
+        unit_cost: st.ledger.unit_cost(&st.plant, &buffer.sku),
+        account: st.ledger.account(&buffer.sku),
+    };
+    match st.store.adjust(&new).await {
+        Ok((a, created)) => {
+            if created {
+                tracing::info!(adjustment = %a.id, buffer = %a.buffer, quantity = a.quantity, by = %caller.name, "stock adjusted");
+                st.live.balance(&a.buffer, a.on_hand_after);
+                st.events.publish(json!({"type": "adjustment", "id": a.id, "buffer": a.buffer, "sku": a.sku,
+                                         "quantity": a.quantity, "on_hand": a.on_hand_after}));
+            }
+            Ok(HttpResponse::Created().json(adjustment_json(&a)))
+        }
+        Err(e @ AdjustError::Insufficient { available, on_hand, reserved, .. }) => {
+            Err(ApiError::conflict("insufficient_stock", e.to_string())
+                .with("available", available)
+                .with("on_hand", on_hand)
+                .with("reserved", reserved))
+        }
+        Err(AdjustError::NotFound(b)) => Err(ApiError::not_found(format!("buffer `{b}` does not exist"))),
+        Err(AdjustError::Db(d)) => Err(d.into()),
+    }
 }
 
 async fn erp_outbox(req: HttpRequest, st: State) -> Res {

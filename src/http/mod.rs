@@ -17,11 +17,21 @@ pub struct ApiError {
     pub status: StatusCode,
     pub code: &'static str,
     pub message: String,
+    /// Structured fields added to the error object next to `code` and `message`
+    /// (e.g. `available` on `insufficient_stock`).
+    pub fields: serde_json::Map<String, serde_json::Value>,
 }
 
 impl ApiError {
     pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
-        Self { status, code, message: message.into() }
+        Self { status, code, message: message.into(), fields: serde_json::Map::new() }
+    }
+    /// Adds a structured field to the error object (`code` and `message` stay as they are).
+    pub fn with(mut self, key: &str, value: impl Into<serde_json::Value>) -> Self {
+        if key != "code" && key != "message" {
+            self.fields.insert(key.to_string(), value.into());
+        }
+        self
     }
     pub fn bad_request(code: &'static str, m: impl Into<String>) -> Self {
         Self::new(StatusCode::BAD_REQUEST, code, m)
@@ -51,7 +61,10 @@ impl ResponseError for ApiError {
         self.status
     }
     fn error_response(&self) -> HttpResponse {
-        HttpResponse::build(self.status).json(json!({"error": {"code": self.code, "message": self.message}}))
+        let mut error = self.fields.clone();
+        error.insert("code".into(), json!(self.code));
+        error.insert("message".into(), json!(self.message));
+        HttpResponse::build(self.status).json(json!({ "error": error }))
     }
 }
 
@@ -218,6 +231,16 @@ mod tests {
 
     fn sha_hex(s: &str) -> String {
         digest(s).iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    #[test]
+    fn error_body_carries_structured_fields() {
+        let e = ApiError::conflict("insufficient_stock", "short").with("available", 7).with("code", "ignored");
+        let body = actix_web::body::to_bytes(e.error_response().into_body());
+        let body = futures_util::FutureExt::now_or_never(body).and_then(Result::ok).unwrap_or_default();
+        let v: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+        assert_eq!(v, json!({"error": {"code": "insufficient_stock", "message": "short", "available": 7}}));
+        assert_eq!(e.status_code(), StatusCode::CONFLICT);
     }
 
     #[test]

@@ -3,7 +3,7 @@
 use crate::harness::{widget_plant, Mes, MesOptions};
 use mes_actors::Money;
 use serde_json::{json, Value};
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -23,6 +23,59 @@ fn ts(sec: u64) -> String {
 async fn buffer(mes: &Mes, id: &str) -> Value {
     let (_, all) = mes.get("/api/v1/buffers").await;
     all.as_array().and_then(|a| a.iter().find(|b| b["id"] == id).cloned()).unwrap_or(Value::Null)
+}
+
+/// `(on_hand, reserved, available)` of a sku, from `GET /inventory/{sku}`.
+async fn inventory(mes: &Mes, sku: &str) -> (i64, i64, i64) {
+    let (s, v) = mes.get(&format!("/api/v1/inventory/{sku}")).await;
+    assert_eq!(s, 200, "{v}");
+    let n = |k: &str| v[k].as_i64().unwrap_or_else(|| panic!("{k} missing: {v}"));
+    (n("on_hand"), n("reserved"), n("available"))
+}
+
+async fn delete(mes: &Mes, path: &str) -> (u16, Value) {
+    let r = mes.client.delete(format!("{}{path}", mes.http)).send().await.expect("DELETE");
+    let status = r.status().as_u16();
+    (status, r.json().await.unwrap_or(Value::Null))
+}
+
+async fn adjust(mes: &Mes, body: Value) -> (u16, Value) {
+    mes.post("/api/v1/inventory/adjustments", body, &[]).await
+}
+
+/// The sku's whole stock ledger, read in pages of `page` to exercise `after`.
+async fn movements(mes: &Mes, sku: &str, page: usize) -> Vec<Value> {
+    let mut out: Vec<Value> = Vec::new();
+    loop {
+        let after = out.last().and_then(|m| m["id"].as_i64()).unwrap_or(0);
+        let (s, v) = mes.get(&format!("/api/v1/inventory/{sku}/movements?after={after}&limit={page}")).await;
+        assert_eq!(s, 200, "{v}");
+        let rows = v.as_array().cloned().expect("list");
+        assert!(rows.len() <= page);
+        let done = rows.len() < page;
+        out.extend(rows);
+        if done {
+            return out;
+        }
+    }
+}
+
+/// Per buffer, the sum of its movements.
+fn recomputed(moves: &[Value]) -> BTreeMap<String, i64> {
+    let mut out = BTreeMap::new();
+    for m in moves {
+        let b = m["buffer"].as_str().expect("buffer").to_string();
+        *out.entry(b).or_insert(0) += m["quantity"].as_i64().expect("quantity");
+    }
+    out
+}
+
+fn account(tb: &Value, code: &str) -> (Money, Money) {
+    let a = tb["accounts"]
+        .as_array()
+        .and_then(|a| a.iter().find(|x| x["account"] == code).cloned())
+        .unwrap_or_else(|| panic!("account {code} missing: {tb}"));
+    (m(&a["debit"]), m(&a["credit"]))
 }
 
 /// Runs PO-1 (100 WIDGET) to 100 good + 4 scrap over 10 running seconds.
@@ -91,60 +144,300 @@ async fn a_known_run_settles_stock_books_and_cost_exactly() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sixty_four_concurrent_reservations_never_oversell() {
     let mes = Arc::new(Mes::start(MesOptions { plant: Some(plant()), ..Default::default() }).await);
-    produce(&mes).await; // 100 WIDGET on hand
+    produce(&mes).await; // 100 WIDGET on hand, none reserved
+    const STOCK: i64 = 100;
+    const CLIENTS: usize = 64;
+    const PER_CLIENT: usize = 3; // 192 one-unit requests for 100 units
+    assert_eq!(inventory(&mes, "WIDGET").await, (STOCK, 0, STOCK));
+
+    // A poller samples the inventory while the clients race, until they are done.
+    let racing = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let start = Arc::new(tokio::sync::Barrier::new(CLIENTS + 1));
+    let poller = {
+        let (mes, racing, start) = (mes.clone(), racing.clone(), start.clone());
+        tokio::spawn(async move {
+            let mut samples: Vec<(i64, i64, i64)> = Vec::new();
+            start.wait().await;
+            loop {
+                let running = racing.load(std::sync::atomic::Ordering::SeqCst);
+                samples.push(inventory(&mes, "WIDGET").await);
+                if !running {
+                    return samples;
+                }
+            }
+        })
+    };
     let mut tasks = Vec::new();
-    for i in 0..64 {
-        let mes = mes.clone();
+    for c in 0..CLIENTS {
+        let (mes, start) = (mes.clone(), start.clone());
         tasks.push(tokio::spawn(async move {
-            let (s, v) = mes
-                .post("/api/v1/reservations", json!({"sku": "WIDGET", "quantity": 7, "ref": format!("SO-{i}")}), &[])
-                .await;
-            (s, v)
+            start.wait().await;
+            let mut out = Vec::new();
+            for k in 0..PER_CLIENT {
+                let r = format!("SO-{c}-{k}");
+                let (s, v) =
+                    mes.post("/api/v1/reservations", json!({"sku": "WIDGET", "quantity": 1, "ref": r}), &[]).await;
+                out.push((r, s, v));
+            }
+            out
         }));
     }
-    let mut ok = 0;
+    let mut results = Vec::new();
     for t in tasks {
-        let (s, v) = t.await.expect("task");
+        results.extend(t.await.expect("client"));
+    }
+    racing.store(false, std::sync::atomic::Ordering::SeqCst);
+    let samples = poller.await.expect("poller");
+
+    let mut reserved_sum = 0;
+    let mut ids = BTreeSet::new();
+    let mut winners = Vec::new();
+    let mut refused = 0;
+    for (r, s, v) in &results {
         match s {
-            201 => ok += 1,
-            409 => assert_eq!(v["error"]["code"], "insufficient_stock", "{v}"),
+            201 => {
+                assert_eq!((v["ref"].as_str(), v["quantity"].as_i64()), (Some(r.as_str()), Some(1)), "{v}");
+                reserved_sum += v["quantity"].as_i64().unwrap_or(0);
+                ids.insert(v["id"].as_str().expect("id").to_string());
+                winners.push((r.clone(), v.clone()));
+            }
+            409 => {
+                refused += 1;
+                assert_eq!(v["error"]["code"], "insufficient_stock", "{v}");
+                // Stock only falls during the race, so a refusal sees nothing available.
+                assert_eq!((v["error"]["available"].as_i64(), v["error"]["requested"].as_i64()), (Some(0), Some(1)));
+            }
             other => panic!("unexpected {other}: {v}"),
         }
     }
-    assert_eq!(ok, 14, "100 / 7 = 14 reservations fit");
-    let fg = buffer(&mes, "FG").await;
-    assert_eq!(
-        (fg["on_hand"].as_i64(), fg["reserved"].as_i64(), fg["available"].as_i64()),
-        (Some(100), Some(98), Some(2))
-    );
+    assert_eq!(reserved_sum, STOCK, "the successes sum to exactly what was available");
+    assert_eq!(ids.len(), STOCK as usize, "one reservation per success");
+    assert_eq!(refused, CLIENTS * PER_CLIENT - STOCK as usize);
+    assert_eq!(inventory(&mes, "WIDGET").await, (STOCK, STOCK, 0));
+    // During the race: never more reserved than on hand, and reserved only grows.
+    assert!(!samples.is_empty(), "the poller sampled during the race");
+    for w in samples.windows(2) {
+        assert!(w[1].1 >= w[0].1, "reserved fell during the race: {w:?}");
+    }
+    for (on_hand, reserved, available) in &samples {
+        assert_eq!(*on_hand, STOCK);
+        assert!(*reserved <= *on_hand, "oversold: {reserved} reserved of {on_hand}");
+        assert_eq!(*available, on_hand - reserved);
+    }
+    let mid_race = samples.iter().filter(|s| s.1 > 0 && s.1 < STOCK).count();
+    eprintln!("{} samples during the race, {mid_race} with the race under way", samples.len());
+
     // A repeated ref returns the first reservation and creates nothing.
-    let (s1, a) =
-        mes.post("/api/v1/reservations", json!({"sku": "WIDGET", "quantity": 7, "ref": "SO-REPEAT"}), &[]).await;
-    assert_eq!(s1, 409);
-    let (_, a0) =
-        mes.post("/api/v1/reservations", json!({"sku": "WIDGET", "quantity": 2, "ref": "SO-LAST"}), &[]).await;
-    let (_, a1) =
-        mes.post("/api/v1/reservations", json!({"sku": "WIDGET", "quantity": 2, "ref": "SO-LAST"}), &[]).await;
-    assert_eq!(a0["id"], a1["id"], "{a}");
-    assert_eq!(buffer(&mes, "FG").await["reserved"], 100);
-    // Goods issue and release.
-    let id = a0["id"].as_str().expect("id");
+    let (r0, first) = &winners[0];
+    let (s, again) = mes.post("/api/v1/reservations", json!({"sku": "WIDGET", "quantity": 1, "ref": r0}), &[]).await;
+    assert_eq!((s, &again["id"]), (201, &first["id"]));
+    assert_eq!(inventory(&mes, "WIDGET").await, (STOCK, STOCK, 0));
+    // Goods issue of one unit: on hand and reserved both fall by it.
+    let id = first["id"].as_str().expect("id");
     let (s, r) = mes.post(&format!("/api/v1/reservations/{id}/ship"), json!({}), &[]).await;
     assert_eq!((s, r["status"].as_str()), (200, Some("shipped")));
     let (s, _) = mes.post(&format!("/api/v1/reservations/{id}/ship"), json!({}), &[]).await;
     assert_eq!(s, 409);
-    let fg = buffer(&mes, "FG").await;
-    assert_eq!((fg["on_hand"].as_i64(), fg["reserved"].as_i64()), (Some(98), Some(98)));
+    assert_eq!(inventory(&mes, "WIDGET").await, (STOCK - 1, STOCK - 1, 0));
     let (_, tb) = mes.get("/api/v1/trial-balance").await;
-    let cogs =
-        tb["accounts"].as_array().and_then(|a| a.iter().find(|x| x["account"] == "5000").cloned()).expect("COGS");
-    assert_eq!(cogs["debit"], "4.8332", "2 × 2.4166");
+    assert_eq!(account(&tb, "5000").0, Money(24_166), "1 × 2.4166");
     assert_eq!(tb["total_debits"], tb["total_credits"]);
     let (_, docs) = mes.get("/api/v1/erp/outbox").await;
     let gi: Vec<&Value> = docs.as_array().expect("list").iter().filter(|d| d["kind"] == "goods_issue").collect();
     assert_eq!(gi.len(), 1, "{docs}");
     assert_eq!(gi[0]["id"], format!("GI-{id}"));
-    assert_eq!(gi[0]["document"]["MaterialActual"]["Quantity"]["QuantityString"], "2");
+    assert_eq!(gi[0]["document"]["MaterialActual"]["Quantity"]["QuantityString"], "1");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn release_returns_exactly_its_quantity_and_a_shipped_one_cannot_be_released() {
+    let mes = Mes::start(MesOptions { plant: Some(plant()), ..Default::default() }).await;
+    produce(&mes).await; // 100 WIDGET
+    let (s, a) = mes.post("/api/v1/reservations", json!({"sku": "WIDGET", "quantity": 40, "ref": "SO-A"}), &[]).await;
+    assert_eq!(s, 201, "{a}");
+    let (s, b) = mes.post("/api/v1/reservations", json!({"sku": "WIDGET", "quantity": 25, "ref": "SO-B"}), &[]).await;
+    assert_eq!(s, 201, "{b}");
+    assert_eq!(inventory(&mes, "WIDGET").await, (100, 65, 35));
+
+    // Short: 409 insufficient_stock with what is available, in the usual error shape.
+    let (s, e) = mes.post("/api/v1/reservations", json!({"sku": "WIDGET", "quantity": 36, "ref": "SO-X"}), &[]).await;
+    assert_eq!(s, 409, "{e}");
+    assert_eq!(e["error"]["code"], "insufficient_stock");
+    assert_eq!(e["error"]["available"], 35);
+    assert_eq!(e["error"]["requested"], 36);
+    assert!(e["error"]["message"].as_str().is_some_and(|m| m.contains("35")), "{e}");
+    assert_eq!(inventory(&mes, "WIDGET").await, (100, 65, 35), "a refusal changes nothing");
+
+    // Release SO-A: reserved falls and available rises by exactly 40; on hand stays.
+    let id_a = a["id"].as_str().expect("id");
+    let (s, r) = delete(&mes, &format!("/api/v1/reservations/{id_a}")).await;
+    assert_eq!((s, r["status"].as_str(), r["quantity"].as_i64()), (200, Some("released"), Some(40)), "{r}");
+    assert_eq!(inventory(&mes, "WIDGET").await, (100, 25, 75));
+    let (s, e) = delete(&mes, &format!("/api/v1/reservations/{id_a}")).await;
+    assert_eq!((s, e["error"]["code"].as_str()), (409, Some("invalid_transition")), "released twice: {e}");
+    assert_eq!(inventory(&mes, "WIDGET").await, (100, 25, 75));
+    // The 36 refused before now fits.
+    let (s, _) = mes.post("/api/v1/reservations", json!({"sku": "WIDGET", "quantity": 36, "ref": "SO-X"}), &[]).await;
+    assert_eq!(s, 201);
+    assert_eq!(inventory(&mes, "WIDGET").await, (100, 61, 39));
+
+    // Ship SO-B, then try to release it: refused, nothing moves.
+    let id_b = b["id"].as_str().expect("id");
+    let (s, _) = mes.post(&format!("/api/v1/reservations/{id_b}/ship"), json!({}), &[]).await;
+    assert_eq!(s, 200);
+    assert_eq!(inventory(&mes, "WIDGET").await, (75, 36, 39));
+    let (s, e) = delete(&mes, &format!("/api/v1/reservations/{id_b}")).await;
+    assert_eq!((s, e["error"]["code"].as_str()), (409, Some("invalid_transition")), "{e}");
+    assert!(e["error"]["message"].as_str().is_some_and(|m| m.contains("shipped")), "{e}");
+    assert_eq!(inventory(&mes, "WIDGET").await, (75, 36, 39));
+    let (_, r) = mes.get(&format!("/api/v1/reservations/{id_b}")).await;
+    assert_eq!(r["status"], "shipped");
+    let (s, _) = delete(&mes, "/api/v1/reservations/R-NOPE").await;
+    assert_eq!(s, 404);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn adjustments_and_the_stock_ledger_recompute_every_balance() {
+    let mes = Mes::start(MesOptions { plant: Some(plant()), ..Default::default() }).await;
+    produce(&mes).await; // FG 100, RM 50,000 - 208
+    let reserve =
+        |q: i64, r: &str| mes.post("/api/v1/reservations", json!({"sku": "WIDGET", "quantity": q, "ref": r}), &[]);
+    let (_, a) = reserve(30, "SO-A").await;
+    let (_, b) = reserve(20, "SO-B").await;
+    let (s, _) =
+        mes.post(&format!("/api/v1/reservations/{}/ship", a["id"].as_str().expect("id")), json!({}), &[]).await;
+    assert_eq!(s, 200);
+    let (s, _) = delete(&mes, &format!("/api/v1/reservations/{}", b["id"].as_str().expect("id"))).await;
+    assert_eq!(s, 200);
+    let (s, _) = reserve(60, "SO-C").await;
+    assert_eq!(s, 201);
+    assert_eq!(inventory(&mes, "WIDGET").await, (70, 60, 10));
+
+    // A counted surplus; the same ref again (even with other values) returns the first.
+    let (s, adj1) = adjust(&mes, json!({"buffer": "FG", "quantity": 5, "reason": "cycle count", "ref": "ADJ-1"})).await;
+    assert_eq!(s, 201, "{adj1}");
+    assert_eq!(
+        (adj1["buffer"].as_str(), adj1["sku"].as_str(), adj1["quantity"].as_i64(), adj1["on_hand"].as_i64()),
+        (Some("FG"), Some("WIDGET"), Some(5), Some(75))
+    );
+    assert_eq!(adj1["reason"], "cycle count");
+    let (s, again) = adjust(&mes, json!({"buffer": "FG", "quantity": 9, "reason": "typo", "ref": "ADJ-1"})).await;
+    assert_eq!((s, &again), (201, &adj1));
+    assert_eq!(inventory(&mes, "WIDGET").await, (75, 60, 15));
+    // A loss of raw material, naming sku and buffer.
+    let (s, adj2) =
+        adjust(&mes, json!({"sku": "SHEET", "buffer": "RM", "quantity": -3, "reason": "damaged", "ref": "ADJ-2"}))
+            .await;
+    assert_eq!((s, adj2["on_hand"].as_i64()), (201, Some(49_789)), "{adj2}");
+    // Removing more than is available (on hand - reserved = 15) is refused: stock stays.
+    let (s, e) = adjust(&mes, json!({"buffer": "FG", "quantity": -16, "reason": "lost", "ref": "ADJ-3"})).await;
+    assert_eq!(s, 409, "{e}");
+    assert_eq!(e["error"]["code"], "insufficient_stock");
+    assert!(e["error"]["message"].as_str().is_some_and(|m| !m.is_empty()));
+    assert_eq!(
+        (e["error"]["available"].as_i64(), e["error"]["on_hand"].as_i64(), e["error"]["reserved"].as_i64()),
+        (Some(15), Some(75), Some(60))
+    );
+    assert_eq!(inventory(&mes, "WIDGET").await, (75, 60, 15));
+    // The refused ref booked nothing, so it can be used for what fits.
+    let (s, adj3) = adjust(&mes, json!({"buffer": "FG", "quantity": -15, "reason": "lost", "ref": "ADJ-3"})).await;
+    assert_eq!((s, adj3["on_hand"].as_i64()), (201, Some(60)), "{adj3}");
+    assert_eq!(inventory(&mes, "WIDGET").await, (60, 60, 0));
+    // Invalid requests change nothing.
+    for (body, status) in [
+        (json!({"buffer": "FG", "sku": "SHEET", "quantity": 1, "reason": "x", "ref": "BAD-1"}), 422),
+        (json!({"buffer": "NOPE", "quantity": 1, "reason": "x", "ref": "BAD-2"}), 404),
+        (json!({"buffer": "FG", "quantity": 0, "reason": "x", "ref": "BAD-3"}), 422),
+        (json!({"buffer": "FG", "quantity": 1, "reason": " ", "ref": "BAD-4"}), 422),
+        (json!({"buffer": "FG", "quantity": 1, "ref": "BAD-5"}), 400),
+        (json!({"buffer": "FG", "quantity": 1.5, "reason": "x", "ref": "BAD-6"}), 400),
+    ] {
+        let (s, e) = adjust(&mes, body.clone()).await;
+        assert_eq!(s, status, "{body}: {e}");
+        assert!(e["error"]["code"].is_string(), "{e}");
+    }
+    assert_eq!(inventory(&mes, "WIDGET").await, (60, 60, 0));
+
+    // More telemetry after the adjustments: PO-2 makes 10 more (20 SHEET).
+    let (s, _) = mes
+        .post("/api/v1/orders", json!({"id": "PO-2", "sku": "WIDGET", "quantity": 10, "work_center": "PRESS-1"}), &[])
+        .await;
+    assert_eq!(s, 201);
+    let (s, _) = mes.post("/api/v1/orders/PO-2/release", json!({}), &[]).await;
+    assert_eq!(s, 200);
+    let mut dev = mes.device("press-2");
+    dev.reading("press-01", 1, 20, 110, 4, json!({"ts": ts(20), "order": "PO-2"})).await;
+    dev.flush().await;
+    assert_eq!(mes.wait_totals("PRESS-1", (110, 4)).await, (110, 4));
+
+    // Every balance is the sum of its movements.
+    let fg = buffer(&mes, "FG").await;
+    let rm = buffer(&mes, "RM").await;
+    assert_eq!((fg["on_hand"].as_i64(), rm["on_hand"].as_i64()), (Some(70), Some(49_769)));
+    let widget = movements(&mes, "WIDGET", 3).await;
+    let sheet = movements(&mes, "SHEET", 1000).await;
+    assert_eq!(recomputed(&widget), BTreeMap::from([("FG".to_string(), 70)]));
+    assert_eq!(recomputed(&sheet), BTreeMap::from([("RM".to_string(), 49_769)]));
+    let sources = |ms: &[Value]| -> BTreeSet<String> {
+        ms.iter().filter_map(|m| m["source"]["kind"].as_str().map(str::to_string)).collect()
+    };
+    let set = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<BTreeSet<_>>();
+    assert_eq!(sources(&widget), set(&["adjustment", "reservation", "telemetry"]));
+    assert_eq!(sources(&sheet), set(&["adjustment", "plant", "telemetry"]));
+    let of = |ms: &[Value], source: &str| -> Vec<(String, i64, String)> {
+        ms.iter()
+            .filter(|m| m["source"]["kind"] == source)
+            .map(|m| {
+                let k = m["kind"].as_str().unwrap_or("").to_string();
+                (k, m["quantity"].as_i64().unwrap_or(i64::MIN), m["source"]["id"].as_str().unwrap_or("").to_string())
+            })
+            .collect()
+    };
+    let id = |v: &Value| v["id"].as_str().expect("id").to_string();
+    assert_eq!(
+        of(&widget, "adjustment"),
+        vec![("adjustment".to_string(), 5, id(&adj1)), ("adjustment".to_string(), -15, id(&adj3))]
+    );
+    assert_eq!(of(&sheet, "adjustment"), vec![("adjustment".to_string(), -3, id(&adj2))]);
+    assert_eq!(of(&sheet, "plant"), vec![("opening".to_string(), 50_000, "RM".to_string())]);
+    let kinds: Vec<(String, i64)> = of(&widget, "reservation").into_iter().map(|(k, q, _)| (k, q)).collect();
+    let want: Vec<(String, i64)> =
+        [("reservation", 0), ("reservation", 0), ("goods_issue", -30), ("release", 0), ("reservation", 0)]
+            .iter()
+            .map(|(k, q)| (k.to_string(), *q))
+            .collect();
+    assert_eq!(kinds, want);
+    let telemetry_fg: i64 = of(&widget, "telemetry").iter().map(|m| m.1).sum();
+    assert_eq!(telemetry_fg, 110, "good units entered FG");
+    // One buffer's ledger, and a buffer of another sku has none under this sku.
+    let (_, only_fg) = mes.get("/api/v1/inventory/WIDGET/movements?buffer=FG").await;
+    assert_eq!(only_fg.as_array().map(Vec::len), Some(widget.len()));
+    let (_, none) = mes.get("/api/v1/inventory/WIDGET/movements?buffer=RM").await;
+    assert_eq!(none, json!([]));
+    let (s, _) = mes.get("/api/v1/inventory/NOPE/movements").await;
+    assert_eq!(s, 404);
+
+    // Books: the adjustments at standard cost against 5400, balanced.
+    let (_, tb) = mes.get("/api/v1/trial-balance").await;
+    assert_eq!(tb["total_debits"], tb["total_credits"], "{tb}");
+    // Dr 5400: 3 SHEET × 1.20 + 15 WIDGET × 2.4166; Cr 5400: 5 WIDGET × 2.4166.
+    assert_eq!(account(&tb, "5400"), (Money(36_000 + 362_490), Money(120_830)));
+    // Audited: one line per booked adjustment, none for a repeat or a refusal.
+    let (_, audit) = mes.get("/api/v1/audit?limit=5000").await;
+    let mut targets: Vec<String> = audit
+        .as_array()
+        .expect("audit")
+        .iter()
+        .filter(|a| a["action"] == "stock_adjustment")
+        .filter_map(|a| a["target"].as_str().map(str::to_string))
+        .collect();
+    targets.sort();
+    let mut want = vec![id(&adj1), id(&adj2), id(&adj3)];
+    want.sort();
+    assert_eq!(targets, want);
+    let (_, doc) = mes.get("/openapi.json").await;
+    assert_eq!(doc["paths"]["/api/v1/inventory/adjustments"]["post"]["description"], "Role: planner or higher.");
+    assert_eq!(doc["paths"]["/api/v1/inventory/{sku}/movements"]["get"]["description"], "Role: viewer or higher.");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -161,17 +454,27 @@ async fn progress_documents_every_n_units() {
     assert!(docs.as_array().expect("list").iter().all(|d| d["status"] != "sent"));
 }
 
-/// A tiny ERP: fails the first two requests, stalls the third past the sender's timeout,
-/// then accepts; records every accepted Idempotency-Key.
-fn flaky_erp() -> (String, Arc<Mutex<Vec<String>>>) {
+/// What the flaky ERP saw: the Idempotency-Key of every request in arrival order, and of
+/// every request it accepted (answered 2xx in time).
+#[derive(Default, Clone, Debug)]
+struct ErpLog {
+    requests: Vec<String>,
+    accepted: Vec<String>,
+}
+
+/// A tiny ERP: fails the first two requests, stalls the third past the sender's timeout
+/// (answering only after the sender gave up, so it does not count as accepted), then
+/// accepts.
+fn flaky_erp() -> (String, Arc<Mutex<ErpLog>>) {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     let url = format!("http://{}/erp", listener.local_addr().expect("addr"));
-    let accepted = Arc::new(Mutex::new(Vec::new()));
-    let acc = accepted.clone();
+    let log = Arc::new(Mutex::new(ErpLog::default()));
+    let acc = log.clone();
     std::thread::spawn(move || {
         for (n, stream) in listener.incoming().enumerate() {
             let Ok(mut s) = stream else { continue };
-            let mut reader = BufReader::new(s.try_clone().expect("clone"));
+            let Ok(clone) = s.try_clone() else { continue };
+            let mut reader = BufReader::new(clone);
             let (mut key, mut len) = (String::new(), 0usize);
             loop {
                 let mut line = String::new();
@@ -188,6 +491,9 @@ fn flaky_erp() -> (String, Arc<Mutex<Vec<String>>>) {
             }
             let mut body = vec![0; len];
             let _ = reader.read_exact(&mut body);
+            if let Ok(mut l) = acc.lock() {
+                l.requests.push(key.clone());
+            }
             let reply = match n {
                 0 | 1 => "HTTP/1.1 500 Internal Server Error\r\ncontent-length: 0\r\nconnection: close\r\n\r\n",
                 2 => {
@@ -195,45 +501,60 @@ fn flaky_erp() -> (String, Arc<Mutex<Vec<String>>>) {
                     "HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
                 }
                 _ => {
-                    acc.lock().expect("lock").push(key);
+                    if let Ok(mut l) = acc.lock() {
+                        l.accepted.push(key);
+                    }
                     "HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
                 }
             };
             let _ = s.write_all(reply.as_bytes());
         }
     });
-    (url, accepted)
+    (url, log)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn erp_receiver_failing_and_timing_out_still_gets_every_document_once() {
-    let (url, accepted) = flaky_erp();
-    let extra = format!("[erp]\nwebhook_url = \"{url}\"\n");
+    let (url, log) = flaky_erp();
+    // Progress every 30 units: PO-1 makes progress-30, -60, -90, completion, then close.
+    let extra = format!("[erp]\nwebhook_url = \"{url}\"\nprogress_every_units = 30\n");
     let mes = Mes::start(MesOptions { plant: Some(plant()), extra_config: extra, ..Default::default() }).await;
     produce(&mes).await;
     let (s, _) = mes.post("/api/v1/orders/PO-1/close", json!({}), &[]).await;
     assert_eq!(s, 200);
-    let deadline = std::time::Instant::now() + Duration::from_secs(40);
-    loop {
+    let want = ["PO-1-progress-30", "PO-1-progress-60", "PO-1-progress-90", "PO-1-completion", "PO-1-close"];
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let mut saw_failing = false;
+    let docs = loop {
         let (_, docs) = mes.get("/api/v1/erp/outbox").await;
         let docs = docs.as_array().cloned().unwrap_or_default();
-        if docs.len() == 2 && docs.iter().all(|d| d["status"] == "sent") {
-            assert!(docs[0]["attempts"].as_i64().unwrap_or(0) >= 3, "{docs:?}");
-            let ids: Vec<String> = docs.iter().filter_map(|d| d["id"].as_str().map(str::to_string)).collect();
-            let got = accepted.lock().expect("lock").clone();
-            let distinct: BTreeSet<&String> = got.iter().collect();
-            assert_eq!(distinct.len(), 2, "every document accepted: {got:?}");
-            assert!(ids.iter().all(|i| distinct.contains(i)));
-            return;
+        if docs.len() == want.len() && docs.iter().all(|d| d["status"] == "sent") {
+            break docs;
         }
-        if std::time::Instant::now() > deadline {
-            panic!("documents not delivered: {docs:?}");
-        }
+        assert!(std::time::Instant::now() < deadline, "documents not delivered: {docs:?}");
         if docs.iter().any(|d| d["status"] == "failing") {
-            assert!(docs.iter().any(|d| d["last_error"].as_str().is_some_and(|e| !e.is_empty())));
+            saw_failing = true;
+            assert!(docs.iter().any(|d| d["last_error"].as_str().is_some_and(|e| !e.is_empty())), "{docs:?}");
         }
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(saw_failing, "the outbox showed a failing document while the ERP failed");
+    let ids: Vec<&str> = docs.iter().filter_map(|d| d["id"].as_str()).collect();
+    assert_eq!(ids, want, "the outbox, oldest first");
+    // The first document took the two failures and the timeout: four attempts.
+    let attempts: Vec<i64> = docs.iter().map(|d| d["attempts"].as_i64().unwrap_or(-1)).collect();
+    assert_eq!(attempts, vec![4, 1, 1, 1, 1], "{docs:?}");
+    let log = log.lock().map(|l| l.clone()).unwrap_or_default();
+    // Each document accepted exactly once, and in the order of its order's events.
+    let mut per_key: BTreeMap<&str, usize> = BTreeMap::new();
+    for k in &log.accepted {
+        *per_key.entry(k.as_str()).or_default() += 1;
     }
+    assert_eq!(per_key, want.iter().map(|k| (*k, 1)).collect::<BTreeMap<_, _>>(), "{log:?}");
+    assert_eq!(log.accepted, want, "one order's documents arrive in order");
+    // No document was even attempted before the one ahead of it was accepted.
+    let expected_requests: Vec<&str> = [want[0]; 4].into_iter().chain(want[1..].iter().copied()).collect();
+    assert_eq!(log.requests, expected_requests, "{log:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
