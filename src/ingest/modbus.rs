@@ -287,8 +287,11 @@ pub fn start_one(
 }
 
 impl Poller {
+    /// Each request's timeout: 1.5 poll periods (100 ms to 2 s). A device that falls silent
+    /// is polled again within one period and times out 1.5 later, so it shows
+    /// `unreachable` within 2.5 periods: inside the contract's 3 with room for scheduling.
     fn timeout(&self) -> Duration {
-        (self.poll * 2).clamp(Duration::from_millis(100), Duration::from_secs(2))
+        (self.poll * 3 / 2).clamp(Duration::from_millis(100), Duration::from_secs(2))
     }
 
     async fn run(mut self, mut shutdown: watch::Receiver<bool>) {
