@@ -218,13 +218,29 @@ impl Node {
         if !self.dispatching.swap(true, Relaxed) {
             let pending = self.store.pending_dispatches(&ids).await;
             let (store, writers, busy) = (self.store.clone(), self.writers.clone(), self.dispatching.clone());
+            let actor = format!("node:{}", self.node_id);
             tokio::spawn(async move {
                 for (id, wc, device, quantity) in pending.unwrap_or_default() {
                     let Some(h) = writers.get(&device) else { continue };
                     let target = WriteTarget::Role(mes_plc_maps::Role::Target);
                     let q = quantity.max(0) as u64;
                     let result = match h.check(&target, q) {
-                        Ok(_) => h.write(target, q).await.map(|_| ()).map_err(|e| e.to_string()),
+                        Ok(point) => {
+                            let written = h.write(target, q).await;
+                            // Audited like a dispatch written by the node asked: the point,
+                            // its value read back before and after, the result (the
+                            // `dispatch` line of the node asked names who released the order).
+                            let write = match &written {
+                                Ok((_, before, after)) => serde_json::json!({"point": point, "value": q,
+                                    "before": before, "after": after, "result": "ok"}),
+                                Err(e) => serde_json::json!({"point": point, "value": q, "result": e.to_string()}),
+                            };
+                            let detail = serde_json::json!({"dispatch": id, "device": device, "write": write});
+                            if let Err(e) = store.audit(&actor, "dispatch_write", &wc, &detail.to_string()).await {
+                                tracing::warn!(dispatch = %id, error = %e, "dispatch write not audited");
+                            }
+                            written.map(|_| ()).map_err(|e| e.to_string())
+                        }
                         Err(_) => Ok(()), // the map has no target point: nothing to write
                     };
                     if let Err(e) = &result {

@@ -443,28 +443,49 @@ async fn post_command(req: HttpRequest, st: State, id: web::Path<String>, raw: w
     }
     let cmd_id = new_id("CMD");
     let msg = json!({"cmd": body.cmd, "id": cmd_id});
+    let mut detail = json!({"cmd": body.cmd, "id": cmd_id, "device": w.device_id});
+    let mut refused = false;
     let result = match (&st.mqtt, w.device_kind.as_str()) {
         (Some(m), "mqtt") => m.command(&w.device_id, &msg).await,
         (_, "modbus") => {
             let value = u64::from(body.cmd == "start");
             let handle = st.modbus_writers.get(&w.device_id);
             match handle {
-                Some(h) => match h.write(WriteTarget::Role(mes_plc_maps::Role::Command), value).await {
-                    Ok(_) => Ok(()),
-                    Err(WriteError::Refused(m)) => return Err(ApiError::unprocessable("not_writable", m)),
-                    Err(WriteError::Failed(m)) => Err(m),
-                },
+                Some(h) => {
+                    let target = WriteTarget::Role(mes_plc_maps::Role::Command);
+                    let point = h.check(&target, value).ok();
+                    let written = h.write(target, value).await;
+                    // The `command` point, its value read back before and after.
+                    if let Some(o) = detail.as_object_mut() {
+                        o.insert("point".into(), json!(point));
+                        o.insert("value".into(), json!(value));
+                        if let Ok((_, before, after)) = &written {
+                            o.insert("before".into(), json!(before));
+                            o.insert("after".into(), json!(after));
+                        }
+                    }
+                    match written {
+                        Ok(_) => Ok(()),
+                        Err(WriteError::Refused(m)) => {
+                            refused = true;
+                            Err(m)
+                        }
+                        Err(WriteError::Failed(m)) => Err(m),
+                    }
+                }
                 None => Err("the device is not polled".into()),
             }
         }
         (_, kind) => Err(format!("commands to {kind} devices are not available")),
     };
-    let detail =
-        json!({"cmd": body.cmd, "id": cmd_id, "device": w.device_id, "result": result.as_ref().err()}).to_string();
-    st.store.audit(&caller.name, "command", &w.id, &detail).await?;
+    if let Some(o) = detail.as_object_mut() {
+        o.insert("result".into(), result.as_ref().err().map_or_else(|| json!("ok"), |e| json!(e)));
+    }
+    st.store.audit(&caller.name, "command", &w.id, &detail.to_string()).await?;
     match result {
         Ok(()) => Ok(HttpResponse::Accepted()
             .json(json!({"id": cmd_id, "cmd": body.cmd, "work_center": w.id, "device": w.device_id}))),
+        Err(e) if refused => Err(ApiError::unprocessable("not_writable", e)),
         Err(e) => Err(ApiError::unavailable(e)),
     }
 }
@@ -783,6 +804,7 @@ pub(crate) async fn dispatch_order(st: &AppState, order: &OrderRow, wc: &str, by
         return Ok(());
     };
     let id = new_id("DSP");
+    let mut write: Option<Value> = None;
     let (channel, result): (&str, Option<Result<(), String>>) = match (&st.mqtt, w.device_kind.as_str()) {
         (Some(m), "mqtt" | "sparkplug") => {
             let msg = json!({"cmd": "set_order", "order": order.id, "target": order.quantity, "id": id});
@@ -791,7 +813,15 @@ pub(crate) async fn dispatch_order(st: &AppState, order: &OrderRow, wc: &str, by
         (_, "modbus") => match st.modbus_writers.get(&w.device_id) {
             // The order's quantity goes to the device's `target` point, if its map has one.
             Some(h) if h.check(&WriteTarget::Role(mes_plc_maps::Role::Target), order.quantity as u64).is_ok() => {
-                let r = h.write(WriteTarget::Role(mes_plc_maps::Role::Target), order.quantity as u64).await;
+                let value = order.quantity as u64;
+                let r = h.write(WriteTarget::Role(mes_plc_maps::Role::Target), value).await;
+                // The `target` point, its value read back before and after.
+                write = Some(match &r {
+                    Ok((point, before, after)) => json!({"point": point, "value": value, "before": before,
+                                                         "after": after, "result": "ok"}),
+                    Err(e) => json!({"point": h.check(&WriteTarget::Role(mes_plc_maps::Role::Target), value).ok(),
+                                     "value": value, "result": e.to_string()}),
+                });
                 ("modbus", Some(r.map(|_| ()).map_err(|e| e.to_string())))
             }
             // Polled by another node: recorded `pending`, written by the owner (`cluster`).
@@ -827,7 +857,7 @@ pub(crate) async fn dispatch_order(st: &AppState, order: &OrderRow, wc: &str, by
     };
     st.store.record_dispatch(&d).await?;
     let detail = json!({"dispatch": d.id, "order": order.id, "device": d.device, "channel": d.channel,
-                        "after": {"status": d.status}, "error": d.error});
+                        "after": {"status": d.status}, "error": d.error, "write": write});
     st.store.audit(by, "dispatch", wc, &detail.to_string()).await?;
     st.events.publish(json!({"type": "dispatch", "order": order.id, "work_center": wc, "status": d.status}));
     Ok(())

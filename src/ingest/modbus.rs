@@ -288,8 +288,11 @@ pub fn start_one(
 }
 
 impl Poller {
+    /// Each request's timeout: 1.5 poll periods (100 ms to 2 s). A device that falls silent
+    /// is polled again within one period and times out 1.5 later, so it shows
+    /// `unreachable` within 2.5 periods: inside the contract's 3 with room for scheduling.
     fn timeout(&self) -> Duration {
-        (self.poll * 2).clamp(Duration::from_millis(100), Duration::from_secs(2))
+        (self.poll * 3 / 2).clamp(Duration::from_millis(100), Duration::from_secs(2))
     }
 
     async fn run(mut self, mut shutdown: watch::Receiver<bool>) {
@@ -376,7 +379,7 @@ impl Poller {
         match res {
             Err(_) => Err(format!("read {:?} {}+{}: timed out", r.kind, r.start, r.count)),
             Ok(Err(e)) => Err(format!("read {:?} {}+{}: {e}", r.kind, r.start, r.count)),
-            Ok(Ok(Err(code))) => Err(format!("read {:?} {}+{}: exception {code:?}", r.kind, r.start, r.count)),
+            Ok(Ok(Err(code))) => Err(format!("read {:?} {}+{}: {}", r.kind, r.start, r.count, exception_text(code))),
             Ok(Ok(Ok(data))) => {
                 let n = match &data {
                     RawData::Registers(w) => w.len(),
@@ -413,7 +416,7 @@ impl Poller {
         match sent {
             Err(_) => return Err(WriteError::Failed(format!("write `{name}`: timed out"))),
             Ok(Err(e)) => return Err(WriteError::Failed(format!("write `{name}`: {e}"))),
-            Ok(Ok(Err(code))) => return Err(WriteError::Failed(format!("write `{name}`: exception {code:?}"))),
+            Ok(Ok(Err(code))) => return Err(WriteError::Failed(format!("write `{name}`: {}", exception_text(code)))),
             Ok(Ok(Ok(()))) => {}
         }
         let after = self.read(ctx, &read_req).await.map_err(WriteError::Failed)?;
@@ -497,10 +500,34 @@ impl Poller {
     }
 }
 
+/// A Modbus exception reply by code and name, e.g. `exception 0x02 IllegalDataAddress`;
+/// a code the protocol does not define is shown by its number.
+fn exception_text(code: ExceptionCode) -> String {
+    let n = u8::from(code);
+    match code {
+        ExceptionCode::Custom(_) => format!("exception 0x{n:02X} (not a standard exception code)"),
+        named => format!("exception 0x{n:02X} {named:?}"),
+    }
+}
+
 /// Sleeps for `d`; true when shutdown was asked meanwhile.
 async fn wait(shutdown: &mut watch::Receiver<bool>, d: Duration) -> bool {
     tokio::select! {
         _ = shutdown.changed() => true,
         _ = tokio::time::sleep(d) => *shutdown.borrow(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exceptions_are_named_with_their_code() {
+        assert_eq!(exception_text(ExceptionCode::IllegalFunction), "exception 0x01 IllegalFunction");
+        assert_eq!(exception_text(ExceptionCode::IllegalDataAddress), "exception 0x02 IllegalDataAddress");
+        assert_eq!(exception_text(ExceptionCode::ServerDeviceBusy), "exception 0x06 ServerDeviceBusy");
+        assert_eq!(exception_text(ExceptionCode::GatewayTargetDevice), "exception 0x0B GatewayTargetDevice");
+        assert_eq!(exception_text(ExceptionCode::Custom(0x42)), "exception 0x42 (not a standard exception code)");
     }
 }

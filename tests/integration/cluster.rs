@@ -7,7 +7,7 @@
 //! skipped with a note otherwise (`.ci/run` sets both).
 
 use crate::harness::{free_port, fresh_database, temp_dir, Mes};
-use serde_json::Value;
+use serde_json::{json, Value};
 use std::collections::BTreeMap;
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -416,6 +416,25 @@ async fn any_node_answers_and_modbus_work_goes_to_the_owner() {
         assert!(Instant::now() < deadline, "dispatch not acknowledged: {order}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    // Audited: `dispatch` (pending) by the caller on the node asked, `dispatch_write` by the
+    // owner with the value read back before and after.
+    let (_, audit) = other.get("/api/v1/audit?limit=100").await;
+    let line = |action: &str| {
+        audit.as_array().and_then(|a| a.iter().find(|l| l["action"] == action).cloned()).unwrap_or(Value::Null)
+    };
+    let (asked, written) = (line("dispatch"), line("dispatch_write"));
+    assert_eq!((&asked["actor"], &asked["detail"]["after"]["status"]), (&json!("local"), &json!("pending")), "{audit}");
+    assert_eq!(
+        (&written["actor"], &written["target"]),
+        (&json!(format!("node:{holder}")), &json!("PRESS-1")),
+        "{audit}"
+    );
+    assert_eq!(
+        written["detail"],
+        json!({"dispatch": asked["detail"]["dispatch"], "device": "press-1",
+               "write": {"point": "order_target", "value": 500, "before": 70_000, "after": 500, "result": "ok"}}),
+        "{audit}"
+    );
 
     // The owner dies; the other node takes the poller over and counts on exactly.
     owner.kill9();

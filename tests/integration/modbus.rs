@@ -1,9 +1,15 @@
 //! Modbus TCP polling against a real Modbus TCP server (tokio-modbus's), by the shipped
-//! `press-v1` map: wraps, device restarts, MES restarts and an outage count exactly.
+//! `press-v1` map: wraps, device restarts, MES restarts and an outage count exactly; a
+//! stopped or hung device is unreachable within 3 poll periods and delays no other; an
+//! exception reply is shown by name; writes are refused unless writable, read back and
+//! audited.
 
 use crate::harness::{free_port, Mes, MesOptions};
-use std::future::{ready, Ready};
+use serde_json::{json, Value};
+use std::future::{ready, Future, Ready};
 use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio_modbus::prelude::*;
@@ -74,7 +80,42 @@ impl tokio_modbus::server::Service for Press {
     }
 }
 
+/// A press that can go silent: while `hung` is set, every request it receives waits
+/// forever (the TCP connection stays open, no reply, no exception), like a stalled PLC.
+#[derive(Clone)]
+struct Hangable {
+    press: Press,
+    hung: Arc<AtomicBool>,
+}
+
+impl tokio_modbus::server::Service for Hangable {
+    type Request = SlaveRequest<'static>;
+    type Response = Response;
+    type Exception = ExceptionCode;
+    type Future = Pin<Box<dyn Future<Output = Result<Response, ExceptionCode>> + Send>>;
+
+    fn call(&self, req: SlaveRequest<'static>) -> Self::Future {
+        if self.hung.load(Ordering::SeqCst) {
+            return Box::pin(std::future::pending());
+        }
+        Box::pin(tokio_modbus::server::Service::call(&self.press, req))
+    }
+}
+
 pub(crate) fn serve(addr: SocketAddr, press: Press) -> tokio::task::JoinHandle<()> {
+    serve_service(addr, press)
+}
+
+/// Serves `service` on `addr` (retrying the bind while the port is still taken); aborting
+/// the task closes the listener and every open connection.
+fn serve_service<S>(addr: SocketAddr, service: S) -> tokio::task::JoinHandle<()>
+where
+    S: tokio_modbus::server::Service<Request = SlaveRequest<'static>, Response = Response, Exception = ExceptionCode>
+        + Clone
+        + Send
+        + Sync
+        + 'static,
+{
     tokio::spawn(async move {
         let listener = loop {
             match tokio::net::TcpListener::bind(addr).await {
@@ -84,8 +125,8 @@ pub(crate) fn serve(addr: SocketAddr, press: Press) -> tokio::task::JoinHandle<(
         };
         let server = Server::new(listener);
         let on_connected = |stream, peer| {
-            let press = press.clone();
-            async move { accept_tcp_connection(stream, peer, move |_| Ok(Some(press.clone()))) }
+            let service = service.clone();
+            async move { accept_tcp_connection(stream, peer, move |_| Ok(Some(service.clone()))) }
         };
         let _ = server.serve(&on_connected, |_e| {}).await;
     })
@@ -97,20 +138,65 @@ pub(crate) fn plant(addr: SocketAddr) -> String {
     ))
 }
 
-async fn device_status(mes: &Mes) -> String {
-    let (_, w) = mes.get("/api/v1/work-centers/PRESS-1").await;
-    w["device"]["status"].as_str().unwrap_or("").to_string()
+/// The plant of [`plant`] with a second press, PRESS-2 (device `press-2`), at `b`; each
+/// polled every `*_poll_ms`.
+fn two_presses(a: SocketAddr, a_poll_ms: u64, b: SocketAddr, b_poll_ms: u64) -> String {
+    let mut text = crate::harness::widget_plant(&format!(
+        r#"{{ modbus = {{ address = "{a}", unit = 1, map = "press-v1", poll_ms = {a_poll_ms} }} }}"#
+    ));
+    text.push_str(&format!(
+        r#"
+[[work_centers]]
+id = "PRESS-2"
+name = "Press 2"
+ideal_cycle_s = 1.0
+conversion_rate_per_hour = "60.00"
+inputs = ["RM"]
+output = "FG"
+device = {{ modbus = {{ address = "{b}", unit = 1, map = "press-v1", poll_ms = {b_poll_ms} }} }}
+"#
+    ));
+    text
 }
 
-async fn wait_status(mes: &Mes, want: &str, within: Duration) -> String {
+/// GET with an optional bearer token: (status, body).
+async fn get_as(mes: &Mes, path: &str, token: Option<&str>) -> (u16, Value) {
+    let mut req = mes.client.get(format!("{}{path}", mes.http));
+    if let Some(t) = token {
+        req = req.bearer_auth(t);
+    }
+    let r = req.send().await.expect("GET");
+    let status = r.status().as_u16();
+    (status, r.json().await.unwrap_or(Value::Null))
+}
+
+/// A work center's device status and last error, as `GET /work-centers/{id}` shows them.
+async fn status_of(mes: &Mes, wc: &str, token: Option<&str>) -> (String, Option<String>) {
+    let (s, w) = get_as(mes, &format!("/api/v1/work-centers/{wc}"), token).await;
+    assert_eq!(s, 200, "{w}");
+    let status = w["device"]["status"].as_str().unwrap_or("").to_string();
+    (status, w["device"]["last_error"].as_str().map(str::to_string))
+}
+
+/// Polls (every 10 ms, bounded by `within`) until `wc`'s device shows `want`; returns
+/// what it shows last.
+async fn wait_status_of(mes: &Mes, wc: &str, token: Option<&str>, want: &str, within: Duration) -> String {
     let deadline = Instant::now() + within;
     loop {
-        let s = device_status(mes).await;
+        let (s, _) = status_of(mes, wc, token).await;
         if s == want || Instant::now() > deadline {
             return s;
         }
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        tokio::time::sleep(Duration::from_millis(10)).await;
     }
+}
+
+async fn device_status(mes: &Mes) -> String {
+    status_of(mes, "PRESS-1", None).await.0
+}
+
+async fn wait_status(mes: &Mes, want: &str, within: Duration) -> String {
+    wait_status_of(mes, "PRESS-1", None, want, within).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -140,14 +226,18 @@ async fn wraps_restarts_and_outages_count_exactly() {
     mes.spawn().await;
     assert_eq!(mes.wait_totals("PRESS-1", (30, 9)).await, (30, 9));
 
-    // Outage: unreachable within 3 poll periods (plus the API's own latency), exact afterwards.
+    // Outage: unreachable within 3 poll periods (50 ms here) plus 100 ms for the API side
+    // (this loop polls every 10 ms; each GET is a database read), exact afterwards.
     server.abort();
     let _ = server.await;
     let t = Instant::now();
     assert_eq!(wait_status(&mes, "unreachable", Duration::from_secs(5)).await, "unreachable");
-    assert!(t.elapsed() < Duration::from_millis(1500), "took {:?}", t.elapsed());
+    let took = t.elapsed();
+    eprintln!("server stopped → unreachable in the API: {took:?} (poll 50 ms)");
+    assert!(took <= Duration::from_millis(3 * 50 + 100), "took {took:?}");
     let (_, w) = mes.get("/api/v1/work-centers/PRESS-1").await;
-    assert!(w["device"]["last_error"].as_str().is_some_and(|e| !e.is_empty()), "{w}");
+    let e = w["device"]["last_error"].as_str().unwrap_or("");
+    assert!(e.starts_with("read ") || e.starts_with("connect: "), "{w}");
     assert_eq!(mes.metric("mes_modbus_devices{status=\"unreachable\"}").await, 1);
     press.set(25, 3, 2, 1);
     server = serve(addr, press.clone());
@@ -187,49 +277,110 @@ fn a_bad_map_stops_start_up_naming_the_work_center() {
     let _ = std::fs::remove_dir_all(dir);
 }
 
+/// Named callers, so that the audit log's `actor` is checked, not a default.
+const WRITE_TOKENS: &str = r#"
+[[auth.tokens]]
+name = "op-ann"
+role = "operator"
+token = "operator-token-ann"
+[[auth.tokens]]
+name = "plan-bob"
+role = "planner"
+token = "planner-token-bob"
+[[auth.tokens]]
+name = "admin-cy"
+role = "admin"
+token = "admin-token-cy"
+"#;
+const OPERATOR: &str = "operator-token-ann";
+const PLANNER: &str = "planner-token-bob";
+const ADMIN: &str = "admin-token-cy";
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn writes_only_writable_points_audited_and_read_back() {
     let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
     let press = Press::new();
     press.set(0, 0, 1, 2);
     let server = serve(addr, press.clone());
-    let mes = Mes::start(MesOptions { plant: Some(plant(addr)), ..Default::default() }).await;
-    assert_eq!(wait_status(&mes, "online", Duration::from_secs(10)).await, "online");
+    let opts = MesOptions { plant: Some(plant(addr)), extra_config: WRITE_TOKENS.into(), ..Default::default() };
+    let mes = Mes::start(opts).await;
+    assert_eq!(wait_status_of(&mes, "PRESS-1", Some(ADMIN), "online", Duration::from_secs(10)).await, "online");
+    let (op, planner) = (format!("Bearer {OPERATOR}"), format!("Bearer {PLANNER}"));
+    let as_op = [("Authorization", op.as_str())];
+    let as_planner = [("Authorization", planner.as_str())];
 
     // A counter is not writable: refused, and nothing reaches the device.
-    let (s, e) = mes.post("/api/v1/work-centers/PRESS-1/points/good_count", serde_json::json!({"value": 5}), &[]).await;
-    assert_eq!((s, e["error"]["code"].as_str()), (422, Some("not_writable")), "{e}");
-    let (s, _) = mes.post("/api/v1/work-centers/PRESS-1/points/nope", serde_json::json!({"value": 5}), &[]).await;
-    assert_eq!(s, 422);
+    let (s, refused) = mes.post("/api/v1/work-centers/PRESS-1/points/good_count", json!({"value": 5}), &as_op).await;
+    assert_eq!((s, refused["error"]["code"].as_str()), (422, Some("not_writable")), "{refused}");
+    let (s, unknown) = mes.post("/api/v1/work-centers/PRESS-1/points/nope", json!({"value": 5}), &as_op).await;
+    assert_eq!((s, unknown["error"]["code"].as_str()), (422, Some("not_writable")), "{unknown}");
     assert_eq!(press.writes(), 0);
 
     // A writable u32 in CDAB order, read back.
-    let (s, r) =
-        mes.post("/api/v1/work-centers/PRESS-1/points/order_target", serde_json::json!({"value": 70_000}), &[]).await;
+    let (s, r) = mes.post("/api/v1/work-centers/PRESS-1/points/order_target", json!({"value": 70_000}), &as_op).await;
     assert_eq!((s, r["after"].as_u64(), r["before"].as_u64()), (200, Some(70_000), Some(0)), "{r}");
     assert_eq!(press.u32_at(100), 70_000);
 
     // start/stop go to the `command` point.
-    let (s, _) = mes.post("/api/v1/work-centers/PRESS-1/commands", serde_json::json!({"cmd": "start"}), &[]).await;
-    assert_eq!(s, 202);
+    let (s, start) = mes.post("/api/v1/work-centers/PRESS-1/commands", json!({"cmd": "start"}), &as_op).await;
+    assert_eq!(s, 202, "{start}");
     assert_eq!(press.reg(102), 1);
-    let (s, _) = mes.post("/api/v1/work-centers/PRESS-1/commands", serde_json::json!({"cmd": "stop"}), &[]).await;
-    assert_eq!(s, 202);
+    let (s, stop) = mes.post("/api/v1/work-centers/PRESS-1/commands", json!({"cmd": "stop"}), &as_op).await;
+    assert_eq!(s, 202, "{stop}");
     assert_eq!(press.reg(102), 0);
 
     // Releasing an order dispatches its quantity to the `target` point.
     let (s, _) = mes
         .post(
             "/api/v1/orders",
-            serde_json::json!({"id": "PO-M", "sku": "WIDGET", "quantity": 500, "work_center": "PRESS-1"}),
-            &[],
+            json!({"id": "PO-M", "sku": "WIDGET", "quantity": 500, "work_center": "PRESS-1"}),
+            &as_planner,
         )
         .await;
     assert_eq!(s, 201);
-    let (s, _) = mes.post("/api/v1/orders/PO-M/release", serde_json::json!({}), &[]).await;
+    let (s, _) = mes.post("/api/v1/orders/PO-M/release", json!({}), &as_planner).await;
     assert_eq!(s, 200);
     assert_eq!(press.u32_at(100), 500);
     assert_eq!(press.writes(), 4);
+
+    // The audit log: who, what, the value before and after (read back), the result.
+    let (s, audit) = get_as(&mes, "/api/v1/audit?limit=100", Some(ADMIN)).await;
+    assert_eq!(s, 200, "{audit}");
+    let mut lines: Vec<Value> = audit.as_array().expect("audit lines").clone();
+    lines.reverse(); // oldest first
+    let writes: Vec<Value> = lines
+        .iter()
+        .filter(|l| matches!(l["action"].as_str(), Some("modbus_write" | "command" | "dispatch")))
+        .map(|l| json!([l["actor"], l["action"], l["target"], l["detail"]]))
+        .collect();
+    let dispatch_id = lines
+        .iter()
+        .find(|l| l["action"] == "dispatch")
+        .and_then(|l| l["detail"]["dispatch"].as_str())
+        .expect("a dispatch line")
+        .to_string();
+    assert!(dispatch_id.starts_with("DSP"), "{dispatch_id}");
+    let expected = vec![
+        json!(["op-ann", "modbus_write", "PRESS-1",
+               {"point": "good_count", "value": 5, "result": refused["error"]["message"]}]),
+        json!(["op-ann", "modbus_write", "PRESS-1",
+               {"point": "nope", "value": 5, "result": unknown["error"]["message"]}]),
+        json!(["op-ann", "modbus_write", "PRESS-1",
+               {"point": "order_target", "value": 70_000, "before": 0, "after": 70_000, "result": "ok"}]),
+        json!(["op-ann", "command", "PRESS-1",
+               {"cmd": "start", "id": start["id"], "device": "press-1", "point": "command", "value": 1,
+                "before": 0, "after": 1, "result": "ok"}]),
+        json!(["op-ann", "command", "PRESS-1",
+               {"cmd": "stop", "id": stop["id"], "device": "press-1", "point": "command", "value": 0,
+                "before": 1, "after": 0, "result": "ok"}]),
+        json!(["plan-bob", "dispatch", "PRESS-1",
+               {"dispatch": dispatch_id, "order": "PO-M", "device": "press-1", "channel": "modbus",
+                "after": {"status": "acknowledged"}, "error": null,
+                "write": {"point": "order_target", "value": 500, "before": 70_000, "after": 500, "result": "ok"}}]),
+    ];
+    assert_eq!(writes, expected, "{audit:#}");
+    // The refusals name the point and why.
+    assert!(refused["error"]["message"].as_str().is_some_and(|m| m.contains("good_count")), "{refused}");
     server.abort();
 }
 
@@ -295,4 +446,196 @@ async fn every_type_and_word_order_decodes_over_the_wire() {
         assert_eq!(snap.get(name), Some(want), "{name}");
     }
     server.abort();
+}
+
+/// A map whose first read is refused by the device: the Modbus exception reaches the API
+/// by name, and nothing is counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exception_replies_are_reported_by_name() {
+    let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
+    let press = Press::new(); // 200 holding registers: address 500 is refused
+    press.set(10, 0, 1, 1);
+    let server = serve(addr, press.clone());
+    let dir = crate::harness::temp_dir();
+    let map = dir.join("press-short.toml");
+    std::fs::write(
+        &map,
+        "name = \"press-short\"\nversion = 1\nword_order = \"CDAB\"\n\n\
+         [[points]]\nname = \"good_count\"\nkind = \"holding\"\naddress = 2\ntype = \"u32\"\nrole = \"good\"\n\n\
+         [[points]]\nname = \"beyond\"\nkind = \"holding\"\naddress = 500\ntype = \"u16\"\n",
+    )
+    .expect("write map");
+    let text = plant(addr).replace("map = \"press-v1\"", &format!("map = \"{}\"", map.display()));
+    let mes = Mes::start(MesOptions { plant: Some(text), ..Default::default() }).await;
+    assert_eq!(wait_status(&mes, "unreachable", Duration::from_secs(10)).await, "unreachable");
+    // The counter is read last in a poll: the refused read (holding 500, one register)
+    // comes first and is the error shown, with the exception's code and name.
+    let want = Some("read Holding 500+1: exception 0x02 IllegalDataAddress".to_string());
+    assert_eq!(status_of(&mes, "PRESS-1", None).await, ("unreachable".to_string(), want.clone()));
+    // Still so after reconnecting (backoff 200 ms, then 400 ms): the device answers every
+    // time, with the same exception.
+    let errors = mes.metric("mes_modbus_errors_total").await;
+    assert!(mes.wait_metric("mes_modbus_errors_total", errors + 2).await >= errors + 2);
+    assert_eq!(status_of(&mes, "PRESS-1", None).await, ("unreachable".to_string(), want));
+    assert_eq!(mes.metric("mes_modbus_polls_total").await, 0);
+    assert_eq!(mes.totals("PRESS-1").await, (0, 0));
+    server.abort();
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// PRESS-2 goes silent mid-run (connection open, no reply): it is marked unreachable with
+/// a timeout once its request times out (1.5 × its 1 s poll period), within 3 poll periods,
+/// while PRESS-1 (100 ms) keeps being polled and counted on schedule the whole time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_device_never_delays_another() {
+    let (a, b): (SocketAddr, SocketAddr) = (
+        format!("127.0.0.1:{}", free_port()).parse().expect("addr"),
+        format!("127.0.0.1:{}", free_port()).parse().expect("addr"),
+    );
+    let (healthy, silent) = (Press::new(), Press::new());
+    healthy.set(1_000, 0, 1, 1);
+    silent.set(5_000, 0, 1, 1);
+    let hung = Arc::new(AtomicBool::new(false));
+    let server_a = serve(a, healthy.clone());
+    let server_b = serve_service(b, Hangable { press: silent.clone(), hung: hung.clone() });
+    let mes = Mes::start(MesOptions { plant: Some(two_presses(a, 100, b, 1_000)), ..Default::default() }).await;
+    for wc in ["PRESS-1", "PRESS-2"] {
+        assert_eq!(wait_status_of(&mes, wc, None, "online", Duration::from_secs(10)).await, "online", "{wc}");
+    }
+    // Both baselines are taken (first readings count nothing); PRESS-2 counts before it hangs.
+    silent.set(5_007, 0, 1, 1);
+    assert_eq!(mes.wait_totals("PRESS-2", (7, 0)).await, (7, 0));
+
+    hung.store(true, Ordering::SeqCst);
+    let hung_at = Instant::now();
+    silent.set(5_100, 0, 1, 1); // not read while it hangs
+    let polls_before = mes.metric("mes_modbus_polls_total").await;
+    let window = Instant::now();
+    // PRESS-1 counts, step by step (about 5 s), while PRESS-2 spends most of that time
+    // inside a 1.5 s request timeout, reconnecting in between (backoff 200 ms, 400 ms, ...).
+    let counting = async {
+        let (mut good, mut expected, mut slowest) = (1_000u32, 0i64, Duration::ZERO);
+        for step in 1..=25u32 {
+            good += step;
+            expected += i64::from(step);
+            healthy.set(good, 0, 1, 1);
+            let t = Instant::now();
+            let deadline = t + Duration::from_secs(5);
+            let got = loop {
+                let got = mes.totals("PRESS-1").await;
+                if got == (expected, 0) || Instant::now() > deadline {
+                    break got;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            };
+            assert_eq!(got, (expected, 0), "step {step}");
+            slowest = slowest.max(t.elapsed());
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        (expected, slowest)
+    };
+    // Meanwhile, when does PRESS-2 show as unreachable? (checked every 10 ms)
+    let watching = async {
+        loop {
+            if status_of(&mes, "PRESS-2", None).await.0 == "unreachable" {
+                return hung_at.elapsed();
+            }
+            if hung_at.elapsed() > Duration::from_secs(10) {
+                panic!("PRESS-2 not unreachable 10 s after it hung");
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    };
+    let ((expected, slowest), took) = tokio::join!(counting, watching);
+    let window = window.elapsed();
+    let polls = mes.metric("mes_modbus_polls_total").await - polls_before;
+    eprintln!("hung PRESS-2 → unreachable in the API: {took:?} (poll 1 s, request timeout 1.5 s)");
+    eprintln!("PRESS-1 meanwhile: slowest count {slowest:?}, {polls} polls in {window:?} (poll 100 ms)");
+    // Each count of PRESS-1 shows within 1 s (poll 100 ms, commit, API): under the 1.5 s
+    // PRESS-2 waits on each of its requests, so a PRESS-1 poll that waited on PRESS-2
+    // would fail this.
+    assert!(slowest < Duration::from_secs(1), "slowest {slowest:?}");
+    // PRESS-1 is polled on schedule: only its polls complete (PRESS-2's time out), and at
+    // 100 ms window/100 ms are due; at least 60 % of them (a 2-core shared machine; polls
+    // that waited on PRESS-2 would make it about 5 %).
+    let due = window.as_millis() as u64 / 100;
+    assert!(polls * 10 >= due * 6, "{polls} polls in {window:?}, {due} due");
+    assert_eq!(status_of(&mes, "PRESS-1", None).await.0, "online");
+    // PRESS-2: unreachable no sooner than its request timeout (1.5 s; a request may have
+    // been sent a moment before the hang) and within 3 poll periods (the next poll within
+    // 1 s, then the 1.5 s timeout: 2.5 s by design), plus 100 ms for this side (10 ms
+    // sampling, an HTTP GET).
+    assert!(took >= Duration::from_millis(1_450) && took <= Duration::from_millis(3_100), "took {took:?}");
+    let (status, error) = status_of(&mes, "PRESS-2", None).await;
+    assert_eq!(status, "unreachable");
+    let timeouts = ["read Input 0+2: timed out", "read Holding 100+3: timed out", "read Holding 0+8: timed out"];
+    assert!(error.as_deref().is_some_and(|e| timeouts.contains(&e)), "{error:?}");
+    // Nothing it counted after it hung is invented.
+    assert_eq!(mes.totals("PRESS-2").await, (7, 0));
+
+    // It answers again: the counts it made meanwhile arrive, exactly.
+    hung.store(false, Ordering::SeqCst);
+    assert_eq!(mes.wait_totals("PRESS-2", (100, 0)).await, (100, 0));
+    assert_eq!(mes.totals("PRESS-1").await, (expected, 0));
+    server_a.abort();
+    server_b.abort();
+}
+
+/// A server stopped mid-run (listener and connections closed): its device is unreachable
+/// within 3 poll periods, the other device counts on, exactly; and after the server
+/// returns, what it counted meanwhile arrives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_server_is_unreachable_within_three_polls_and_others_count_on() {
+    const POLL_MS: u64 = 200;
+    let (a, b): (SocketAddr, SocketAddr) = (
+        format!("127.0.0.1:{}", free_port()).parse().expect("addr"),
+        format!("127.0.0.1:{}", free_port()).parse().expect("addr"),
+    );
+    let (p1, p2) = (Press::new(), Press::new());
+    p1.set(100, 10, 1, 1);
+    p2.set(200, 20, 1, 1);
+    let server_a = serve(a, p1.clone());
+    let mut server_b = serve(b, p2.clone());
+    let mes = Mes::start(MesOptions { plant: Some(two_presses(a, POLL_MS, b, POLL_MS)), ..Default::default() }).await;
+    for wc in ["PRESS-1", "PRESS-2"] {
+        assert_eq!(wait_status_of(&mes, wc, None, "online", Duration::from_secs(10)).await, "online", "{wc}");
+    }
+    p1.set(105, 11, 1, 1);
+    p2.set(203, 20, 1, 1);
+    assert_eq!(mes.wait_totals("PRESS-1", (5, 1)).await, (5, 1));
+    assert_eq!(mes.wait_totals("PRESS-2", (3, 0)).await, (3, 0));
+
+    server_b.abort();
+    let _ = server_b.await;
+    let t = Instant::now();
+    let seen = wait_status_of(&mes, "PRESS-2", None, "unreachable", Duration::from_secs(5)).await;
+    let took = t.elapsed();
+    eprintln!("server stopped → unreachable in the API: {took:?} (poll {POLL_MS} ms)");
+    assert_eq!(seen, "unreachable");
+    // 3 poll periods, plus 100 ms for this side: the loop polls every 10 ms and each GET is
+    // an HTTP request and a database read.
+    assert!(took <= Duration::from_millis(3 * POLL_MS + 100), "took {took:?}");
+    let (_, error) = status_of(&mes, "PRESS-2", None).await;
+    let error = error.unwrap_or_default();
+    assert!(error.starts_with("read ") || error.starts_with("connect: "), "{error}");
+
+    // PRESS-1 is unaffected: it counts on, exactly, while PRESS-2 is down.
+    for (good, scrap) in [(110, 11), (130, 15), (131, 15)] {
+        p1.set(good, scrap, 1, 1);
+        let want = (i64::from(good) - 100, i64::from(scrap) - 10);
+        assert_eq!(mes.wait_totals("PRESS-1", want).await, want);
+        assert_eq!(status_of(&mes, "PRESS-1", None).await.0, "online");
+    }
+    assert_eq!(status_of(&mes, "PRESS-2", None).await.0, "unreachable");
+    assert_eq!(mes.metric("mes_modbus_devices{status=\"unreachable\"}").await, 1);
+    assert_eq!(mes.metric("mes_modbus_devices{status=\"online\"}").await, 1);
+
+    // PRESS-2 returns, having counted meanwhile: counted once, exactly.
+    p2.set(250, 24, 1, 1);
+    server_b = serve(b, p2.clone());
+    assert_eq!(mes.wait_totals("PRESS-2", (50, 4)).await, (50, 4));
+    assert_eq!(status_of(&mes, "PRESS-2", None).await.0, "online");
+    assert_eq!(mes.totals("PRESS-1").await, (31, 5));
+    server_a.abort();
+    server_b.abort();
 }
