@@ -171,6 +171,7 @@ async fn changed_session_count_drains_the_retired_sessions() {
     assert_eq!(mes.log().matches("draining MQTT sessions").count(), drained_before, "nothing left to drain");
     assert_eq!(mes.metric("mes_dead_letters_total").await, 0);
     assert_eq!(mes.metric("mes_writer_order_violations_total").await, 0);
+}
 
 /// Everything settlement leaves behind that must not depend on a crash: stock per buffer,
 /// the trial balance per account, journal totals per (kind, order, debit, credit), each
