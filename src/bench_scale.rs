@@ -82,27 +82,71 @@ async fn measure(exe: &std::path::Path, dir: &std::path::Path, wcs: usize, order
     rss_kib(child.0.id())
 }
 
+/// The work-center actor alone, idle: `n` actors started in this process on their own
+/// actix system, measured as the growth of this process's resident set in two steps —
+/// their states built (as a restart rebuilds them: ids, device, current order, cursor,
+/// totals), then the actors started from them (mailbox, context, task). Returns the KiB
+/// of each step.
+fn actors_alone(n: usize) -> anyhow::Result<(u64, u64)> {
+    use actix::Actor;
+    let handle = std::thread::spawn(move || -> anyhow::Result<(u64, u64)> {
+        actix_rt::System::new().block_on(async move {
+            let me = std::process::id();
+            let before = rss_kib(me)?;
+            let states: Vec<mes_actors::WorkCenterState> = (0..n)
+                .map(|i| {
+                    let mut st = mes_actors::WorkCenterState::new(format!("WC-{i:05}"), format!("dev-{i:05}"));
+                    st.current_order = Some(format!("PO-{i:06}"));
+                    st.cursor = Some(mes_actors::counter::Cursor { boot: 3, seq: 1_000 + i as u64, good: 500, scrap: 7 });
+                    st.good_total = 10_000;
+                    st.scrap_total = 70;
+                    st.last_ts_ms = Some(1_795_000_000_000);
+                    st
+                })
+                .collect();
+            tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+            let with_states = rss_kib(me)?;
+            let addrs: Vec<_> =
+                states.into_iter().map(|st| mes_actors::actor::WorkCenterActor::new(st).start()).collect();
+            tokio::time::sleep(std::time::Duration::from_millis(1_000)).await;
+            let with_actors = rss_kib(me)?;
+            drop(addrs);
+            Ok((with_states.saturating_sub(before), with_actors.saturating_sub(with_states)))
+        })
+    });
+    handle.join().map_err(|_| anyhow::anyhow!("actor measurement panicked"))?
+}
+
 pub async fn run(wcs: usize, orders: usize) -> anyhow::Result<String> {
     let exe = std::env::current_exe()?;
     let base = std::path::PathBuf::from("mes-data/bench-scale");
-    eprintln!("bench-scale: [1/3] 10 work centers, no orders …");
+    eprintln!("bench-scale: [1/4] 10 work centers, no orders …");
     let small = measure(&exe, &base.join("small"), 10, 0).await?;
-    eprintln!("bench-scale: [2/3] {wcs} work centers …");
+    eprintln!("bench-scale: [2/4] {wcs} work centers …");
     let many_wc = measure(&exe, &base.join("wcs"), wcs, 0).await?;
-    eprintln!("bench-scale: [3/3] {wcs} work centers and {orders} open orders …");
+    eprintln!("bench-scale: [3/4] {wcs} work centers and {orders} open orders …");
     let many_orders = measure(&exe, &base.join("orders"), wcs, orders).await?;
+    eprintln!("bench-scale: [4/4] {wcs} idle work-center actors alone, in this process …");
+    let (states_kib, actors_kib) = actors_alone(wcs)?;
+    let state_b = states_kib as f64 * 1024.0 / wcs as f64;
+    let actor_b = actors_kib as f64 * 1024.0 / wcs as f64;
     let per_wc = (many_wc.saturating_sub(small) as f64 * 1024.0) / (wcs.saturating_sub(10).max(1)) as f64;
     let per_order = (many_orders.saturating_sub(many_wc) as f64 * 1024.0) / orders.max(1) as f64;
     let md = format!(
         "| server loaded with | RSS (MiB) | per item |\n|---|---:|---:|\n\
          | 10 work centers, no orders | {:.1} | |\n\
          | {wcs} work centers | {:.1} | {:.0} B per work center |\n\
-         | {wcs} work centers + {orders} open orders | {:.1} | {:.0} B per open order |\n",
+         | {wcs} work centers + {orders} open orders | {:.1} | {:.0} B per open order |\n\
+         | {wcs} idle work-center actors alone (state {:.0} B + actor {:.0} B) | {:.1} | {:.0} B per actor |\n",
         small as f64 / 1024.0,
         many_wc as f64 / 1024.0,
         per_wc,
         many_orders as f64 / 1024.0,
-        per_order
+        per_order,
+        state_b,
+        actor_b,
+        (states_kib + actors_kib) as f64 / 1024.0,
+        state_b + actor_b
     );
     let out = std::path::PathBuf::from("target/bench");
     std::fs::create_dir_all(&out)?;
@@ -110,7 +154,8 @@ pub async fn run(wcs: usize, orders: usize) -> anyhow::Result<String> {
     std::fs::write(
         out.join("scale.json"),
         serde_json::json!({"work_centers": wcs, "orders": orders, "rss_kib": {"small": small, "work_centers": many_wc,
-            "orders": many_orders}, "bytes_per_work_center": per_wc, "bytes_per_order": per_order})
+            "orders": many_orders}, "bytes_per_work_center": per_wc, "bytes_per_order": per_order,
+            "actor_alone": {"state_bytes": state_b, "actor_bytes": actor_b, "bytes_per_actor": state_b + actor_b}})
         .to_string(),
     )?;
     Ok(md)
