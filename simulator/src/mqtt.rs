@@ -296,6 +296,24 @@ impl Link {
         shared.connected.store(true, Relaxed);
         let filter = format!("{prefix}/devices/+/cmd");
         client.try_subscribe(filter.clone(), QoS::AtLeastOnce).context("cannot subscribe to commands")?;
+        // Commands count from here: return only once the broker has the subscription.
+        let subscribed = timeout(CONNECT_TIMEOUT, async {
+            loop {
+                match el.poll().await {
+                    Ok(Event::Incoming(Packet::SubAck(_))) => return Ok(()),
+                    Ok(_) => {}
+                    Err(e) => return Err(e),
+                }
+            }
+        })
+        .await;
+        match subscribed {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => bail!("cannot subscribe to commands at {url}: {e}"),
+            Err(_) => bail!(
+                "the MQTT broker at {url} did not acknowledge the command subscription within {CONNECT_TIMEOUT:?}"
+            ),
+        }
         let (tx, rx) = mpsc::channel(COMMAND_QUEUE);
         let task =
             tokio::spawn(run_event_loop(el, client.clone(), shared.clone(), filter.clone(), prefix.to_string(), tx));
@@ -414,8 +432,11 @@ async fn run_event_loop(
                     outstanding.clear();
                     update(&outstanding);
                 }
-                if let Err(e) = client.try_subscribe(filter.clone(), QoS::AtLeastOnce) {
-                    eprintln!("[line-sim] warning: cannot subscribe to commands: {e}");
+                // A session the broker kept still has the subscription.
+                if !ack.session_present {
+                    if let Err(e) = client.try_subscribe(filter.clone(), QoS::AtLeastOnce) {
+                        eprintln!("[line-sim] warning: cannot subscribe to commands: {e}");
+                    }
                 }
             }
             Ok(Event::Outgoing(Outgoing::Publish(pkid))) if pkid != 0 => {
