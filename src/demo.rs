@@ -94,6 +94,32 @@ pub async fn reconcile(handle: &Handle, truth: &line_sim::Truth) -> anyhow::Resu
         if d == c { "balanced" } else { "UNBALANCED" }
     );
     all_ok &= d == c;
+    if let Some(demand) = &truth.demand {
+        println!(
+            "\nPromo demand for {}: {} sales orders, {} units requested; the line's stock could cover {} ({} orders short)",
+            demand.sku, demand.requests, demand.requested, demand.promised, demand.short_requests
+        );
+        if let Some(mes) = &demand.mes {
+            // Nothing ships during the demo, so the MES holds exactly what it granted.
+            let reserved: i64 =
+                handle.store.buffers().await?.iter().filter(|b| b.sku == demand.sku).map(|b| b.reserved).sum();
+            let ok = reserved == mes.granted as i64 && mes.failed_requests == 0;
+            all_ok &= ok;
+            println!(
+                "  reservations: {} granted ({} units), {} refused, {} failed; MES reserved {reserved}  {}",
+                mes.granted_requests,
+                mes.granted,
+                mes.refused_requests,
+                mes.failed_requests,
+                if ok { "exact" } else { "MISMATCH" }
+            );
+        }
+    }
+    let f = &truth.faults;
+    println!(
+        "\nFaults: {} device reboots, {} MQTT connection drops, {} Modbus timeouts",
+        f.reboots, f.mqtt_drops, f.modbus_timeouts
+    );
     let m = &handle.metrics;
     println!(
         "\nMessages: {} received, {} committed in {} group commits, {} duplicates, {} dead letters; {} Modbus polls",

@@ -465,6 +465,17 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
             };
             init_logging(Some(&cfg), cli.log_json);
             let prefix = cfg.mqtt.topic_prefix.clone();
+            // The simulator reserves promo demand over HTTP as a planner: with tokens
+            // configured it needs a planner's (or admin's) token in plain text.
+            let tokens = &cfg.auth.tokens;
+            let planner_token =
+                tokens.iter().filter(|t| t.role >= mes::config::Role::Planner).find_map(|t| t.token.clone());
+            let reserve = tokens.is_empty() || planner_token.is_some();
+            if !reserve {
+                eprintln!(
+                    "note: no planner token in plain text in the config; the promo demand is not reserved at the MES"
+                );
+            }
             let ok = runtime()?.block_on(mes::app::run_with(cfg, move |handle| async move {
                 println!("Dashboard: http://{}/   (metrics: http://{}/metrics)", handle.http_addr, handle.http_addr);
                 println!("Running the demo line: scenario {scenario}, {duration} simulated at speed {speed}, seed {seed}. Ctrl-C ends the run early.");
@@ -479,6 +490,9 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
                     truth: Some(PathBuf::from("mes-data/demo-truth.json")),
                     topic_prefix: prefix,
                     handle_signals: true,
+                    mes_http: reserve.then(|| format!("http://{}", handle.http_addr)),
+                    mes_token: planner_token,
+                    start_stopped: false,
                 };
                 let truth = line_sim::run(opts).await;
                 summary.abort();

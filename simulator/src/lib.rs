@@ -8,6 +8,7 @@ mod modbus;
 mod model;
 mod mqtt;
 mod plant;
+mod reserve;
 mod rng;
 mod scenario;
 mod truth;
@@ -22,7 +23,7 @@ use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use truth::Ledger;
-pub use truth::Truth;
+pub use truth::{DemandTruth, FaultTruth, MesDemandTruth, Truth};
 pub use units::{parse_duration_ms, Speed};
 
 /// Longest wait at the end for the broker's acknowledgements.
@@ -31,6 +32,8 @@ const ACK_WAIT: Duration = Duration::from_secs(30);
 const MODBUS_WAIT: Duration = Duration::from_secs(20);
 /// Longest wait for the MES to read a Modbus device during the run (before a restart).
 const MODBUS_STEP_WAIT: Duration = Duration::from_secs(10);
+/// Longest wait at the end for the MES to answer the promo reservations.
+const RESERVE_WAIT: Duration = Duration::from_secs(30);
 /// Real time between progress lines.
 const PROGRESS_EVERY: Duration = Duration::from_secs(3);
 
@@ -57,6 +60,13 @@ pub struct Options {
     pub topic_prefix: String,
     /// End the run early on Ctrl-C/SIGTERM (the binary does; an embedding program may not).
     pub handle_signals: bool,
+    /// The MES's HTTP base URL (e.g. `http://127.0.0.1:8080`): promo demand becomes
+    /// reservations there. `None`: demand is only modelled.
+    pub mes_http: Option<String>,
+    /// Bearer token for `mes_http`.
+    pub mes_token: Option<String>,
+    /// Every station starts `stopped` until a `start` command reaches it.
+    pub start_stopped: bool,
 }
 
 /// Runs the line to the end (or until interrupted) and returns what really happened.
@@ -75,6 +85,9 @@ pub async fn run(cli: Options) -> anyhow::Result<Truth> {
     for w in warnings {
         eprintln!("[line-sim] warning: {w}");
     }
+    if cli.start_stopped {
+        line.stop_all();
+    }
 
     let modbus = modbus::Devices::start(&plant).await?;
     for (wc, device, addr, unit) in modbus.describe() {
@@ -82,7 +95,16 @@ pub async fn run(cli: Options) -> anyhow::Result<Truth> {
     }
 
     let client_id = format!("line-sim-{}", cli.seed);
-    let (mut link, mut commands) = mqtt::Link::connect(&cli.mqtt, &client_id, &cli.topic_prefix).await?;
+    let drops = scenario.faults.mqtt_drops_per_hour > 0.0;
+    let (mut link, mut commands) = mqtt::Link::connect(&cli.mqtt, &client_id, &cli.topic_prefix, drops).await?;
+    // Promo demand becomes reservations at the MES, with refs unique to this run.
+    let reserver = match (&cli.mes_http, line.demand_sku()) {
+        (Some(url), Some(sku)) => {
+            eprintln!("[line-sim] promo demand for {sku} becomes reservations at {url}");
+            Some(reserve::Reserver::start(url, cli.mes_token.clone(), format!("promo-{boot_base}"))?)
+        }
+        _ => None,
+    };
     eprintln!(
         "[line-sim] plant {} ({} work centers), scenario {} ({}), seed {}, {} simulated at speed {}, broker {} as {client_id}",
         cli.plant.display(),
@@ -142,12 +164,26 @@ pub async fn run(cli: Options) -> anyhow::Result<Truth> {
         out.clear();
         line.step(&mut out);
         publish_all(&mut link, &mut ledger, &prefix, &out).await?;
+        // Cut the connection right after publishing, so publishes are in flight.
+        for _ in 0..line.take_mqtt_drops() {
+            eprintln!("[line-sim] {} fault: dropping the MQTT connection", clock_label(line.now_ms()));
+            link.cut();
+        }
+        for order in line.take_sales_orders() {
+            if let Some(r) = &reserver {
+                r.send(order).await;
+            }
+        }
         if !modbus.is_empty() {
-            if modbus_wait && modbus.must_wait(&line) && !modbus.wait_observed(MODBUS_STEP_WAIT).await {
-                eprintln!(
-                    "[line-sim] warning: the MES did not read {} before a restart; its count may fall short",
-                    modbus.unobserved().join(", ")
-                );
+            if modbus_wait && modbus.must_wait(&line) {
+                // A silent device answers again: the MES must read it now.
+                modbus.answer_all();
+                if !modbus.wait_observed(MODBUS_STEP_WAIT).await {
+                    eprintln!(
+                        "[line-sim] warning: the MES did not read {} before a restart; its count may fall short",
+                        modbus.unobserved().join(", ")
+                    );
+                }
             }
             modbus.show(&line);
         }
@@ -172,8 +208,10 @@ pub async fn run(cli: Options) -> anyhow::Result<Truth> {
     line.finish(&mut out);
     publish_all(&mut link, &mut ledger, &prefix, &out).await?;
     let all_acked = link.wait_acked(ACK_WAIT).await;
+    let unanswered = modbus.unanswered();
     if !modbus.is_empty() {
         modbus.show(&line);
+        modbus.answer_all();
         if modbus_wait && !modbus.wait_observed(MODBUS_WAIT).await {
             eprintln!(
                 "[line-sim] warning: the MES has not read the final counters of {}",
@@ -184,7 +222,10 @@ pub async fn run(cli: Options) -> anyhow::Result<Truth> {
     drop(modbus);
     progress(&line, &link);
 
-    let truth = line.truth();
+    let mut truth = line.truth();
+    if let (Some(r), Some(demand)) = (reserver, truth.demand.as_mut()) {
+        demand.mes = Some(r.finish(RESERVE_WAIT).await);
+    }
     let publishing: Vec<&str> = line.devices().filter(|(_, _, mqtt)| *mqtt).map(|(_, wc, _)| wc).collect();
     let differences = ledger.differences(&truth, publishing);
     if let Some(path) = &cli.truth {
@@ -201,6 +242,27 @@ pub async fn run(cli: Options) -> anyhow::Result<Truth> {
             t.good, t.scrap, t.running_s, t.down_s
         );
     }
+    if let Some(d) = &truth.demand {
+        eprintln!(
+            "[line-sim] demand for {}: {} sales orders, {} units requested, {} promised from stock ({} short)",
+            d.sku, d.requests, d.requested, d.promised, d.short_requests
+        );
+        if let Some(m) = &d.mes {
+            eprintln!(
+                "[line-sim] reservations at the MES: {} granted ({} units), {} refused, {} failed",
+                m.granted_requests, m.granted, m.refused_requests, m.failed_requests
+            );
+        }
+    }
+    let f = &truth.faults;
+    eprintln!(
+        "[line-sim] faults: {} reboots, {} MQTT connection drops ({} publishes resent), {} Modbus silences ({} requests left unanswered)",
+        f.reboots,
+        link.cuts(),
+        link.retransmitted(),
+        f.modbus_timeouts,
+        unanswered
+    );
     eprintln!(
         "[line-sim] {} messages published ({} acknowledged, {} counted, {} duplicate/out of order) in {:.1}s",
         link.published(),

@@ -32,6 +32,16 @@ struct Cli {
     /// MQTT topic prefix
     #[arg(long, value_name = "P", default_value = "mes")]
     topic_prefix: String,
+    /// The MES's HTTP base URL, e.g. http://127.0.0.1:8080: the scenario's promo demand
+    /// becomes reservations of finished goods there
+    #[arg(long, value_name = "URL")]
+    mes_http: Option<String>,
+    /// Bearer token for --mes-http [default: $LINE_SIM_MES_TOKEN]
+    #[arg(long, value_name = "TOKEN")]
+    mes_token: Option<String>,
+    /// Every station starts stopped until a `start` command reaches it
+    #[arg(long)]
+    start_stopped: bool,
 }
 
 fn main() -> std::process::ExitCode {
@@ -53,6 +63,9 @@ fn main() -> std::process::ExitCode {
         truth: cli.truth,
         topic_prefix: cli.topic_prefix,
         handle_signals: true,
+        mes_http: cli.mes_http,
+        mes_token: cli.mes_token.or_else(|| std::env::var("LINE_SIM_MES_TOKEN").ok().filter(|t| !t.is_empty())),
+        start_stopped: cli.start_stopped,
     };
     match rt.block_on(line_sim::run(opts)) {
         Ok(_) => std::process::ExitCode::SUCCESS,

@@ -24,7 +24,7 @@ use std::future::{ready, Ready};
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio_modbus::prelude::{ExceptionCode, Request, Response, SlaveRequest};
 
 const TABLE: usize = 1 << 16;
@@ -32,6 +32,9 @@ const MAX_READ_REGISTERS: u16 = 125;
 const MAX_READ_BITS: u16 = 2000;
 const MAX_WRITE_REGISTERS: usize = 123;
 const MAX_WRITE_BITS: usize = 1968;
+/// Shortest real time a silent Modbus server gives no replies, so that a poller's timeout
+/// (the MES's is at most 2 s) fires even when simulated time runs far faster than real time.
+pub const MIN_SILENCE: Duration = Duration::from_millis(2500);
 
 /// A counter point the MES must see, and the image generation it last read.
 #[derive(Debug, Clone)]
@@ -57,6 +60,12 @@ pub struct Image {
     /// (boot, good, scrap) when all counters were last read.
     seen: Option<(u64, u64, u64)>,
     commands: Vec<Command>,
+    /// Since when the server gives no replies (a communication fault), if it is silent.
+    silent_since: Option<Instant>,
+    /// Told to answer again before the model's silence ended (the MES must read now).
+    forced_answer: bool,
+    /// Requests left without a reply.
+    unanswered: u64,
 }
 
 fn lock(m: &Mutex<Image>) -> MutexGuard<'_, Image> {
@@ -149,6 +158,9 @@ impl Image {
             shown: None,
             seen: None,
             commands: Vec::new(),
+            silent_since: None,
+            forced_answer: false,
+            unanswered: 0,
         }
     }
 
@@ -202,6 +214,15 @@ impl Image {
             self.put(i, &value);
         }
         self.online = v.online;
+        // Silence: as the model says, but at least MIN_SILENCE of real time.
+        if v.answering {
+            self.forced_answer = false;
+        }
+        match (!v.answering && !self.forced_answer, self.silent_since) {
+            (true, None) => self.silent_since = Some(Instant::now()),
+            (false, Some(since)) if since.elapsed() >= MIN_SILENCE => self.silent_since = None,
+            _ => {}
+        }
         let now = (v.boot, v.good, v.scrap);
         if self.shown != Some(now) {
             self.shown = Some(now);
@@ -235,6 +256,29 @@ impl Image {
             |role| self.map.wrap_bits(role).map_or(u64::MAX, |b| if b >= 64 { u64::MAX } else { 1u64 << (b - 1) });
         next.good.saturating_sub(base_good) >= half(Role::Good)
             || next.scrap.saturating_sub(base_scrap) >= half(Role::Scrap)
+    }
+
+    /// Whether the server gives no replies now.
+    pub fn silent(&self) -> bool {
+        self.silent_since.is_some()
+    }
+
+    /// Ends a silence at once (until the model's silence is over): the MES must read the
+    /// counters now.
+    pub fn answer_now(&mut self) {
+        if self.silent_since.take().is_some() {
+            self.forced_answer = true;
+        }
+    }
+
+    /// Answers one request the way the server does: nothing at all (`None`) while it is
+    /// silent, else [`Image::handle`]'s reply.
+    pub fn serve(&mut self, req: Request<'_>) -> Result<Option<Response>, ExceptionCode> {
+        if self.silent() {
+            self.unanswered += 1;
+            return Ok(None);
+        }
+        self.handle(req).map(Some)
     }
 
     /// Commands the MES wrote since the last call.
@@ -421,9 +465,10 @@ struct Gateway {
 
 impl tokio_modbus::server::Service for Gateway {
     type Request = SlaveRequest<'static>;
-    type Response = Response;
+    /// `None`: no reply at all (a silent server).
+    type Response = Option<Response>;
     type Exception = ExceptionCode;
-    type Future = Ready<Result<Response, ExceptionCode>>;
+    type Future = Ready<Result<Option<Response>, ExceptionCode>>;
 
     fn call(&self, req: SlaveRequest<'static>) -> Self::Future {
         let image = self.units.get(&req.slave).or_else(|| {
@@ -432,7 +477,7 @@ impl tokio_modbus::server::Service for Gateway {
             (broadcast && self.units.len() == 1).then(|| self.units.values().next()).flatten()
         });
         ready(match image {
-            Some(image) => lock(image).handle(req.request),
+            Some(image) => lock(image).serve(req.request),
             None => Err(ExceptionCode::GatewayTargetDevice),
         })
     }
@@ -537,6 +582,18 @@ impl Devices {
         }
     }
 
+    /// Ends every silence now, so the MES can read (before a restart and at the end).
+    pub fn answer_all(&self) {
+        for d in &self.devices {
+            lock(&d.image).answer_now();
+        }
+    }
+
+    /// Requests left without a reply during silences, over all devices.
+    pub fn unanswered(&self) -> u64 {
+        self.devices.iter().map(|d| lock(&d.image).unanswered).sum()
+    }
+
     /// Commands the MES wrote, as `(device, command)`.
     pub fn take_commands(&self) -> Vec<(String, Command)> {
         let mut out = Vec::new();
@@ -580,6 +637,7 @@ mod tests {
             speed: 1.0,
             target: None,
             online: true,
+            answering: true,
         }
     }
 
@@ -676,6 +734,76 @@ mod tests {
     }
 
     #[test]
+    fn a_silent_server_gives_no_reply_for_at_least_the_minimum() {
+        let mut image = shipped("press-v1");
+        image.show(&view(1, 5, 0, State::Running));
+        assert!(matches!(image.serve(Request::ReadHoldingRegisters(0, 8)), Ok(Some(_))));
+        let quiet = |good| DeviceView { answering: false, ..view(1, good, 0, State::Running) };
+        image.show(&quiet(6));
+        assert!(image.silent());
+        assert_eq!(image.serve(Request::ReadHoldingRegisters(0, 8)), Ok(None));
+        assert_eq!(image.serve(Request::ReadInputRegisters(0, 2)), Ok(None));
+        assert_eq!(image.unanswered, 2);
+        assert!(!image.observed(), "nothing was read");
+        // The model's silence is over, but the server stays silent for MIN_SILENCE.
+        image.show(&view(1, 7, 0, State::Running));
+        assert!(image.silent());
+        std::thread::sleep(MIN_SILENCE);
+        image.show(&view(1, 7, 0, State::Running));
+        assert!(!image.silent());
+        assert_eq!(poll(&mut image).counters().good, Some(7));
+        // Told to answer (a restart is coming): at once, and the model's silence still
+        // going on does not start it again.
+        image.show(&quiet(8));
+        assert!(image.silent());
+        image.answer_now();
+        image.show(&quiet(9));
+        assert!(!image.silent());
+        assert_eq!(poll(&mut image).counters().good, Some(9));
+        // The next silence starts as usual.
+        image.show(&view(1, 9, 0, State::Running));
+        image.show(&quiet(10));
+        assert!(image.silent());
+        assert_eq!(image.unanswered, 2);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_silent_server_accepts_connections_and_lets_reads_time_out() {
+        use tokio_modbus::prelude::{Reader, Slave};
+        let plant = Plant::parse(
+            r#"
+            [[buffers]]
+            id = "OUT"
+            sku = "B"
+            capacity = 10
+            [[work_centers]]
+            id = "PRESS-9"
+            output = "OUT"
+            device = { modbus = { address = "127.0.0.1:0", unit = 1, map = "press-v1" } }
+            "#,
+            "t",
+        )
+        .expect("plant");
+        let devices = Devices::start(&plant).await.expect("serve");
+        let (_, _, addr, _) = devices.describe().remove(0);
+        let image = devices.devices[0].image.clone();
+        lock(&image).show(&DeviceView { answering: false, ..view(1, 3, 0, State::Running) });
+        let mut ctx = tokio_modbus::client::tcp::connect_slave(addr, Slave(1)).await.expect("accepted while silent");
+        let read = tokio::time::timeout(Duration::from_millis(300), ctx.read_holding_registers(0, 8)).await;
+        assert!(read.is_err(), "no reply: the read times out");
+        assert_eq!(devices.unanswered(), 1);
+        devices.answer_all();
+        let mut ctx = tokio_modbus::client::tcp::connect_slave(addr, Slave(1)).await.expect("connect");
+        let words = tokio::time::timeout(Duration::from_secs(5), ctx.read_holding_registers(0, 8))
+            .await
+            .expect("answered again")
+            .expect("transport")
+            .expect("no exception");
+        assert_eq!(words.len(), 8);
+        assert_eq!(devices.unanswered(), 1);
+    }
+
+    #[test]
     fn a_restart_waits_until_the_last_counters_were_read() {
         let mut image = shipped("press-v1");
         image.show(&view(7, 0, 0, State::Running));
@@ -702,39 +830,57 @@ mod tests {
         addr: SocketAddr,
         map: RegisterMap,
         stop: Arc<std::sync::atomic::AtomicBool>,
-    ) -> (u64, u64, u64) {
+    ) -> (u64, u64, u64, u64) {
         use tokio_modbus::prelude::{Reader, Slave};
         let mut ctx = tokio_modbus::client::tcp::connect_slave(addr, Slave(1)).await.expect("connect");
         let reads = plan(&map);
         let bits = |role| map.wrap_bits(role).unwrap_or(64);
         let (mut last, mut good, mut scrap, mut polls) = (None::<(u64, u64, u64)>, 0u64, 0u64, 0u64);
+        let mut timeouts = 0u64;
         let delta = |prev: u64, now: u64, b: u32| if now >= prev { now - prev } else { (1u64 << b) - prev + now };
         loop {
             let stopping = stop.load(std::sync::atomic::Ordering::SeqCst);
-            let mut replies = Vec::new();
-            for r in &reads {
-                let data = match r.kind {
-                    Kind::Holding => ctx
-                        .read_holding_registers(r.start, r.count)
-                        .await
-                        .ok()
-                        .and_then(Result::ok)
-                        .map(RawData::Registers),
-                    Kind::Input => ctx
-                        .read_input_registers(r.start, r.count)
-                        .await
-                        .ok()
-                        .and_then(Result::ok)
-                        .map(RawData::Registers),
-                    Kind::Coil => ctx.read_coils(r.start, r.count).await.ok().and_then(Result::ok).map(RawData::Bits),
-                    Kind::Discrete => {
-                        ctx.read_discrete_inputs(r.start, r.count).await.ok().and_then(Result::ok).map(RawData::Bits)
+            // A silent server never replies: time the poll out and reconnect, as the MES does.
+            let polled = tokio::time::timeout(Duration::from_millis(100), async {
+                let mut replies = Vec::new();
+                for r in &reads {
+                    let data = match r.kind {
+                        Kind::Holding => ctx
+                            .read_holding_registers(r.start, r.count)
+                            .await
+                            .ok()
+                            .and_then(Result::ok)
+                            .map(RawData::Registers),
+                        Kind::Input => ctx
+                            .read_input_registers(r.start, r.count)
+                            .await
+                            .ok()
+                            .and_then(Result::ok)
+                            .map(RawData::Registers),
+                        Kind::Coil => {
+                            ctx.read_coils(r.start, r.count).await.ok().and_then(Result::ok).map(RawData::Bits)
+                        }
+                        Kind::Discrete => ctx
+                            .read_discrete_inputs(r.start, r.count)
+                            .await
+                            .ok()
+                            .and_then(Result::ok)
+                            .map(RawData::Bits),
+                    };
+                    if let Some(d) = data {
+                        replies.push((*r, d));
                     }
-                };
-                if let Some(d) = data {
-                    replies.push((*r, d));
                 }
-            }
+                replies
+            })
+            .await;
+            let Ok(replies) = polled else {
+                timeouts += 1;
+                if let Ok(c) = tokio_modbus::client::tcp::connect_slave(addr, Slave(1)).await {
+                    ctx = c;
+                }
+                continue;
+            };
             let c = Snapshot::extract(&map, &replies).counters();
             if let (Some(b), Some(g), Some(s)) = (c.boot, c.good, c.scrap) {
                 polls += 1;
@@ -752,7 +898,7 @@ mod tests {
                 last = Some((b, g, s));
             }
             if stopping {
-                return (good, scrap, polls);
+                return (good, scrap, polls, timeouts);
             }
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
@@ -788,6 +934,8 @@ mod tests {
         let mut sc = Scenario::resolve("faults").expect("faults");
         sc.faults.reboots_per_hour = 120.0;
         sc.faults.reboot_s = 1.0;
+        sc.faults.modbus_silences_per_hour = 30.0;
+        sc.faults.modbus_silence_s = 5.0;
         sc.line.scrap_rate = 0.05;
         let (mut line, _) = Line::new(&plant, &sc, 11, 900_000, 1_000);
         let devices = Devices::start(&plant).await.expect("serve");
@@ -801,14 +949,20 @@ mod tests {
         while !line.done() {
             line.step(&mut out);
             if devices.must_wait(&line) {
+                devices.answer_all();
                 assert!(devices.wait_observed(Duration::from_secs(10)).await, "read before a restart");
             }
             devices.show(&line);
             tokio::task::yield_now().await;
         }
+        devices.show(&line);
+        devices.answer_all();
         assert!(devices.wait_observed(Duration::from_secs(10)).await, "final read");
         stop.store(true, std::sync::atomic::Ordering::SeqCst);
-        let (good, scrap, polls) = poller.await.expect("poller");
+        let (good, scrap, polls, timeouts) = poller.await.expect("poller");
+        // The server fell silent now and then; the poller's reads timed out meanwhile.
+        assert!(line.truth().faults.modbus_timeouts > 2, "{:?}", line.truth().faults);
+        assert!(timeouts > 0 && devices.unanswered() > 0, "{timeouts} timeouts");
         let truth = line.truth();
         let t = &truth.work_centers["PRESS-9"];
         let boot = line.device_view("press-9").expect("device").boot;

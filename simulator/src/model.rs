@@ -9,7 +9,7 @@
 use crate::plant::{Device, Plant};
 use crate::rng::Rng;
 use crate::scenario::{Faults, Scenario, StationParams};
-use crate::truth::{Truth, WorkCenterTruth};
+use crate::truth::{DemandTruth, FaultTruth, Truth, WorkCenterTruth};
 use crate::units::days_from_civil;
 use serde::Serialize;
 use std::collections::BTreeMap;
@@ -21,6 +21,11 @@ pub const SIM_EPOCH_MS: i64 = days_from_civil(2026, 11, 25) * 86_400_000 + 6 * 3
 const MAX_ORDER_LEN: usize = 128;
 /// Shortest possible cycle, so a step always ends.
 const MIN_CYCLE_S: f64 = 0.001;
+/// Random streams of the line-wide draws (stations use `2 i` and `2 i + 1`, their Modbus
+/// link `COMM_STREAM + i`), far from the stations' so that adding one changes no other.
+const LINK_STREAM: u64 = u64::MAX;
+const DEMAND_STREAM: u64 = u64::MAX - 1;
+const COMM_STREAM: u64 = 1 << 40;
 
 /// Machine state as reported in telemetry.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -222,6 +227,14 @@ struct Station {
     bom: Vec<BomLine>,
     rng: Rng,
     fault_rng: Rng,
+    /// Draws of the Modbus server's silences (its own stream).
+    comm_rng: Rng,
+    /// Simulated time until the Modbus server next stops answering.
+    silence_in_s: f64,
+    /// Simulated time the Modbus server still gives no replies.
+    silence_left_s: f64,
+    reboots: u64,
+    silences: u64,
     // The device's counters.
     boot: u64,
     seq: u64,
@@ -268,6 +281,39 @@ pub struct Line {
     buffers: Vec<BufferState>,
     stations: Vec<Station>,
     consumed: BTreeMap<String, u64>,
+    /// Draws of the MQTT connection drops.
+    link_rng: Rng,
+    /// Simulated time until the MQTT connection is next cut.
+    drop_in_s: f64,
+    mqtt_drops: u64,
+    /// Drops due that the I/O side has not taken yet.
+    drops_due: u64,
+    demand: Option<DemandModel>,
+}
+
+/// A sales order for finished goods, to be reserved at the MES.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SalesOrder {
+    /// 1, 2, … in the order placed.
+    pub n: u64,
+    pub sku: String,
+    pub quantity: u64,
+    /// Simulated milliseconds since the start of the run.
+    pub sim_ms: u64,
+}
+
+/// The promo demand: Poisson arrivals at `orders_per_hour × demand factor`.
+#[derive(Debug, Clone)]
+struct DemandModel {
+    rng: Rng,
+    per_hour: f64,
+    lot: [u64; 2],
+    /// Buffers holding the sku (their level is the line's finished stock).
+    buffers: Vec<usize>,
+    /// Stock promised to earlier sales orders.
+    promised: u64,
+    truth: DemandTruth,
+    placed: Vec<SalesOrder>,
 }
 
 /// A station's condition, for devices that are read rather than publish (Modbus).
@@ -283,6 +329,8 @@ pub struct DeviceView {
     pub speed: f64,
     pub target: Option<u64>,
     pub online: bool,
+    /// False while the device's Modbus server gives no replies (a communication fault).
+    pub answering: bool,
 }
 
 impl Line {
@@ -335,16 +383,28 @@ impl Line {
             let mut fault_rng = Rng::new(seed, stream + 1);
             let ttf_s = rng.exponential(params.mtbf_s);
             let ttr_s = fault_rng.exponential(3600.0 / params.reboots_per_hour);
+            let mqtt = matches!(w.device, Device::Mqtt { .. });
+            let mut comm_rng = Rng::new(seed, COMM_STREAM + i as u64);
+            let silence_in_s = if mqtt {
+                f64::INFINITY
+            } else {
+                comm_rng.exponential(3600.0 / scenario.faults.modbus_silences_per_hour)
+            };
             stations.push(Station {
                 wc: w.id.clone(),
                 device: w.device_id(),
-                mqtt: matches!(w.device, Device::Mqtt { .. }),
+                mqtt,
                 ideal_cycle_s: w.ideal_cycle_s,
                 params,
                 output,
                 bom,
                 rng,
                 fault_rng,
+                comm_rng,
+                silence_in_s,
+                silence_left_s: 0.0,
+                reboots: 0,
+                silences: 0,
                 boot: boot_base,
                 seq: 0,
                 good: 0,
@@ -378,6 +438,13 @@ impl Line {
                 warnings.push(format!("scenario names work center {} which the plant does not have", w.0));
             }
         }
+        let mut link_rng = Rng::new(seed, LINK_STREAM);
+        let drop_in_s = if stations.iter().any(|s| s.mqtt) {
+            link_rng.exponential(3600.0 / scenario.faults.mqtt_drops_per_hour)
+        } else {
+            f64::INFINITY
+        };
+        let demand = DemandModel::new(plant, scenario, seed, &buffers, &mut warnings);
         let line = Line {
             seed,
             scenario: scenario.clone(),
@@ -387,6 +454,11 @@ impl Line {
             buffers,
             stations,
             consumed,
+            link_rng,
+            drop_in_s,
+            mqtt_drops: 0,
+            drops_due: 0,
+            demand,
         };
         (line, warnings)
     }
@@ -426,7 +498,31 @@ impl Line {
             speed: s.speed,
             target: s.order.as_ref().and_then(|o| o.target),
             online: s.rebooting_left_s <= 0.0,
+            answering: s.silence_left_s <= 0.0,
         })
+    }
+
+    /// Stops every station (state `stopped`, reason `operator_stop`) until a `start`
+    /// reaches it: a line waiting for its shift to begin.
+    pub fn stop_all(&mut self) {
+        for s in &mut self.stations {
+            s.stopped = true;
+        }
+    }
+
+    /// MQTT connection drops that fell due since the last call.
+    pub fn take_mqtt_drops(&mut self) -> u64 {
+        std::mem::take(&mut self.drops_due)
+    }
+
+    /// Sales orders placed since the last call.
+    pub fn take_sales_orders(&mut self) -> Vec<SalesOrder> {
+        self.demand.as_mut().map(|d| std::mem::take(&mut d.placed)).unwrap_or_default()
+    }
+
+    /// The promo demand's sku, if the scenario has demand.
+    pub fn demand_sku(&self) -> Option<&str> {
+        self.demand.as_ref().map(|d| d.truth.sku.as_str())
     }
 
     /// Applies a command for `device`.
@@ -491,6 +587,28 @@ impl Line {
                     s.emit(end_ms, faults, false, out);
                 }
             }
+            if !s.mqtt {
+                // The Modbus server's silences (the line itself goes on).
+                if s.silence_left_s > 0.0 {
+                    s.silence_left_s = (s.silence_left_s - dt).max(0.0);
+                } else {
+                    s.silence_in_s -= dt;
+                    if s.silence_in_s <= 0.0 {
+                        s.silence_in_s = s.comm_rng.exponential(3600.0 / faults.modbus_silences_per_hour);
+                        s.silence_left_s = faults.modbus_silence_s;
+                        s.silences += 1;
+                    }
+                }
+            }
+        }
+        self.drop_in_s -= dt;
+        if self.drop_in_s <= 0.0 {
+            self.drop_in_s = self.link_rng.exponential(3600.0 / faults.mqtt_drops_per_hour);
+            self.mqtt_drops += 1;
+            self.drops_due += 1;
+        }
+        if let Some(d) = &mut self.demand {
+            d.step(dt, self.scenario.demand_at(fraction), end_ms, &self.buffers);
         }
         self.now_ms = end_ms;
     }
@@ -534,7 +652,77 @@ impl Line {
         }
         t.consumed = self.consumed.clone();
         t.buffers = self.buffers.iter().map(|b| (b.id.clone(), b.level)).collect();
+        t.faults = FaultTruth {
+            reboots: self.stations.iter().map(|s| s.reboots).sum(),
+            mqtt_drops: self.mqtt_drops,
+            modbus_timeouts: self.stations.iter().map(|s| s.silences).sum(),
+        };
+        t.demand = self.demand.as_ref().map(|d| d.truth.clone());
         t
+    }
+}
+
+impl DemandModel {
+    /// The scenario's demand on this plant; `None` when it has none.
+    fn new(
+        plant: &Plant,
+        scenario: &Scenario,
+        seed: u64,
+        buffers: &[BufferState],
+        warnings: &mut Vec<String>,
+    ) -> Option<DemandModel> {
+        let d = &scenario.demand;
+        if d.orders_per_hour <= 0.0 {
+            return None;
+        }
+        // Finished goods: the output of a work center that no work center consumes.
+        let finished = || {
+            plant
+                .work_centers
+                .iter()
+                .map(|w| &w.output)
+                .find(|out| !plant.work_centers.iter().any(|w| w.inputs.contains(out)))
+                .and_then(|id| buffers.iter().find(|b| &b.id == id))
+                .map(|b| b.sku.clone())
+        };
+        let Some(sku) = d.sku.clone().or_else(finished) else {
+            warnings.push("the scenario has demand but the plant has no finished goods; no demand".into());
+            return None;
+        };
+        let held: Vec<usize> = buffers.iter().enumerate().filter(|(_, b)| b.sku == sku).map(|(i, _)| i).collect();
+        if held.is_empty() {
+            warnings.push(format!("no buffer holds the demanded sku {sku}; every sales order will be short"));
+        }
+        Some(DemandModel {
+            rng: Rng::new(seed, DEMAND_STREAM),
+            per_hour: d.orders_per_hour,
+            lot: d.lot,
+            buffers: held,
+            promised: 0,
+            truth: DemandTruth { sku, ..DemandTruth::default() },
+            placed: Vec::new(),
+        })
+    }
+
+    /// Places the sales orders arriving during one step and promises what the line's
+    /// finished stock (not yet promised) covers.
+    fn step(&mut self, dt: f64, factor: f64, end_ms: u64, buffers: &[BufferState]) {
+        if !self.rng.chance(self.per_hour * factor * dt / 3600.0) {
+            return;
+        }
+        let [lo, hi] = self.lot;
+        let quantity = (self.rng.uniform(lo as f64, hi as f64 + 1.0).floor() as u64).clamp(lo, hi);
+        let stock: u64 = self.buffers.iter().map(|&b| buffers[b].level).sum();
+        let t = &mut self.truth;
+        t.requests += 1;
+        t.requested += quantity;
+        if stock.saturating_sub(self.promised) >= quantity {
+            self.promised += quantity;
+            t.promised += quantity;
+        } else {
+            t.short_requests += 1;
+        }
+        self.placed.push(SalesOrder { n: t.requests, sku: t.sku.clone(), quantity, sim_ms: end_ms });
     }
 }
 
@@ -762,6 +950,7 @@ impl Station {
     /// The device restarts: it says it is going down, then comes back with `boot + 1` and
     /// counters at 0. The unit in the machine is lost (its material stays in the buffers).
     fn reboot(&mut self, buffers: &mut [BufferState], end_ms: u64, faults: &Faults, out: &mut Vec<Telemetry>) {
+        self.reboots += 1;
         self.abort_cycle(buffers);
         self.microstop_left_s = 0.0;
         self.set(State::Down, Some(reason::REBOOT));
@@ -962,6 +1151,125 @@ mod tests {
         for (o, t) in &truth2.orders {
             assert!(t.good <= 400, "{o} stops at its target: {t:?}");
         }
+    }
+
+    /// The demo plant with its Modbus devices (FORM-1, PACK-1).
+    fn mixed() -> Plant {
+        Plant::parse(include_str!("../../plants/demo.toml"), "demo.toml").expect("demo plant")
+    }
+
+    #[test]
+    fn connection_drops_and_modbus_silences_are_scheduled_and_change_no_count() {
+        let sc = scenario("faults");
+        let (mut line, _) = Line::new(&mixed(), &sc, 21, 3 * 3_600_000, 1);
+        let mut out = Vec::new();
+        let (mut drops, mut silences, mut silent_ticks) = (0u64, 0u64, 0u64);
+        let mut was_answering: BTreeMap<String, bool> = BTreeMap::new();
+        while !line.done() {
+            line.step(&mut out);
+            drops += line.take_mqtt_drops();
+            for dev in ["form-01", "pack-01"] {
+                let answering = line.device_view(dev).expect("device").answering;
+                let before = was_answering.insert(dev.to_string(), answering).unwrap_or(true);
+                if before && !answering {
+                    silences += 1;
+                }
+                if !answering {
+                    silent_ticks += 1;
+                }
+            }
+            // MQTT devices are never silent: they are not polled.
+            assert!(line.device_view("blank-01").expect("device").answering);
+        }
+        assert_eq!(line.take_mqtt_drops(), 0, "taken");
+        line.finish(&mut out);
+        let t = line.truth();
+        assert_eq!(t.faults.mqtt_drops, drops);
+        assert_eq!(t.faults.modbus_timeouts, silences);
+        // 6 drops an hour and 3 silences an hour per Modbus device over 3 h.
+        assert!((5..=40).contains(&drops), "{drops}");
+        assert!((5..=40).contains(&silences), "{silences}");
+        // Each silence lasts modbus_silence_s = 20 s = 200 ticks (one may be cut by the end).
+        assert!(silent_ticks <= silences * 200 && silent_ticks > (silences - 1) * 200, "{silent_ticks}");
+
+        // The same run without them: everything else is identical (own random streams).
+        let mut calm = sc.clone();
+        calm.faults.mqtt_drops_per_hour = 0.0;
+        calm.faults.modbus_silences_per_hour = 0.0;
+        let (calm_line, calm_out) = run(&mixed(), &calm, 21, 3 * 3_600_000);
+        let mut calm_truth = calm_line.truth();
+        assert_eq!((calm_truth.faults.mqtt_drops, calm_truth.faults.modbus_timeouts), (0, 0));
+        calm_truth.faults = t.faults.clone();
+        assert_eq!(calm_truth, t);
+        assert_eq!(calm_out, out);
+    }
+
+    #[test]
+    fn promo_demand_ramps_with_the_surge_and_promises_only_stock() {
+        let sc = scenario("promo-surge");
+        assert!(sc.demand.orders_per_hour > 0.0);
+        let duration = 4 * 3_600_000;
+        let (mut line, _) = Line::new(&demo(), &sc, 8, duration, 1);
+        let fg = line.buffers().iter().position(|b| b.id == "FG-BOXED").expect("finished goods");
+        assert_eq!(line.demand_sku(), Some("BASE-BOXED"));
+        let mut out = Vec::new();
+        let mut orders = Vec::new();
+        let (mut promised, mut short) = (0u64, 0u64);
+        while !line.done() {
+            line.step(&mut out);
+            let stock = line.buffers()[fg].level;
+            for o in line.take_sales_orders() {
+                // Nothing else changes the stock within a step after production.
+                if stock.saturating_sub(promised) >= o.quantity {
+                    promised += o.quantity;
+                } else {
+                    short += 1;
+                }
+                orders.push(o);
+            }
+        }
+        let t = line.truth();
+        let d = t.demand.expect("demand");
+        assert_eq!(d.sku, "BASE-BOXED");
+        assert_eq!(d.requests, orders.len() as u64);
+        assert_eq!(d.requested, orders.iter().map(|o| o.quantity).sum::<u64>());
+        assert_eq!((d.promised, d.short_requests), (promised, short));
+        assert!(d.mes.is_none());
+        assert!(orders.iter().enumerate().all(|(i, o)| o.n == i as u64 + 1 && o.sku == "BASE-BOXED"));
+        assert!(orders.iter().all(|o| (100..=400).contains(&o.quantity)), "lot sizes");
+        assert!(orders.windows(2).all(|w| w[0].sim_ms <= w[1].sim_ms));
+        // 12 an hour at 1x, ramping to 10x: about 12 × 5.5 × 4 = 264 in all; the last
+        // quarter of the run (8.9x on average) sees far more than the first (2.1x).
+        let quarter = |q: u64| orders.iter().filter(|o| o.sim_ms * 4 / duration == q).count();
+        assert!((180..=360).contains(&orders.len()), "{}", orders.len());
+        assert!(quarter(3) > 2 * quarter(0), "{} vs {}", quarter(3), quarter(0));
+        assert!(short > 0 && promised > 0, "some orders are short during the surge: {d:?}");
+        // Demand is deterministic, and depends on the seed.
+        let (again, _) = run(&demo(), &sc, 8, duration);
+        assert_eq!(again.truth().to_json(), line.truth().to_json());
+        let (other, _) = run(&demo(), &sc, 9, duration);
+        assert_ne!(other.truth().demand, line.truth().demand);
+        // Steady has no demand.
+        assert!(run(&demo(), &scenario("steady"), 8, 60_000).0.truth().demand.is_none());
+    }
+
+    #[test]
+    fn start_stopped_makes_nothing_until_started() {
+        let (mut line, _) = Line::new(&demo(), &scenario("steady"), 4, 600_000, 1);
+        line.stop_all();
+        let mut out = Vec::new();
+        for _ in 0..600 {
+            line.step(&mut out);
+        }
+        assert_eq!(line.units_made(), 0);
+        assert!(out.iter().all(|m| m.state == State::Stopped && m.reason == Some(reason::OPERATOR_STOP)));
+        line.command("blank-01", Command::Start).expect("device");
+        for _ in 0..600 {
+            line.step(&mut out);
+        }
+        let t = line.truth();
+        assert!(t.work_centers["BLANK-1"].good > 50);
+        assert_eq!(t.work_centers["ASSY-1"].good + t.work_centers["ASSY-1"].scrap, 0);
     }
 
     #[test]

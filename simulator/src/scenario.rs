@@ -41,6 +41,9 @@ pub struct Scenario {
     pub breakdowns: Breakdowns,
     #[serde(default)]
     pub faults: Faults,
+    /// Sales demand for finished goods (promo orders); none by default.
+    #[serde(default)]
+    pub demand: Demand,
     /// Per-work-center overrides, keyed by work-center id.
     #[serde(default)]
     pub work_centers: BTreeMap<String, Override>,
@@ -100,6 +103,39 @@ pub struct Faults {
     /// Probability that a telemetry message is held back and published after the next.
     #[serde(default)]
     pub out_of_order_rate: f64,
+    /// Mean number of times per hour the simulator's MQTT connection is cut abruptly (TCP
+    /// reset, no DISCONNECT) while publishes are in flight; it reconnects and resends them.
+    #[serde(default)]
+    pub mqtt_drops_per_hour: f64,
+    /// Mean number of times per hour, per Modbus device, that its server stops answering
+    /// (connections are accepted, requests get no reply) for `modbus_silence_s`.
+    #[serde(default)]
+    pub modbus_silences_per_hour: f64,
+    /// How long a silent Modbus server gives no replies, in simulated seconds (at least
+    /// [`crate::modbus::MIN_SILENCE`] of real time, so a poller's timeout fires at any speed).
+    #[serde(default = "default_silence_s")]
+    pub modbus_silence_s: f64,
+}
+
+/// Promo demand: sales orders for finished goods arrive at random (a Poisson process
+/// whose rate follows `ramp`), each for a lot size drawn from `lot`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Demand {
+    /// Mean sales orders per hour at ramp factor 1; 0 = no demand.
+    #[serde(default)]
+    pub orders_per_hour: f64,
+    /// Range of an order's quantity, in units (inclusive).
+    #[serde(default = "default_lot")]
+    pub lot: [u64; 2],
+    /// The sku ordered; default: the plant's finished goods (the output of a work center
+    /// that no work center consumes).
+    #[serde(default)]
+    pub sku: Option<String>,
+    /// The demand's factor over the run, as `line.speed`; default: the line's speed profile
+    /// (demand ramps with the surge).
+    #[serde(default)]
+    pub ramp: Option<Vec<SpeedPoint>>,
 }
 
 /// Per-work-center values that replace the scenario-wide ones.
@@ -157,6 +193,12 @@ fn default_mttr() -> f64 {
 fn default_reboot_s() -> f64 {
     5.0
 }
+fn default_silence_s() -> f64 {
+    30.0
+}
+fn default_lot() -> [u64; 2] {
+    [1, 1]
+}
 
 impl Default for Line {
     fn default() -> Line {
@@ -170,9 +212,23 @@ impl Default for Line {
     }
 }
 
+impl Default for Demand {
+    fn default() -> Demand {
+        Demand { orders_per_hour: 0.0, lot: default_lot(), sku: None, ramp: None }
+    }
+}
+
 impl Default for Faults {
     fn default() -> Faults {
-        Faults { reboots_per_hour: 0.0, reboot_s: default_reboot_s(), duplicate_rate: 0.0, out_of_order_rate: 0.0 }
+        Faults {
+            reboots_per_hour: 0.0,
+            reboot_s: default_reboot_s(),
+            duplicate_rate: 0.0,
+            out_of_order_rate: 0.0,
+            mqtt_drops_per_hour: 0.0,
+            modbus_silences_per_hour: 0.0,
+            modbus_silence_s: default_silence_s(),
+        }
     }
 }
 
@@ -202,6 +258,9 @@ impl Scenario {
             s.name = default_name.to_string();
         }
         s.line.speed.sort_by(|a, b| a.at.total_cmp(&b.at));
+        if let Some(ramp) = &mut s.demand.ramp {
+            ramp.sort_by(|a, b| a.at.total_cmp(&b.at));
+        }
         let problems = s.problems();
         if !problems.is_empty() {
             anyhow::bail!("scenario `{}`: {}", s.name, problems.join("; "));
@@ -238,16 +297,30 @@ impl Scenario {
         if !(lo.is_finite() && hi.is_finite() && lo >= 0.0 && hi >= lo) {
             out.push("line.microstop_s must be [min, max] with 0 <= min <= max".into());
         }
-        if self.line.speed.is_empty() {
-            out.push("line.speed needs at least one point".into());
+        let profile = |name: &str, pts: &[SpeedPoint], out: &mut Vec<String>| {
+            if pts.is_empty() {
+                out.push(format!("{name} needs at least one point"));
+            }
+            for p in pts {
+                if !(0.0..=1.0).contains(&p.at) {
+                    out.push(format!("{name}: at = {} is not within 0..=1", p.at));
+                }
+                if !(p.factor.is_finite() && p.factor > 0.0) {
+                    out.push(format!("{name}: factor {} must be positive", p.factor));
+                }
+            }
+        };
+        profile("line.speed", &self.line.speed, &mut out);
+        if let Some(ramp) = &self.demand.ramp {
+            profile("demand.ramp", ramp, &mut out);
         }
-        for p in &self.line.speed {
-            if !(0.0..=1.0).contains(&p.at) {
-                out.push(format!("line.speed: at = {} is not within 0..=1", p.at));
-            }
-            if !(p.factor.is_finite() && p.factor > 0.0) {
-                out.push(format!("line.speed: factor {} must be positive", p.factor));
-            }
+        non_negative("demand.orders_per_hour", self.demand.orders_per_hour, &mut out);
+        let [lo, hi] = self.demand.lot;
+        if lo == 0 || hi < lo {
+            out.push("demand.lot must be [min, max] with 1 <= min <= max".into());
+        }
+        if self.demand.sku.as_deref() == Some("") {
+            out.push("demand.sku must not be empty".into());
         }
         non_negative("breakdowns.mtbf_s", self.breakdowns.mtbf_s, &mut out);
         non_negative("breakdowns.mttr_s", self.breakdowns.mttr_s, &mut out);
@@ -255,6 +328,11 @@ impl Scenario {
         non_negative("faults.reboot_s", self.faults.reboot_s, &mut out);
         probability("faults.duplicate_rate", self.faults.duplicate_rate, &mut out);
         probability("faults.out_of_order_rate", self.faults.out_of_order_rate, &mut out);
+        non_negative("faults.mqtt_drops_per_hour", self.faults.mqtt_drops_per_hour, &mut out);
+        non_negative("faults.modbus_silences_per_hour", self.faults.modbus_silences_per_hour, &mut out);
+        if !(self.faults.modbus_silence_s.is_finite() && self.faults.modbus_silence_s > 0.0) {
+            out.push("faults.modbus_silence_s must be positive".into());
+        }
         for (wc, o) in &self.work_centers {
             for (k, v) in [
                 ("cycle_jitter", o.cycle_jitter),
@@ -286,24 +364,13 @@ impl Scenario {
 
     /// The line speed factor at `fraction` (0..=1) of the run.
     pub fn speed_at(&self, fraction: f64) -> f64 {
-        let pts = &self.line.speed;
-        let Some(first) = pts.first() else {
-            return 1.0;
-        };
-        if fraction <= first.at {
-            return first.factor;
-        }
-        for w in pts.windows(2) {
-            let (a, b) = (w[0], w[1]);
-            if fraction <= b.at {
-                let span = b.at - a.at;
-                if span <= 0.0 {
-                    return b.factor;
-                }
-                return a.factor + (b.factor - a.factor) * (fraction - a.at) / span;
-            }
-        }
-        pts.last().map_or(1.0, |p| p.factor)
+        profile_at(&self.line.speed, fraction)
+    }
+
+    /// The demand factor at `fraction` (0..=1) of the run: `demand.ramp`, else the line's
+    /// speed profile.
+    pub fn demand_at(&self, fraction: f64) -> f64 {
+        profile_at(self.demand.ramp.as_deref().unwrap_or(&self.line.speed), fraction)
     }
 
     /// The effective parameters for work center `wc`.
@@ -321,6 +388,27 @@ impl Scenario {
             speed_factor: o.speed_factor.unwrap_or(1.0),
         }
     }
+}
+
+/// A piecewise linear profile at `fraction` (0..=1) of the run; flat outside its points.
+fn profile_at(pts: &[SpeedPoint], fraction: f64) -> f64 {
+    let Some(first) = pts.first() else {
+        return 1.0;
+    };
+    if fraction <= first.at {
+        return first.factor;
+    }
+    for w in pts.windows(2) {
+        let (a, b) = (w[0], w[1]);
+        if fraction <= b.at {
+            let span = b.at - a.at;
+            if span <= 0.0 {
+                return b.factor;
+            }
+            return a.factor + (b.factor - a.factor) * (fraction - a.at) / span;
+        }
+    }
+    pts.last().map_or(1.0, |p| p.factor)
 }
 
 #[cfg(test)]
@@ -341,6 +429,18 @@ mod tests {
         assert!(faults.faults.reboots_per_hour > 0.0);
         assert!(faults.faults.duplicate_rate > 0.0);
         assert!(faults.faults.out_of_order_rate > 0.0);
+        assert_eq!(faults.faults.mqtt_drops_per_hour, 6.0);
+        assert_eq!(faults.faults.modbus_silences_per_hour, 3.0);
+        assert_eq!(faults.faults.modbus_silence_s, 20.0);
+        assert_eq!(surge.demand.orders_per_hour, 12.0);
+        assert_eq!(surge.demand.lot, [100, 400]);
+        // Demand ramps with the line's speed unless it has a ramp of its own.
+        assert_eq!(surge.demand_at(0.0), 1.0);
+        assert!((surge.demand_at(0.5) - 5.5).abs() < 1e-9);
+        assert_eq!(surge.demand_at(1.0), 10.0);
+        let steady = Scenario::resolve("steady").expect("steady");
+        assert_eq!(steady.demand.orders_per_hour, 0.0);
+        assert_eq!(steady.faults.mqtt_drops_per_hour, 0.0);
         assert!(Scenario::resolve("breakdowns").expect("b").breakdowns.mtbf_s > 0.0);
     }
 
@@ -351,6 +451,18 @@ mod tests {
         assert!(Scenario::parse("[line]\nscrap_rat = 0.1\n", "t").is_err());
         assert!(Scenario::parse("[line]\nscrap_rate = 1.5\n", "t").is_err());
         assert!(Scenario::parse("duration = \"soon\"\n", "t").is_err());
+        assert!(Scenario::parse("[faults]\nmqtt_drops_per_hour = -1\n", "t").is_err());
+        assert!(Scenario::parse("[faults]\nmodbus_silence_s = 0\n", "t").is_err());
+        assert!(Scenario::parse("[faults]\nmodbus_timeouts = 1\n", "t").is_err());
+        assert!(Scenario::parse("[demand]\nlot = [0, 5]\n", "t").is_err());
+        assert!(Scenario::parse("[demand]\nlot = [5, 4]\n", "t").is_err());
+        assert!(Scenario::parse("[demand]\nramp = []\n", "t").is_err());
+        let d =
+            Scenario::parse("[demand]\norders_per_hour = 2\nsku = \"X\"\nramp = [{ at = 0.0, factor = 3.0 }]\n", "t")
+                .expect("valid");
+        assert_eq!(d.demand.sku.as_deref(), Some("X"));
+        assert_eq!(d.demand_at(0.7), 3.0);
+        assert_eq!(d.speed_at(0.7), 1.0);
     }
 
     #[test]

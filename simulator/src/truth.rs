@@ -16,6 +16,55 @@ pub struct Truth {
     pub consumed: BTreeMap<String, u64>,
     /// Final level of each buffer (initial + good in − consumed out).
     pub buffers: BTreeMap<String, u64>,
+    /// The device and network faults the scenario scheduled (an addition to CONTRACT §7).
+    #[serde(default)]
+    pub faults: FaultTruth,
+    /// The promo demand, when the scenario has one (an addition to CONTRACT §7).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub demand: Option<DemandTruth>,
+}
+
+/// How many faults of each kind happened (scheduled in simulated time, so deterministic).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FaultTruth {
+    /// Device reboots, over all devices.
+    pub reboots: u64,
+    /// Times the simulator's MQTT connection was cut.
+    pub mqtt_drops: u64,
+    /// Times a Modbus server stopped answering, over all Modbus devices.
+    pub modbus_timeouts: u64,
+}
+
+/// Sales orders for finished goods during the run.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DemandTruth {
+    pub sku: String,
+    /// Sales orders placed.
+    pub requests: u64,
+    /// Units asked for, over all sales orders.
+    pub requested: u64,
+    /// Units the line's own finished stock could cover when each order came (stock not yet
+    /// promised to an earlier order); what a planner who saw the line in real time could
+    /// promise.
+    pub promised: u64,
+    /// Sales orders the line's stock could not cover.
+    pub short_requests: u64,
+    /// The MES's answers to the reservations (`line-sim --mes-http` only; these depend on
+    /// how far the MES is behind the line, so they are not part of the deterministic truth).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mes: Option<MesDemandTruth>,
+}
+
+/// What the MES answered to the promo reservations (`POST /api/v1/reservations`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MesDemandTruth {
+    /// Reservations created (201), and their units.
+    pub granted_requests: u64,
+    pub granted: u64,
+    /// Reservations refused because `available` was short (409).
+    pub refused_requests: u64,
+    /// Requests that got no answer or another status.
+    pub failed_requests: u64,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
