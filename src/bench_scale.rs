@@ -97,7 +97,8 @@ fn actors_alone(n: usize) -> anyhow::Result<(u64, u64)> {
                 .map(|i| {
                     let mut st = mes_actors::WorkCenterState::new(format!("WC-{i:05}"), format!("dev-{i:05}"));
                     st.current_order = Some(format!("PO-{i:06}"));
-                    st.cursor = Some(mes_actors::counter::Cursor { boot: 3, seq: 1_000 + i as u64, good: 500, scrap: 7 });
+                    st.cursor =
+                        Some(mes_actors::counter::Cursor { boot: 3, seq: 1_000 + i as u64, good: 500, scrap: 7 });
                     st.good_total = 10_000;
                     st.scrap_total = 70;
                     st.last_ts_ms = Some(1_795_000_000_000);
