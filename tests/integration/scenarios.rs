@@ -400,11 +400,11 @@ async fn invariant_check_finds_violations() {
     let v = check_invariants(&mes, &want, &initial, &keys[1..], &Default::default()).await;
     assert_eq!(v.failures, vec!["I3: 1 telemetry rows the broker never carried".to_string()]);
 
-    // Another starting level: the movements no longer explain the balance.
+    // Another starting level: the opening movement no longer says what the plant did.
     let mut other = initial.clone();
     other.insert("RM".into(), 49_999);
     let v = check_invariants(&mes, &want, &other, &keys, &Default::default()).await;
-    assert_eq!(v.failures, vec!["I2: buffer RM: initial 49999 + movements -124 ≠ on hand 49876".to_string()]);
+    assert_eq!(v.failures, vec!["I2: buffer RM: opening movement 50000 ≠ initial 49999".to_string()]);
 
     let samples =
         crate::driver::Samples { i4_violations: vec!["\"FG\": reserved 5 > on hand 4".into()], ..Default::default() };
