@@ -26,7 +26,12 @@ pub fn start(listen: SocketAddr, max_payload: usize) -> Result<(), String> {
         router: RouterConfig {
             max_connections: 10_000,
             max_outgoing_packet_count: 1000,
-            max_segment_size: 64 * 1024 * 1024,
+            // Each topic filter is its own in-memory log: 10 segments of 4 MiB keep the last
+            // ~200,000 telemetry messages of a filter, far more than any subscriber here lags
+            // (the MES's sessions have at most 100 unacknowledged each), and bound the
+            // broker's memory: the main session's wildcard filter and every device's own
+            // filter (its partition session) each keep a copy.
+            max_segment_size: 4 * 1024 * 1024,
             max_segment_count: 10,
             custom_segment: None,
             initialized_filters: None,

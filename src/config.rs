@@ -125,7 +125,7 @@ fn default_keep_alive() -> u64 {
     15
 }
 fn default_sessions() -> u16 {
-    8
+    4
 }
 
 impl MqttConfig {
