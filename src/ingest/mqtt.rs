@@ -300,7 +300,6 @@ pub fn start(
                 }
                 Ok(Event::Incoming(Packet::Publish(p))) => {
                     last_message = tokio::time::Instant::now();
-                    tracing::trace!(session = %client_id, topic = %p.topic, pkid = p.pkid, n = received_qos1, "publish in");
                     if partitions.as_ref().is_some_and(|parts| parts.covers(&prefix, &p.topic)) {
                         // Its partition session has this message too and commits it.
                         Metrics::inc(&metrics.mqtt_main_skipped);

@@ -147,8 +147,10 @@ pub async fn record(store: &Store, cfg: &MqttConfig, layout: &Layout) -> Result<
     if known.is_empty() && !current.contains(&cfg.client_id) {
         retired.push(cfg.client_id.clone());
     }
-    store.mqtt_sessions_add(&retired, crate::now_ms()).await.map_err(|e| e.to_string())?;
-    store.mqtt_sessions_add(&current, crate::now_ms()).await.map_err(|e| e.to_string())?;
+    store
+        .mqtt_sessions_add(&[retired.as_slice(), &current].concat(), crate::now_ms())
+        .await
+        .map_err(|e| e.to_string())?;
     Ok(retired)
 }
 
