@@ -124,26 +124,87 @@ struct IngestFigures {
     raw_per_s: f64,
     flood: PhaseFigures,
     half: PhaseFigures,
+    /// The group-commit writer during the flood.
+    writer: WriterFigures,
+    /// The group-commit writer during the paced phase at half rate.
+    writer_half: WriterFigures,
+}
+
+/// What the single writer did during a phase: how many commits, how large, how long, and
+/// the share of the phase it spent committing (near 100 %: the writer is the bottleneck).
+#[derive(serde::Serialize, Default)]
+struct WriterFigures {
+    commits: u64,
+    jobs: u64,
+    commit_us: u64,
+    jobs_per_commit: f64,
+    ms_per_commit: f64,
+    busy_share: f64,
+    #[serde(skip)]
+    secs: f64,
+}
+
+impl WriterFigures {
+    fn now(handle: &Handle, secs: f64) -> Self {
+        let m = &handle.metrics;
+        Self {
+            commits: m.commits.load(std::sync::atomic::Ordering::Relaxed),
+            jobs: m.committed_jobs.load(std::sync::atomic::Ordering::Relaxed),
+            commit_us: m.commit_latency.sum_us(),
+            secs,
+            ..Default::default()
+        }
+    }
+
+    fn since(self, before: &Self) -> Self {
+        let (commits, jobs) = (self.commits - before.commits, self.jobs - before.jobs);
+        let commit_us = self.commit_us - before.commit_us;
+        Self {
+            commits,
+            jobs,
+            commit_us,
+            jobs_per_commit: jobs as f64 / commits.max(1) as f64,
+            ms_per_commit: commit_us as f64 / 1000.0 / commits.max(1) as f64,
+            busy_share: commit_us as f64 / 1e6 / self.secs.max(f64::MIN_POSITIVE),
+            secs: self.secs,
+        }
+    }
 }
 
 async fn ingest_one(url: String, o: &Options) -> anyhow::Result<IngestFigures> {
     let label = db_label(&url);
     let (cfg, broker, devices, prefix) = in_process(url.clone(), "mes-bench-ingest")?;
     let (n, secs) = (o.messages, o.seconds.max(1) as f64);
-    crate::app::run_with(cfg, move |_handle: Handle| async move {
+    crate::app::run_with(cfg, move |handle: Handle| async move {
         // The observer's own connections, not the MES's pool.
         let obs = crate::db::Store::connect(&url, 2).await?;
         eprintln!("[ingest {label}] raw broker: {n} messages to a no-op subscriber ...");
         let raw = crate::bench::baseline(&broker, &devices, n).await?;
         eprintln!("[ingest {label}] raw broker: {raw:.0} msg/s");
         let load = Load::new(devices.clone(), &prefix, 1, vec![Phase::flood("flood", n)]);
+        let before = WriterFigures::now(&handle, 0.0);
         let (mut f, _) = bench_load::run(&broker, &obs.pool, load.clone(), &format!("ingest {label}"), None).await?;
         let flood = f.remove(0);
+        let secs_flood = flood.messages as f64 / flood.committed_per_s.max(f64::MIN_POSITIVE);
+        let writer = WriterFigures::now(&handle, secs_flood).since(&before);
+        eprintln!(
+            "[ingest {label}] writer during the flood: {} commits, {:.0} inputs each, {:.2} ms each, busy {:.0} % of the flood",
+            writer.commits, writer.jobs_per_commit, writer.ms_per_commit, writer.busy_share * 100.0
+        );
         let half_rate = flood.committed_per_s / 2.0;
         eprintln!("[ingest {label}] paced at half of {:.0} msg/s for {secs} s ...", flood.committed_per_s);
         let paced = Load::new(devices, &prefix, load.next_seq(), vec![Phase::paced("half", half_rate, secs)]);
+        let before = WriterFigures::now(&handle, 0.0);
         let (mut h, _) = bench_load::run(&broker, &obs.pool, paced, &format!("ingest {label}"), None).await?;
-        Ok(IngestFigures { database: label, raw_per_s: raw, flood, half: h.remove(0) })
+        let writer_half = WriterFigures::now(&handle, secs).since(&before);
+        eprintln!(
+            "[ingest {label}] writer at half rate: {} commits, {:.0} inputs each, {:.2} ms each, busy {:.0} %",
+            writer_half.commits,
+            writer_half.jobs_per_commit,
+            writer_half.ms_per_commit,
+            writer_half.busy_share * 100.0
+        );
+        Ok(IngestFigures { database: label, raw_per_s: raw, flood, half: h.remove(0), writer, writer_half })
     })
     .await
 }
@@ -165,12 +226,12 @@ async fn ingest(o: &Options) -> anyhow::Result<()> {
         rows.push(ingest_one(url, o).await?);
     }
     let mut md = String::from(
-        "| database | messages | raw broker msg/s | MES committed msg/s | ratio | p50 / p99 (flood) | half rate msg/s | committed msg/s | p50 / p99 ms at half rate |\n\
-         |---|---:|---:|---:|---:|---|---:|---:|---|\n",
+        "| database | messages | raw broker msg/s | MES committed msg/s | ratio | p50 / p99 (flood) | inputs per commit | writer busy | half rate msg/s | committed msg/s | p50 / p99 ms at half rate |\n\
+         |---|---:|---:|---:|---:|---|---:|---:|---:|---:|---|\n",
     );
     for r in &rows {
         md.push_str(&format!(
-            "| {} | {} | {:.0} | {:.0} | {:.2} | {} / {} ms | {:.0} | {:.0} | {} / {} |\n",
+            "| {} | {} | {:.0} | {:.0} | {:.2} | {} / {} ms | {:.0} | {:.0} % | {:.0} | {:.0} | {} / {} |\n",
             r.database,
             r.flood.messages,
             r.raw_per_s,
@@ -178,6 +239,8 @@ async fn ingest(o: &Options) -> anyhow::Result<()> {
             r.flood.committed_per_s / r.raw_per_s.max(f64::MIN_POSITIVE),
             ms(r.flood.p50_ms),
             ms(r.flood.p99_ms),
+            r.writer.jobs_per_commit,
+            r.writer.busy_share * 100.0,
             r.half.published_per_s,
             r.half.committed_per_s,
             ms(r.half.p50_ms),

@@ -15,6 +15,11 @@ pub struct Histogram {
 }
 
 impl Histogram {
+    /// Sum of the observed values, in microseconds.
+    pub fn sum_us(&self) -> u64 {
+        self.sum_us.load(Relaxed)
+    }
+
     pub fn observe(&self, secs: f64) {
         for (i, b) in BUCKETS.iter().enumerate() {
             if secs <= *b {
@@ -67,6 +72,9 @@ pub struct Metrics {
     pub commits: AtomicU64,
     pub committed_jobs: AtomicU64,
     pub commit_errors: AtomicU64,
+    /// Commits rolled back and redone because a telemetry row of the batch was stored
+    /// already (`db::writer::insert_telemetry`).
+    pub commits_redone: AtomicU64,
     pub commit_latency: Histogram,
     pub modbus_poll_to_commit: Histogram,
     pub acks_sent: AtomicU64,
@@ -148,6 +156,12 @@ impl Metrics {
             "mes_committed_jobs_total",
             "Inputs committed by the ingest writer.",
             self.committed_jobs.load(Relaxed),
+        );
+        counter(
+            &mut out,
+            "mes_commits_redone_total",
+            "Group commits redone because a telemetry row of the batch was already stored (a redelivery).",
+            self.commits_redone.load(Relaxed),
         );
         counter(
             &mut out,

@@ -82,7 +82,7 @@ impl Store {
         let opts =
             AnyPoolOptions::new().max_connections(max_connections.max(2)).acquire_timeout(Duration::from_secs(3));
         let opts = match backend {
-            Backend::Sqlite => opts.after_connect(|conn, _meta| {
+            Backend::Sqlite => opts.test_before_acquire(false).after_connect(|conn, _meta| {
                 Box::pin(async move {
                     conn.execute("PRAGMA journal_mode = WAL").await?;
                     conn.execute("PRAGMA synchronous = NORMAL").await?;

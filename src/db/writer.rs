@@ -208,10 +208,18 @@ impl Writer {
 
     async fn commit_with_retry(&mut self, batch: &mut Vec<Job>) {
         let mut delay = RETRY_MIN;
+        let mut careful = false;
         loop {
             let started = Instant::now();
-            match commit(&self.store, &self.ledger, self.progress_every, batch, self.fence.as_deref()).await {
-                Ok(summary) => {
+            match commit(&self.store, &self.ledger, self.progress_every, batch, self.fence.as_deref(), careful).await {
+                Ok(None) => {
+                    // Some telemetry row of the batch was stored already (a redelivery the
+                    // actors could not tell): rolled back; once more, telling rows apart.
+                    debug_assert!(!careful, "a careful commit always completes");
+                    self.metrics.commits_redone.fetch_add(1, Relaxed);
+                    careful = true;
+                }
+                Ok(Some(summary)) => {
                     self.metrics.commit_latency.observe(started.elapsed().as_secs_f64());
                     self.metrics.commits.fetch_add(1, Relaxed);
                     self.metrics.committed_jobs.fetch_add(batch.len() as u64, Relaxed);
@@ -384,12 +392,13 @@ impl Books {
         }
     }
 
+    /// Reads what pricing needs now; queues the writes on `tail`.
     async fn write(
         &mut self,
         tx: &mut sqlx::Transaction<'_, sqlx::Any>,
         backend: Backend,
         now: i64,
-        summary: &mut Summary,
+        tail: &mut Tail,
     ) -> Result<(), DbError> {
         // Conversion for running time, from each order's cumulative running time.
         let running = std::mem::take(&mut self.running);
@@ -415,60 +424,60 @@ impl Books {
         }
         let buffers: Vec<(&String, &i64)> = self.buffers.iter().filter(|(_, q)| **q != 0).collect();
         if !buffers.is_empty() {
+            // Its returned rows are the only ones of the commit's tail: the new balances,
+            // for the buffer actors (which raise alerts once the commit is done).
             let sql = format!(
                 "UPDATE buffers SET on_hand = buffers.on_hand + v.column2 FROM (VALUES {}) AS v
-                 WHERE buffers.id = v.column1 RETURNING buffers.id AS id, buffers.on_hand AS on_hand,
-                   buffers.capacity AS capacity, buffers.sku AS sku",
-                rows_sql(backend, buffers.len(), 2)
+                 WHERE buffers.id = v.column1 RETURNING buffers.id AS id, buffers.on_hand AS on_hand",
+                rows_sql_from(backend, buffers.len(), 2, tail.next())
             );
-            let mut q = sqlx::query(AssertSqlSafe(sql));
+            let mut binds = Vec::with_capacity(buffers.len() * 2);
             for (b, qty) in &buffers {
-                q = q.bind(b.as_str()).bind(**qty);
+                binds.extend([V::Text(b.to_string()), V::Int(**qty)]);
             }
-            for r in q.fetch_all(&mut **tx).await? {
-                // Alerts are raised by the buffer actors once this commit is done.
-                summary.balances.push((r.try_get("id")?, r.try_get("on_hand")?));
-            }
+            tail.push(sql, binds, true);
         }
         let moves: Vec<_> = self.moves.iter().filter(|(_, (q, _))| *q != 0).collect();
         if !moves.is_empty() {
             let sql = format!(
                 "INSERT INTO stock_movements (ts_ms, buffer, sku, qty, kind, order_id, source_kind, source_id) VALUES {}",
-                rows_sql(backend, moves.len(), 8)
+                rows_sql_from(backend, moves.len(), 8, tail.next())
             );
-            let mut q = sqlx::query(AssertSqlSafe(sql));
+            let mut binds = Vec::with_capacity(moves.len() * 8);
             for ((buffer, sku, kind, order, _), (qty, src)) in &moves {
-                q = q
-                    .bind(now)
-                    .bind(buffer.as_str())
-                    .bind(sku.as_str())
-                    .bind(*qty)
-                    .bind(*kind)
-                    .bind(order.as_deref())
-                    .bind("telemetry")
-                    .bind(src.id());
+                binds.extend([
+                    V::Int(now),
+                    V::Text(buffer.clone()),
+                    V::Text(sku.clone()),
+                    V::Int(*qty),
+                    V::Static(kind),
+                    V::OptText(order.clone()),
+                    V::Static("telemetry"),
+                    V::Text(src.id()),
+                ]);
             }
-            q.execute(&mut **tx).await?;
+            tail.push(sql, binds, false);
         }
         let posts: Vec<_> = self.posts.iter().filter(|(_, (a, _))| *a != 0).collect();
         if !posts.is_empty() {
             let sql = format!(
                 "INSERT INTO journal (ts_ms, kind, debit, credit, amount, order_id, source_kind, source_id) VALUES {}",
-                rows_sql(backend, posts.len(), 8)
+                rows_sql_from(backend, posts.len(), 8, tail.next())
             );
-            let mut q = sqlx::query(AssertSqlSafe(sql));
+            let mut binds = Vec::with_capacity(posts.len() * 8);
             for ((kind, debit, credit, order, _), (amount, src)) in &posts {
-                q = q
-                    .bind(now)
-                    .bind(*kind)
-                    .bind(debit.code())
-                    .bind(credit.code())
-                    .bind(*amount)
-                    .bind(order.as_deref())
-                    .bind("telemetry")
-                    .bind(src.id());
+                binds.extend([
+                    V::Int(now),
+                    V::Static(kind),
+                    V::Static(debit.code()),
+                    V::Static(credit.code()),
+                    V::Int(*amount),
+                    V::OptText(order.clone()),
+                    V::Static("telemetry"),
+                    V::Text(src.id()),
+                ]);
             }
-            q.execute(&mut **tx).await?;
+            tail.push(sql, binds, false);
         }
         if !self.costs.is_empty() {
             let sql = format!(
@@ -476,17 +485,103 @@ impl Books {
                  ON CONFLICT (order_id) DO UPDATE SET material = order_costs.material + excluded.material,
                    conversion = order_costs.conversion + excluded.conversion,
                    running_ms = order_costs.running_ms + excluded.running_ms",
-                rows_sql(backend, self.costs.len(), 4)
+                rows_sql_from(backend, self.costs.len(), 4, tail.next())
             );
-            let mut q = sqlx::query(AssertSqlSafe(sql));
+            let mut binds = Vec::with_capacity(self.costs.len() * 4);
             for (order, (material, conversion, running)) in &self.costs {
-                q = q.bind(order.as_str()).bind(*material).bind(*conversion).bind(*running);
+                binds.extend([V::Text(order.clone()), V::Int(*material), V::Int(*conversion), V::Int(*running)]);
             }
-            q.execute(&mut **tx).await?;
+            tail.push(sql, binds, false);
         }
         Ok(())
     }
 }
+
+/// A value bound to a statement of the commit's [`Tail`].
+enum V {
+    Int(i64),
+    OptInt(Option<i64>),
+    Text(String),
+    OptText(Option<String>),
+    Static(&'static str),
+}
+
+/// The writes of one commit that need no answer but the new balances, sent as one query:
+/// one round trip instead of one per statement, which under a flood (both cores busy, each
+/// trip a wait to be scheduled) is most of a statement's cost. On SQLite the statements run
+/// as one multi-statement query; PostgreSQL takes no parameters in those, so there they are
+/// data-modifying CTEs of one statement. They touch distinct tables and read nothing the
+/// others write, so both forms mean the same as running them one by one.
+struct Tail {
+    backend: Backend,
+    /// (SQL, values, whether its rows are the tail's answer)
+    parts: Vec<(String, Vec<V>, bool)>,
+    binds: usize,
+}
+
+impl Tail {
+    fn new(backend: Backend) -> Self {
+        Self { backend, parts: Vec::new(), binds: 0 }
+    }
+
+    /// The number of the next statement's first placeholder (PostgreSQL numbers them
+    /// across the whole query).
+    fn next(&self) -> usize {
+        self.binds + 1
+    }
+
+    fn push(&mut self, sql: String, binds: Vec<V>, returns: bool) {
+        debug_assert!(!returns || !self.parts.iter().any(|p| p.2), "one part returns the answer");
+        self.binds += binds.len();
+        self.parts.push((sql, binds, returns));
+    }
+
+    fn bind(mut q: AnyQuery, binds: Vec<V>) -> AnyQuery {
+        for v in binds {
+            q = match v {
+                V::Int(i) => q.bind(i),
+                V::OptInt(i) => q.bind(i),
+                V::Text(t) => q.bind(t),
+                V::OptText(t) => q.bind(t),
+                V::Static(t) => q.bind(t),
+            };
+        }
+        q
+    }
+
+    /// Runs every part; returns the rows of the part that returns rows.
+    async fn run(self, tx: &mut sqlx::Transaction<'_, sqlx::Any>) -> Result<Vec<sqlx::any::AnyRow>, DbError> {
+        let answer = self.parts.iter().position(|p| p.2);
+        let sql = match (self.backend, self.parts.len()) {
+            (_, 0) => return Ok(Vec::new()),
+            (_, 1) => self.parts[0].0.clone(),
+            // `?` placeholders take their values in order across the statements.
+            (Backend::Sqlite, _) => self.parts.iter().map(|p| p.0.as_str()).collect::<Vec<_>>().join(";\n"),
+            (Backend::Postgres, _) => {
+                let ctes: Vec<String> =
+                    self.parts.iter().enumerate().map(|(i, p)| format!("w{i} AS ({})", p.0)).collect();
+                let last = match answer {
+                    Some(i) => format!("SELECT id, on_hand FROM w{i}"),
+                    None => "SELECT 1 AS done".to_string(),
+                };
+                format!("WITH {} {last}", ctes.join(",\n"))
+            }
+        };
+        let mut q = sqlx::query(AssertSqlSafe(sql));
+        for (_, binds, _) in self.parts {
+            q = Self::bind(q, binds);
+        }
+        match answer {
+            Some(_) => Ok(q.fetch_all(&mut **tx).await?),
+            None => {
+                q.execute(&mut **tx).await?;
+                Ok(Vec::new())
+            }
+        }
+    }
+}
+
+type AnyQuery = sqlx::query::Query<'static, sqlx::Any, sqlx::any::AnyArguments>;
 
 #[derive(Default)]
 struct WcAgg<'a> {
@@ -499,6 +594,12 @@ struct WcAgg<'a> {
 /// statement whose values are bound in order. (SQLite resolves `$n` names by a linear
 /// scan per parameter, which makes large statements quadratic there.)
 fn rows_sql(backend: Backend, rows: usize, cols: usize) -> String {
+    rows_sql_from(backend, rows, cols, 1)
+}
+
+/// As [`rows_sql`], numbering PostgreSQL's placeholders from `$first` (for a statement that
+/// follows others in one query, see [`Tail`]).
+fn rows_sql_from(backend: Backend, rows: usize, cols: usize, first: usize) -> String {
     let mut sql = String::with_capacity(rows * cols * 4);
     for r in 0..rows {
         if r > 0 {
@@ -513,7 +614,7 @@ fn rows_sql(backend: Backend, rows: usize, cols: usize) -> String {
                 Backend::Sqlite => sql.push('?'),
                 Backend::Postgres => {
                     sql.push('$');
-                    sql.push_str(&(r * cols + c + 1).to_string());
+                    sql.push_str(&(first + r * cols + c).to_string());
                 }
             }
         }
@@ -533,7 +634,8 @@ async fn commit(
     progress_every: i64,
     batch: &[Job],
     fence: Option<&str>,
-) -> Result<Summary, DbError> {
+    careful: bool,
+) -> Result<Option<Summary>, DbError> {
     let mut summary = Summary::default();
     let mut tx = store.pool.begin().await?;
 
@@ -548,38 +650,22 @@ async fn commit(
 
     // 1. Telemetry rows; only the rows actually inserted count (database idempotency).
     // (delta, received, position in the batch, device metrics)
-    let counted: Vec<(&Delta, i64, usize, &BTreeMap<String, f64>)> = live
+    let counted: Vec<CountedRow> = live
         .iter()
         .filter_map(|&(i, j)| match &j.work {
             Work::Counted(d) => Some((d.as_ref(), j.received_ms, i, &j.metrics)),
             _ => None,
         })
         .collect();
-    let mut inserted: HashSet<(String, i64, i64)> = HashSet::with_capacity(counted.len());
+    let mut inserted = vec![false; counted.len()];
+    let mut at = 0;
     for chunk in counted.chunks(INSERT_CHUNK) {
-        let mut sql = String::from(
-            "INSERT INTO telemetry (device, boot, seq, work_center, order_id, ts_ms, received_ms, good, scrap, state, metrics) VALUES ",
-        );
-        sql.push_str(&rows_sql(store.backend, chunk.len(), 11));
-        sql.push_str(" ON CONFLICT (device, boot, seq) DO NOTHING RETURNING device, boot, seq");
-        let mut q = sqlx::query(AssertSqlSafe(sql));
-        for (d, received, _, metrics) in chunk {
-            q = q
-                .bind(d.device.as_str())
-                .bind(to_i64(d.boot, "boot")?)
-                .bind(to_i64(d.seq, "seq")?)
-                .bind(d.work_center.as_str())
-                .bind(d.order.as_deref())
-                .bind(d.ts_ms)
-                .bind(*received)
-                .bind(to_i64(d.good, "good")?)
-                .bind(to_i64(d.scrap, "scrap")?)
-                .bind(d.state.as_str())
-                .bind((!metrics.is_empty()).then(|| serde_json::to_string(metrics).ok()).flatten());
+        if !insert_telemetry(&mut tx, store.backend, chunk, &mut inserted[at..at + chunk.len()], careful).await? {
+            // A row was stored already: roll back (dropping the transaction) and redo the
+            // batch carefully, learning which rows are new.
+            return Ok(None);
         }
-        for row in q.fetch_all(&mut *tx).await? {
-            inserted.insert((row.try_get("device")?, row.try_get("boot")?, row.try_get("seq")?));
-        }
+        at += chunk.len();
     }
 
     // 2. Aggregate what was inserted.
@@ -588,11 +674,7 @@ async fn commit(
     let mut orders: BTreeMap<&str, (i64, i64)> = BTreeMap::new();
     let mut state_changes: Vec<(&Delta, i64)> = Vec::new();
     let mut books = Books::default();
-    for (d, received, i, _) in &counted {
-        let key = (d.device.clone(), d.boot as i64, d.seq as i64);
-        if !inserted.remove(&key) {
-            continue;
-        }
+    for ((d, received, i, _), _) in counted.iter().zip(&inserted).filter(|(_, new)| **new) {
         summary.inserted.push(*i);
         let c = cursors.entry(d.device.as_str()).or_insert(d);
         if (d.boot, d.seq) > (c.boot, c.seq) {
@@ -620,7 +702,10 @@ async fn commit(
         }
     }
     let now = crate::now_ms();
-    books.write(&mut tx, store.backend, now, &mut summary).await?;
+    // The commit's writes that need no answer but the new balances go out as one tail
+    // (see [`Tail`]): stock, books and costs, cursors, work centers, raw registers.
+    let mut tail = Tail::new(store.backend);
+    books.write(&mut tx, store.backend, now, &mut tail).await?;
 
     // 3. Device cursors move only forward (one statement for the batch).
     if !cursors.is_empty() {
@@ -630,19 +715,20 @@ async fn commit(
                scrap = excluded.scrap, updated_ms = excluded.updated_ms
              WHERE excluded.boot > device_cursors.boot
                 OR (excluded.boot = device_cursors.boot AND excluded.seq > device_cursors.seq)",
-            rows_sql(store.backend, cursors.len(), 6)
+            rows_sql_from(store.backend, cursors.len(), 6, tail.next())
         );
-        let mut q = sqlx::query(AssertSqlSafe(sql));
+        let mut binds = Vec::with_capacity(cursors.len() * 6);
         for d in cursors.values() {
-            q = q
-                .bind(d.device.as_str())
-                .bind(to_i64(d.cursor.boot, "boot")?)
-                .bind(to_i64(d.cursor.seq, "seq")?)
-                .bind(to_i64(d.cursor.good, "good")?)
-                .bind(to_i64(d.cursor.scrap, "scrap")?)
-                .bind(now);
+            binds.extend([
+                V::Text(d.device.clone()),
+                V::Int(to_i64(d.cursor.boot, "boot")?),
+                V::Int(to_i64(d.cursor.seq, "seq")?),
+                V::Int(to_i64(d.cursor.good, "good")?),
+                V::Int(to_i64(d.cursor.scrap, "scrap")?),
+                V::Int(now),
+            ]);
         }
-        q.execute(&mut *tx).await?;
+        tail.push(sql, binds, false);
     }
 
     // 4. Work center totals and last state (one statement for the batch).
@@ -654,18 +740,19 @@ async fn commit(
                current_order = COALESCE(v.column6, work_centers.current_order), last_seen_ms = v.column7,
                updated_ms = v.column7
              FROM (VALUES {}) AS v WHERE work_centers.id = v.column1",
-            rows_sql(store.backend, wc_rows.len(), 7)
+            rows_sql_from(store.backend, wc_rows.len(), 7, tail.next())
         );
-        let mut q = sqlx::query(AssertSqlSafe(sql));
+        let mut binds = Vec::with_capacity(wc_rows.len() * 7);
         for (wc, agg, last) in &wc_rows {
-            q = q
-                .bind(*wc)
-                .bind(agg.good)
-                .bind(agg.scrap)
-                .bind(last.state.as_str())
-                .bind(last.reason.as_deref())
-                .bind(last.order.as_deref())
-                .bind(now);
+            binds.extend([
+                V::Text(wc.to_string()),
+                V::Int(agg.good),
+                V::Int(agg.scrap),
+                V::Static(last.state.as_str()),
+                V::OptText(last.reason.clone()),
+                V::OptText(last.order.clone()),
+                V::Int(now),
+            ]);
             if agg.good > 0 || agg.scrap > 0 {
                 summary.events.push(serde_json::json!({
                     "type": "counts", "work_center": wc, "good": agg.good, "scrap": agg.scrap,
@@ -673,7 +760,32 @@ async fn commit(
                 }));
             }
         }
-        q.execute(&mut *tx).await?;
+        tail.push(sql, binds, false);
+    }
+
+    // 4b. Raw registers of polled devices (the next baseline).
+    let raws: Vec<&(String, RawCounters)> = live.iter().filter_map(|(_, j)| j.raw.as_ref()).collect();
+    if !raws.is_empty() {
+        let sql = format!(
+            "INSERT INTO modbus_raw (device, good, scrap, boot, updated_ms) VALUES {}
+             ON CONFLICT (device) DO UPDATE SET good = excluded.good, scrap = excluded.scrap, boot = excluded.boot,
+               updated_ms = excluded.updated_ms",
+            rows_sql_from(store.backend, raws.len(), 5, tail.next())
+        );
+        let mut binds = Vec::with_capacity(raws.len() * 5);
+        for (device, r) in &raws {
+            binds.extend([
+                V::Text(device.clone()),
+                V::Int(to_i64(r.good, "raw good")?),
+                V::Int(to_i64(r.scrap, "raw scrap")?),
+                V::OptInt(r.boot.map(|b| to_i64(b, "raw boot")).transpose()?),
+                V::Int(now),
+            ]);
+        }
+        tail.push(sql, binds, false);
+    }
+    for r in tail.run(&mut tx).await? {
+        summary.balances.push((r.try_get("id")?, r.try_get("on_hand")?));
     }
 
     // 5. Orders: counts and the status that output implies.
@@ -739,28 +851,7 @@ async fn commit(
         summary.events.push(serde_json::json!({"type": "state", "work_center": d.work_center, "state": d.state.as_str(), "reason": d.reason}));
     }
 
-    // 7. Raw registers of polled devices (the next baseline).
-    let raws: Vec<&(String, RawCounters)> = live.iter().filter_map(|(_, j)| j.raw.as_ref()).collect();
-    if !raws.is_empty() {
-        let sql = format!(
-            "INSERT INTO modbus_raw (device, good, scrap, boot, updated_ms) VALUES {}
-             ON CONFLICT (device) DO UPDATE SET good = excluded.good, scrap = excluded.scrap, boot = excluded.boot,
-               updated_ms = excluded.updated_ms",
-            rows_sql(store.backend, raws.len(), 5)
-        );
-        let mut q = sqlx::query(AssertSqlSafe(sql));
-        for (device, r) in &raws {
-            q = q
-                .bind(device.as_str())
-                .bind(to_i64(r.good, "raw good")?)
-                .bind(to_i64(r.scrap, "raw scrap")?)
-                .bind(r.boot.map(|b| to_i64(b, "raw boot")).transpose()?)
-                .bind(now);
-        }
-        q.execute(&mut *tx).await?;
-    }
-
-    // 8. Dead letters.
+    // 7. Dead letters.
     for (_, j) in &live {
         if let Work::DeadLetter { topic, reason, payload, redelivered } = &j.work {
             // A redelivery of a dead letter already kept is not kept twice.
@@ -782,7 +873,66 @@ async fn commit(
     }
 
     tx.commit().await?;
-    Ok(summary)
+    Ok(Some(summary))
+}
+
+/// A counted reading on its way into the telemetry table: delta, receive time, position in
+/// the batch, device metrics.
+type CountedRow<'a> = (&'a Delta, i64, usize, &'a BTreeMap<String, f64>);
+
+/// Inserts one chunk of telemetry rows and marks in `inserted` the rows that were new
+/// (a row already stored, from a redelivery, is not inserted again and counts nothing).
+///
+/// Nearly always every row is new: the actors drop what the committed cursors already
+/// cover. So the insert first runs without returning its rows (returning every row costs
+/// about a fifth of the commit), and its row count confirms that all were new. If the count
+/// falls short, this returns `false`: the caller rolls the whole batch back and commits it
+/// again `careful`ly, with the insert returning the rows it inserted.
+async fn insert_telemetry(
+    tx: &mut sqlx::Transaction<'_, sqlx::Any>,
+    backend: Backend,
+    chunk: &[CountedRow<'_>],
+    inserted: &mut [bool],
+    careful: bool,
+) -> Result<bool, DbError> {
+    debug_assert_eq!(chunk.len(), inserted.len());
+    let mut sql = String::from(
+        "INSERT INTO telemetry (device, boot, seq, work_center, order_id, ts_ms, received_ms, good, scrap, state, metrics) VALUES ",
+    );
+    sql.push_str(&rows_sql(backend, chunk.len(), 11));
+    sql.push_str(" ON CONFLICT (device, boot, seq) DO NOTHING");
+    if careful {
+        sql.push_str(" RETURNING device, boot, seq");
+    }
+    let mut q = sqlx::query(AssertSqlSafe(sql));
+    for (d, received, _, metrics) in chunk {
+        q = q
+            .bind(d.device.as_str())
+            .bind(to_i64(d.boot, "boot")?)
+            .bind(to_i64(d.seq, "seq")?)
+            .bind(d.work_center.as_str())
+            .bind(d.order.as_deref())
+            .bind(d.ts_ms)
+            .bind(*received)
+            .bind(to_i64(d.good, "good")?)
+            .bind(to_i64(d.scrap, "scrap")?)
+            .bind(d.state.as_str())
+            .bind((!metrics.is_empty()).then(|| serde_json::to_string(metrics).ok()).flatten());
+    }
+    if !careful {
+        let n = q.execute(&mut **tx).await?.rows_affected();
+        inserted.fill(true);
+        return Ok(n == chunk.len() as u64);
+    }
+    let mut new: HashSet<(String, i64, i64)> = HashSet::with_capacity(chunk.len());
+    for row in q.fetch_all(&mut **tx).await? {
+        new.insert((row.try_get("device")?, row.try_get("boot")?, row.try_get("seq")?));
+    }
+    // A key twice in the chunk was inserted once: only its first row is new.
+    for ((d, ..), slot) in chunk.iter().zip(inserted.iter_mut()) {
+        *slot = new.remove(&(d.device.clone(), d.boot as i64, d.seq as i64));
+    }
+    Ok(true)
 }
 
 /// Positions of the jobs whose lease this node does not hold under the job's token.
