@@ -82,6 +82,8 @@ impl Store {
         let opts =
             AnyPoolOptions::new().max_connections(max_connections.max(2)).acquire_timeout(Duration::from_secs(3));
         let opts = match backend {
+            // A SQLite connection is a file handle in this process: it cannot go stale, so
+            // no ping before each acquire (a trip to the driver's thread per transaction).
             Backend::Sqlite => opts.test_before_acquire(false).after_connect(|conn, _meta| {
                 Box::pin(async move {
                     conn.execute("PRAGMA journal_mode = WAL").await?;
