@@ -252,8 +252,6 @@ async fn three_nodes_share_the_plant_survive_a_kill_and_a_pause_and_match_the_tr
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_commit_under_a_lease_taken_over_is_refused() {
     use mes::db::writer::{Completion, Job, Work, Writer};
-    use mes_actors::counter::Cursor;
-    use mes_actors::{Delta, MachineState};
     let Some(_) = postgres() else {
         eprintln!("fencing test skipped: needs MES_TEST_DATABASE_URL (PostgreSQL)");
         return;
@@ -283,22 +281,7 @@ async fn a_commit_under_a_lease_taken_over_is_refused() {
     assert!(store.cluster_holds("b", "WC-01", 2).await.expect("holds"));
 
     let job = |node_token: i64, seq: u64, done| Job {
-        work: Work::Counted(Box::new(Delta {
-            work_center: "WC-01".into(),
-            device: "cell-01".into(),
-            boot: 1,
-            seq,
-            ts_ms: None,
-            good: 5,
-            scrap: 0,
-            order: None,
-            state: MachineState::Running,
-            state_changed: false,
-            reason: None,
-            restarted: false,
-            running_ms: 0,
-            cursor: Cursor { boot: 1, seq, good: 5 * seq, scrap: 0 },
-        })),
+        work: Work::Counted(Box::new(crate::harness::counted_delta("WC-01", "cell-01", seq, 5, 0))),
         received_ms: 0,
         done: Completion::Notify(done),
         slot: None,

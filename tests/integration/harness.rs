@@ -49,6 +49,27 @@ device = {device}
     )
 }
 
+/// The `seq`th reading of boot 1 of a device that reports `good` and `scrap` more units with
+/// every reading, as its work-center actor would hand it to the writer.
+pub fn counted_delta(work_center: &str, device: &str, seq: u64, good: u64, scrap: u64) -> mes_actors::Delta {
+    mes_actors::Delta {
+        work_center: work_center.into(),
+        device: device.into(),
+        boot: 1,
+        seq,
+        ts_ms: None,
+        good,
+        scrap,
+        order: None,
+        state: mes_actors::MachineState::Running,
+        state_changed: false,
+        reason: None,
+        restarted: false,
+        running_ms: 0,
+        cursor: mes_actors::counter::Cursor { boot: 1, seq, good: good * seq, scrap: scrap * seq },
+    }
+}
+
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("free port")
 }

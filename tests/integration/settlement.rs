@@ -600,8 +600,6 @@ async fn a_batch_with_an_already_stored_reading_is_redone_and_counts_once() {
 
 async fn redo_on(url: &str, dir: &std::path::Path) {
     use mes::db::writer::{Completion, Job, Work, Writer};
-    use mes_actors::counter::Cursor;
-    use mes_actors::{Delta, MachineState};
     use std::sync::atomic::Ordering::Relaxed;
     let plant_path = dir.join("redo-plant.toml");
     std::fs::write(&plant_path, plant()).expect("plant");
@@ -611,22 +609,7 @@ async fn redo_on(url: &str, dir: &std::path::Path) {
     store.upsert_plant(&plant).await.expect("master data");
     let ledger = Arc::new(mes::settlement::Ledger::from_plant(&plant));
     let job = |seq: u64, done| Job {
-        work: Work::Counted(Box::new(Delta {
-            work_center: "PRESS-1".into(),
-            device: "press-01".into(),
-            boot: 1,
-            seq,
-            ts_ms: None,
-            good: 3,
-            scrap: 1,
-            order: None,
-            state: MachineState::Running,
-            state_changed: false,
-            reason: None,
-            restarted: false,
-            running_ms: 0,
-            cursor: Cursor { boot: 1, seq, good: 3 * seq, scrap: seq },
-        })),
+        work: Work::Counted(Box::new(crate::harness::counted_delta("PRESS-1", "press-01", seq, 3, 1))),
         received_ms: 0,
         done: Completion::Notify(done),
         slot: None,
