@@ -396,7 +396,6 @@ impl Books {
     async fn write(
         &mut self,
         tx: &mut sqlx::Transaction<'_, sqlx::Any>,
-        backend: Backend,
         now: i64,
         tail: &mut Tail,
     ) -> Result<(), DbError> {
@@ -429,7 +428,7 @@ impl Books {
             let sql = format!(
                 "UPDATE buffers SET on_hand = buffers.on_hand + v.column2 FROM (VALUES {}) AS v
                  WHERE buffers.id = v.column1 RETURNING buffers.id AS id, buffers.on_hand AS on_hand",
-                rows_sql_from(backend, buffers.len(), 2, tail.next())
+                tail.rows(buffers.len(), 2)
             );
             let mut binds = Vec::with_capacity(buffers.len() * 2);
             for (b, qty) in &buffers {
@@ -441,7 +440,7 @@ impl Books {
         if !moves.is_empty() {
             let sql = format!(
                 "INSERT INTO stock_movements (ts_ms, buffer, sku, qty, kind, order_id, source_kind, source_id) VALUES {}",
-                rows_sql_from(backend, moves.len(), 8, tail.next())
+                tail.rows(moves.len(), 8)
             );
             let mut binds = Vec::with_capacity(moves.len() * 8);
             for ((buffer, sku, kind, order, _), (qty, src)) in &moves {
@@ -462,7 +461,7 @@ impl Books {
         if !posts.is_empty() {
             let sql = format!(
                 "INSERT INTO journal (ts_ms, kind, debit, credit, amount, order_id, source_kind, source_id) VALUES {}",
-                rows_sql_from(backend, posts.len(), 8, tail.next())
+                tail.rows(posts.len(), 8)
             );
             let mut binds = Vec::with_capacity(posts.len() * 8);
             for ((kind, debit, credit, order, _), (amount, src)) in &posts {
@@ -485,7 +484,7 @@ impl Books {
                  ON CONFLICT (order_id) DO UPDATE SET material = order_costs.material + excluded.material,
                    conversion = order_costs.conversion + excluded.conversion,
                    running_ms = order_costs.running_ms + excluded.running_ms",
-                rows_sql_from(backend, self.costs.len(), 4, tail.next())
+                tail.rows(self.costs.len(), 4)
             );
             let mut binds = Vec::with_capacity(self.costs.len() * 4);
             for (order, (material, conversion, running)) in &self.costs {
@@ -530,6 +529,11 @@ impl Tail {
         self.binds + 1
     }
 
+    /// Placeholders for a multi-row statement that goes next on this tail (see [`rows_sql`]).
+    fn rows(&self, rows: usize, cols: usize) -> String {
+        rows_sql_from(self.backend, rows, cols, self.next())
+    }
+
     fn push(&mut self, sql: String, binds: Vec<V>, returns: bool) {
         debug_assert!(!returns || !self.parts.iter().any(|p| p.2), "one part returns the answer");
         self.binds += binds.len();
@@ -552,24 +556,24 @@ impl Tail {
     /// Runs every part; returns the rows of the part that returns rows.
     async fn run(self, tx: &mut sqlx::Transaction<'_, sqlx::Any>) -> Result<Vec<sqlx::any::AnyRow>, DbError> {
         let answer = self.parts.iter().position(|p| p.2);
-        let sql = match (self.backend, self.parts.len()) {
+        let (sqls, binds): (Vec<String>, Vec<Vec<V>>) = self.parts.into_iter().map(|(s, b, _)| (s, b)).unzip();
+        let sql = match (self.backend, sqls.len()) {
             (_, 0) => return Ok(Vec::new()),
-            (_, 1) => self.parts[0].0.clone(),
+            (_, 1) => sqls.concat(),
             // `?` placeholders take their values in order across the statements.
-            (Backend::Sqlite, _) => self.parts.iter().map(|p| p.0.as_str()).collect::<Vec<_>>().join(";\n"),
+            (Backend::Sqlite, _) => sqls.join(";\n"),
             (Backend::Postgres, _) => {
-                let ctes: Vec<String> =
-                    self.parts.iter().enumerate().map(|(i, p)| format!("w{i} AS ({})", p.0)).collect();
+                let ctes: Vec<String> = sqls.iter().enumerate().map(|(i, s)| format!("w{i} AS ({s})")).collect();
                 let last = match answer {
-                    Some(i) => format!("SELECT id, on_hand FROM w{i}"),
+                    Some(i) => format!("SELECT * FROM w{i}"),
                     None => "SELECT 1 AS done".to_string(),
                 };
                 format!("WITH {} {last}", ctes.join(",\n"))
             }
         };
         let mut q = sqlx::query(AssertSqlSafe(sql));
-        for (_, binds, _) in self.parts {
-            q = Self::bind(q, binds);
+        for b in binds {
+            q = Self::bind(q, b);
         }
         match answer {
             Some(_) => Ok(q.fetch_all(&mut **tx).await?),
@@ -705,7 +709,7 @@ async fn commit(
     // The commit's writes that need no answer but the new balances go out as one tail
     // (see [`Tail`]): stock, books and costs, cursors, work centers, raw registers.
     let mut tail = Tail::new(store.backend);
-    books.write(&mut tx, store.backend, now, &mut tail).await?;
+    books.write(&mut tx, now, &mut tail).await?;
 
     // 3. Device cursors move only forward (one statement for the batch).
     if !cursors.is_empty() {
@@ -715,7 +719,7 @@ async fn commit(
                scrap = excluded.scrap, updated_ms = excluded.updated_ms
              WHERE excluded.boot > device_cursors.boot
                 OR (excluded.boot = device_cursors.boot AND excluded.seq > device_cursors.seq)",
-            rows_sql_from(store.backend, cursors.len(), 6, tail.next())
+            tail.rows(cursors.len(), 6)
         );
         let mut binds = Vec::with_capacity(cursors.len() * 6);
         for d in cursors.values() {
@@ -740,7 +744,7 @@ async fn commit(
                current_order = COALESCE(v.column6, work_centers.current_order), last_seen_ms = v.column7,
                updated_ms = v.column7
              FROM (VALUES {}) AS v WHERE work_centers.id = v.column1",
-            rows_sql_from(store.backend, wc_rows.len(), 7, tail.next())
+            tail.rows(wc_rows.len(), 7)
         );
         let mut binds = Vec::with_capacity(wc_rows.len() * 7);
         for (wc, agg, last) in &wc_rows {
@@ -770,7 +774,7 @@ async fn commit(
             "INSERT INTO modbus_raw (device, good, scrap, boot, updated_ms) VALUES {}
              ON CONFLICT (device) DO UPDATE SET good = excluded.good, scrap = excluded.scrap, boot = excluded.boot,
                updated_ms = excluded.updated_ms",
-            rows_sql_from(store.backend, raws.len(), 5, tail.next())
+            tail.rows(raws.len(), 5)
         );
         let mut binds = Vec::with_capacity(raws.len() * 5);
         for (device, r) in &raws {
