@@ -10,11 +10,11 @@ use sqlx::{Any, Row, Transaction};
 /// Enqueues a document about `order` (reads the order's committed state inside `tx`).
 /// `kind` names the event and is part of the document id: `completion`, `close`,
 /// `progress-3000`.
-pub async fn enqueue(tx: &mut Transaction<'_, Any>, kind: &str, order: &str, now: i64) -> Result<(), DbError> {
+pub async fn enqueue(tx: &mut sqlx::AnyConnection, kind: &str, order: &str, now: i64) -> Result<(), DbError> {
     let doc_kind = kind.split('-').next().unwrap_or(kind);
     let Some(o) = sqlx::query("SELECT id, sku, quantity, work_center, status, good, scrap FROM orders WHERE id = $1")
         .bind(order)
-        .fetch_optional(&mut **tx)
+        .fetch_optional(&mut *tx)
         .await?
     else {
         return Ok(());
@@ -24,7 +24,7 @@ pub async fn enqueue(tx: &mut Transaction<'_, Any>, kind: &str, order: &str, now
     let scrap: i64 = o.try_get("scrap")?;
     let consumed = sqlx::query("SELECT component, quantity FROM bom_lines WHERE sku = $1 ORDER BY component")
         .bind(&sku)
-        .fetch_all(&mut **tx)
+        .fetch_all(&mut *tx)
         .await?
         .iter()
         .map(|r| {
@@ -35,7 +35,7 @@ pub async fn enqueue(tx: &mut Transaction<'_, Any>, kind: &str, order: &str, now
         .collect::<Result<Vec<_>, sqlx::Error>>()?;
     let cost = sqlx::query("SELECT material, conversion FROM order_costs WHERE order_id = $1")
         .bind(order)
-        .fetch_optional(&mut **tx)
+        .fetch_optional(&mut *tx)
         .await?;
     let (material, conversion) = match cost {
         Some(r) => (r.try_get::<i64, _>("material")?, r.try_get::<i64, _>("conversion")?),
@@ -71,7 +71,7 @@ pub async fn enqueue(tx: &mut Transaction<'_, Any>, kind: &str, order: &str, now
 }
 
 async fn insert(
-    tx: &mut Transaction<'_, Any>,
+    tx: &mut sqlx::AnyConnection,
     doc_id: &str,
     kind: &str,
     order: Option<&str>,
@@ -87,7 +87,7 @@ async fn insert(
     .bind(order)
     .bind(payload.to_string())
     .bind(now)
-    .execute(&mut **tx)
+    .execute(&mut *tx)
     .await?;
     Ok(())
 }

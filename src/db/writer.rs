@@ -92,6 +92,11 @@ pub type AckSender = mpsc::Sender<Vec<MqttAck>>;
 
 pub struct Writer {
     store: Store,
+    /// The writer's own connection, held across commits (taken again after an error).
+    /// On SQLite this keeps its page cache warm: a connection's cache is dropped whenever
+    /// another connection wrote since its last transaction, so a writer taking any pooled
+    /// connection re-read the pages it had just written (measured: see BENCHMARKS.md).
+    conn: Option<sqlx::pool::PoolConnection<sqlx::Any>>,
     rx: mpsc::Receiver<Job>,
     /// Cluster mode: this node's id; every commit is fenced by the lease tokens.
     fence: Option<String>,
@@ -145,6 +150,7 @@ impl Writer {
     ) -> Self {
         Self {
             store,
+            conn: None,
             rx,
             fence: None,
             metrics,
@@ -180,6 +186,23 @@ impl Writer {
         tracing::info!("writer drained and stopped");
     }
 
+    /// The writer's connection, acquired (bounded by the pool's acquire timeout) when it
+    /// has none.
+    async fn connection(&mut self) -> Result<&mut sqlx::AnyConnection, DbError> {
+        if self.conn.is_none() {
+            let mut c = self.store.pool.acquire().await?;
+            if self.store.backend == Backend::Sqlite {
+                // Room for the hot pages of a long run (16 MiB, this connection only).
+                sqlx::Executor::execute(&mut *c, "PRAGMA cache_size = -16384").await?;
+            }
+            self.conn = Some(c);
+        }
+        match self.conn.as_deref_mut() {
+            Some(c) => Ok(c),
+            None => Err(DbError::Other("writer connection missing".into())),
+        }
+    }
+
     /// Invariant: a device's counted readings reach the writer in apply order. Otherwise
     /// a commit could move the device's cursor past a reading whose delta is not yet
     /// committed, and a crash in between would lose that delta.
@@ -211,7 +234,19 @@ impl Writer {
         let mut careful = false;
         loop {
             let started = Instant::now();
-            match commit(&self.store, &self.ledger, self.progress_every, batch, self.fence.as_deref(), careful).await {
+            let (backend, ledger, fence, every) =
+                (self.store.backend, self.ledger.clone(), self.fence.clone(), self.progress_every);
+            let result = match self.connection().await {
+                Ok(conn) => commit(conn, backend, &ledger, every, batch, fence.as_deref(), careful).await,
+                Err(e) => Err(e),
+            };
+            if result.is_err() {
+                // The connection may be broken: a fresh one for the retry.
+                if let Some(mut c) = self.conn.take() {
+                    c.close_on_drop();
+                }
+            }
+            match result {
                 Ok(None) => {
                     // Some telemetry row of the batch was stored already (a redelivery the
                     // actors could not tell): rolled back; once more, telling rows apart.
@@ -393,12 +428,7 @@ impl Books {
     }
 
     /// Reads what pricing needs now; queues the writes on `tail`.
-    async fn write(
-        &mut self,
-        tx: &mut sqlx::Transaction<'_, sqlx::Any>,
-        now: i64,
-        tail: &mut Tail,
-    ) -> Result<(), DbError> {
+    async fn write(&mut self, link: &mut Link<'_>, now: i64) -> Result<(), DbError> {
         // Conversion for running time, from each order's cumulative running time.
         let running = std::mem::take(&mut self.running);
         let mut order_ms: BTreeMap<String, i64> = BTreeMap::new();
@@ -407,7 +437,7 @@ impl Books {
                 Some(v) => *v,
                 None => sqlx::query("SELECT running_ms FROM order_costs WHERE order_id = $1")
                     .bind(order.as_str())
-                    .fetch_optional(&mut **tx)
+                    .fetch_optional(link.conn().await?)
                     .await?
                     .map(|r| r.try_get::<i64, _>("running_ms"))
                     .transpose()?
@@ -428,19 +458,19 @@ impl Books {
             let sql = format!(
                 "UPDATE buffers SET on_hand = buffers.on_hand + v.column2 FROM (VALUES {}) AS v
                  WHERE buffers.id = v.column1 RETURNING buffers.id AS id, buffers.on_hand AS on_hand",
-                tail.rows(buffers.len(), 2)
+                link.pending.rows(buffers.len(), 2)
             );
             let mut binds = Vec::with_capacity(buffers.len() * 2);
             for (b, qty) in &buffers {
                 binds.extend([V::Text(b.to_string()), V::Int(**qty)]);
             }
-            tail.push(sql, binds, true);
+            link.pending.push(sql, binds, true);
         }
         let moves: Vec<_> = self.moves.iter().filter(|(_, (q, _))| *q != 0).collect();
         if !moves.is_empty() {
             let sql = format!(
                 "INSERT INTO stock_movements (ts_ms, buffer, sku, qty, kind, order_id, source_kind, source_id) VALUES {}",
-                tail.rows(moves.len(), 8)
+                link.pending.rows(moves.len(), 8)
             );
             let mut binds = Vec::with_capacity(moves.len() * 8);
             for ((buffer, sku, kind, order, _), (qty, src)) in &moves {
@@ -455,13 +485,13 @@ impl Books {
                     V::Text(src.id()),
                 ]);
             }
-            tail.push(sql, binds, false);
+            link.pending.push(sql, binds, false);
         }
         let posts: Vec<_> = self.posts.iter().filter(|(_, (a, _))| *a != 0).collect();
         if !posts.is_empty() {
             let sql = format!(
                 "INSERT INTO journal (ts_ms, kind, debit, credit, amount, order_id, source_kind, source_id) VALUES {}",
-                tail.rows(posts.len(), 8)
+                link.pending.rows(posts.len(), 8)
             );
             let mut binds = Vec::with_capacity(posts.len() * 8);
             for ((kind, debit, credit, order, _), (amount, src)) in &posts {
@@ -476,7 +506,7 @@ impl Books {
                     V::Text(src.id()),
                 ]);
             }
-            tail.push(sql, binds, false);
+            link.pending.push(sql, binds, false);
         }
         if !self.costs.is_empty() {
             let sql = format!(
@@ -484,13 +514,13 @@ impl Books {
                  ON CONFLICT (order_id) DO UPDATE SET material = order_costs.material + excluded.material,
                    conversion = order_costs.conversion + excluded.conversion,
                    running_ms = order_costs.running_ms + excluded.running_ms",
-                tail.rows(self.costs.len(), 4)
+                link.pending.rows(self.costs.len(), 4)
             );
             let mut binds = Vec::with_capacity(self.costs.len() * 4);
             for (order, (material, conversion, running)) in &self.costs {
                 binds.extend([V::Text(order.clone()), V::Int(*material), V::Int(*conversion), V::Int(*running)]);
             }
-            tail.push(sql, binds, false);
+            link.pending.push(sql, binds, false);
         }
         Ok(())
     }
@@ -554,7 +584,7 @@ impl Tail {
     }
 
     /// Runs every part; returns the rows of the part that returns rows.
-    async fn run(self, tx: &mut sqlx::Transaction<'_, sqlx::Any>) -> Result<Vec<sqlx::any::AnyRow>, DbError> {
+    async fn run(self, conn: &mut sqlx::AnyConnection) -> Result<Vec<sqlx::any::AnyRow>, DbError> {
         let answer = self.parts.iter().position(|p| p.2);
         let (sqls, binds): (Vec<String>, Vec<Vec<V>>) = self.parts.into_iter().map(|(s, b, _)| (s, b)).unzip();
         let sql = match (self.backend, sqls.len()) {
@@ -571,14 +601,16 @@ impl Tail {
                 format!("WITH {} {last}", ctes.join(",\n"))
             }
         };
-        let mut q = sqlx::query(AssertSqlSafe(sql));
+        // Not kept in the connection's statement cache: the text changes with the batch, and
+        // a SQLite statement left mid-query by an error (the count check) must not linger.
+        let mut q = sqlx::query(AssertSqlSafe(sql)).persistent(false);
         for b in binds {
             q = Self::bind(q, b);
         }
         match answer {
-            Some(_) => Ok(q.fetch_all(&mut **tx).await?),
+            Some(_) => Ok(q.fetch_all(&mut *conn).await?),
             None => {
-                q.execute(&mut **tx).await?;
+                q.execute(&mut *conn).await?;
                 Ok(Vec::new())
             }
         }
@@ -632,8 +664,71 @@ fn to_i64(v: u64, what: &str) -> Result<i64, DbError> {
 }
 
 /// Commits one batch in one transaction.
+///
+/// On SQLite (unless `careful`) the transaction is opened and closed by statements the
+/// commit sends itself, so that its statements travel in as few trips to the driver's
+/// thread as the steps allow: with no step that must read an answer first (orders, state
+/// changes, dead letters), `BEGIN`, the telemetry insert, its row-count check and every
+/// write of the tail up to `COMMIT` go as one multi-statement query (see [`Link`]). Under a
+/// flood each trip is a wait to be scheduled on a busy core, so trips, not statements,
+/// set the pace. PostgreSQL takes no parameters in multi-statement queries and keeps the
+/// driver's transaction; there the tail is one statement of CTEs.
+#[allow(clippy::too_many_arguments)]
 async fn commit(
-    store: &Store,
+    conn: &mut sqlx::AnyConnection,
+    backend: Backend,
+    ledger: &Ledger,
+    progress_every: i64,
+    batch: &[Job],
+    fence: Option<&str>,
+    careful: bool,
+) -> Result<Option<Summary>, DbError> {
+    if backend == Backend::Sqlite && !careful && fence.is_none() {
+        let mut link = Link::new(conn, backend);
+        link.own_tx = true;
+        link.pending.push("BEGIN IMMEDIATE".into(), Vec::new(), false);
+        let done = match steps(&mut link, ledger, progress_every, batch, None, false).await {
+            Ok(Some(summary)) => {
+                link.pending.push("COMMIT".into(), Vec::new(), false);
+                link.flush().await.map(|()| Some(summary))
+            }
+            other => other,
+        };
+        let Ok(Some(mut summary)) = done else {
+            // Whatever ran of the batch goes back; the connection stays usable.
+            let _ = sqlx::Executor::execute(&mut *link.conn, "ROLLBACK").await;
+            return match done {
+                Err(e) if !is_short_insert(&e) => Err(e),
+                // A telemetry row was stored already: redo the batch carefully.
+                _ => Ok(None),
+            };
+        };
+        summary.balances = link.balances();
+        return Ok(Some(summary));
+    }
+    let mut tx = sqlx::Connection::begin(conn).await?;
+    let summary = {
+        let mut link = Link::new(&mut tx, backend);
+        match steps(&mut link, ledger, progress_every, batch, fence, careful).await? {
+            Some(mut summary) => {
+                link.flush().await?;
+                summary.balances = link.balances();
+                summary
+            }
+            // A row was stored already: roll back (dropping the transaction) and redo the
+            // batch carefully, learning which rows are new.
+            None => return Ok(None),
+        }
+    };
+    tx.commit().await?;
+    Ok(Some(summary))
+}
+
+/// The steps of one commit, in order, on `link` (which decides when they travel).
+/// `None`: a telemetry row of the batch was already stored (found by the row count of the
+/// non-careful insert on PostgreSQL; on SQLite the count check fails the query instead).
+async fn steps(
+    link: &mut Link<'_>,
     ledger: &Ledger,
     progress_every: i64,
     batch: &[Job],
@@ -641,13 +736,11 @@ async fn commit(
     careful: bool,
 ) -> Result<Option<Summary>, DbError> {
     let mut summary = Summary::default();
-    let mut tx = store.pool.begin().await?;
-
     // 0. Fencing (cluster mode): the jobs of a work center commit only while this node
     // holds its lease under the token their state was built with. The lease rows stay
     // locked until the commit, so a takeover waits for it and then sees what it wrote.
     if let Some(node) = fence {
-        summary.fenced = fenced_jobs(&mut tx, node, batch).await?;
+        summary.fenced = fenced_jobs(link.conn().await?, node, batch).await?;
     }
     let refused: HashSet<usize> = summary.fenced.iter().copied().collect();
     let live: Vec<(usize, &Job)> = batch.iter().enumerate().filter(|(i, _)| !refused.contains(i)).collect();
@@ -664,9 +757,7 @@ async fn commit(
     let mut inserted = vec![false; counted.len()];
     let mut at = 0;
     for chunk in counted.chunks(INSERT_CHUNK) {
-        if !insert_telemetry(&mut tx, store.backend, chunk, &mut inserted[at..at + chunk.len()], careful).await? {
-            // A row was stored already: roll back (dropping the transaction) and redo the
-            // batch carefully, learning which rows are new.
+        if !insert_telemetry(link, chunk, &mut inserted[at..at + chunk.len()], careful).await? {
             return Ok(None);
         }
         at += chunk.len();
@@ -708,8 +799,7 @@ async fn commit(
     let now = crate::now_ms();
     // The commit's writes that need no answer but the new balances go out as one tail
     // (see [`Tail`]): stock, books and costs, cursors, work centers, raw registers.
-    let mut tail = Tail::new(store.backend);
-    books.write(&mut tx, now, &mut tail).await?;
+    books.write(link, now).await?;
 
     // 3. Device cursors move only forward (one statement for the batch).
     if !cursors.is_empty() {
@@ -719,7 +809,7 @@ async fn commit(
                scrap = excluded.scrap, updated_ms = excluded.updated_ms
              WHERE excluded.boot > device_cursors.boot
                 OR (excluded.boot = device_cursors.boot AND excluded.seq > device_cursors.seq)",
-            tail.rows(cursors.len(), 6)
+            link.pending.rows(cursors.len(), 6)
         );
         let mut binds = Vec::with_capacity(cursors.len() * 6);
         for d in cursors.values() {
@@ -732,7 +822,7 @@ async fn commit(
                 V::Int(now),
             ]);
         }
-        tail.push(sql, binds, false);
+        link.pending.push(sql, binds, false);
     }
 
     // 4. Work center totals and last state (one statement for the batch).
@@ -744,7 +834,7 @@ async fn commit(
                current_order = COALESCE(v.column6, work_centers.current_order), last_seen_ms = v.column7,
                updated_ms = v.column7
              FROM (VALUES {}) AS v WHERE work_centers.id = v.column1",
-            tail.rows(wc_rows.len(), 7)
+            link.pending.rows(wc_rows.len(), 7)
         );
         let mut binds = Vec::with_capacity(wc_rows.len() * 7);
         for (wc, agg, last) in &wc_rows {
@@ -764,7 +854,7 @@ async fn commit(
                 }));
             }
         }
-        tail.push(sql, binds, false);
+        link.pending.push(sql, binds, false);
     }
 
     // 4b. Raw registers of polled devices (the next baseline).
@@ -774,7 +864,7 @@ async fn commit(
             "INSERT INTO modbus_raw (device, good, scrap, boot, updated_ms) VALUES {}
              ON CONFLICT (device) DO UPDATE SET good = excluded.good, scrap = excluded.scrap, boot = excluded.boot,
                updated_ms = excluded.updated_ms",
-            tail.rows(raws.len(), 5)
+            link.pending.rows(raws.len(), 5)
         );
         let mut binds = Vec::with_capacity(raws.len() * 5);
         for (device, r) in &raws {
@@ -786,17 +876,14 @@ async fn commit(
                 V::Int(now),
             ]);
         }
-        tail.push(sql, binds, false);
-    }
-    for r in tail.run(&mut tx).await? {
-        summary.balances.push((r.try_get("id")?, r.try_get("on_hand")?));
+        link.pending.push(sql, binds, false);
     }
 
     // 5. Orders: counts and the status that output implies.
     for (order, (good, scrap)) in &orders {
         let row = sqlx::query("SELECT status, quantity, good, scrap FROM orders WHERE id = $1")
             .bind(*order)
-            .fetch_optional(&mut *tx)
+            .fetch_optional(link.conn().await?)
             .await?;
         let Some(row) = row else { continue };
         let status: String = row.try_get("status")?;
@@ -819,19 +906,19 @@ async fn commit(
         .bind(now)
         .bind(*order)
         .bind(from.as_str())
-        .execute(&mut *tx)
+        .execute(link.conn().await?)
         .await?;
         // A progress document for each multiple of `progress_every` good units passed below
         // the quantity (one per multiple, however the readings were batched).
         if progress_every > 0 {
             let mut mark = (prev_good / progress_every + 1) * progress_every;
             while mark <= prev_good + good && mark < quantity {
-                crate::db::outbox::enqueue(&mut tx, &format!("progress-{mark}"), order, now).await?;
+                crate::db::outbox::enqueue(link.conn().await?, &format!("progress-{mark}"), order, now).await?;
                 mark += progress_every;
             }
         }
         if to == OrderStatus::Completed && from != OrderStatus::Completed {
-            crate::db::outbox::enqueue(&mut tx, "completion", order, now).await?;
+            crate::db::outbox::enqueue(link.conn().await?, "completion", order, now).await?;
         }
         // Status events come from the order actors once this commit is done.
         summary.orders.push((
@@ -850,7 +937,7 @@ async fn commit(
             .bind(d.state.as_str())
             .bind(d.reason.as_deref())
             .bind(*ts)
-            .execute(&mut *tx)
+            .execute(link.conn().await?)
             .await?;
         summary.events.push(serde_json::json!({"type": "state", "work_center": d.work_center, "state": d.state.as_str(), "reason": d.reason}));
     }
@@ -870,13 +957,12 @@ async fn commit(
                 .bind(topic.as_str())
                 .bind(reason.as_str())
                 .bind(payload.as_str())
-                .execute(&mut *tx)
+                .execute(link.conn().await?)
                 .await?;
             summary.dead_letters += r.rows_affected();
         }
     }
 
-    tx.commit().await?;
     Ok(Some(summary))
 }
 
@@ -893,43 +979,63 @@ type CountedRow<'a> = (&'a Delta, i64, usize, &'a BTreeMap<String, f64>);
 /// falls short, this returns `false`: the caller rolls the whole batch back and commits it
 /// again `careful`ly, with the insert returning the rows it inserted.
 async fn insert_telemetry(
-    tx: &mut sqlx::Transaction<'_, sqlx::Any>,
-    backend: Backend,
+    link: &mut Link<'_>,
     chunk: &[CountedRow<'_>],
     inserted: &mut [bool],
     careful: bool,
 ) -> Result<bool, DbError> {
     debug_assert_eq!(chunk.len(), inserted.len());
+    let deferred = link.own_tx && !careful;
     let mut sql = String::from(
         "INSERT INTO telemetry (device, boot, seq, work_center, order_id, ts_ms, received_ms, good, scrap, state, metrics) VALUES ",
     );
-    sql.push_str(&rows_sql(backend, chunk.len(), 11));
+    sql.push_str(&if deferred { link.pending.rows(chunk.len(), 11) } else { rows_sql(link.backend, chunk.len(), 11) });
     sql.push_str(" ON CONFLICT (device, boot, seq) DO NOTHING");
     if careful {
         sql.push_str(" RETURNING device, boot, seq");
     }
-    let mut q = sqlx::query(AssertSqlSafe(sql));
+    let mut binds = Vec::with_capacity(chunk.len() * 11);
     for (d, received, _, metrics) in chunk {
-        q = q
-            .bind(d.device.as_str())
-            .bind(to_i64(d.boot, "boot")?)
-            .bind(to_i64(d.seq, "seq")?)
-            .bind(d.work_center.as_str())
-            .bind(d.order.as_deref())
-            .bind(d.ts_ms)
-            .bind(*received)
-            .bind(to_i64(d.good, "good")?)
-            .bind(to_i64(d.scrap, "scrap")?)
-            .bind(d.state.as_str())
-            .bind((!metrics.is_empty()).then(|| serde_json::to_string(metrics).ok()).flatten());
+        binds.extend([
+            V::Text(d.device.clone()),
+            V::Int(to_i64(d.boot, "boot")?),
+            V::Int(to_i64(d.seq, "seq")?),
+            V::Text(d.work_center.clone()),
+            V::OptText(d.order.clone()),
+            V::OptInt(d.ts_ms),
+            V::Int(*received),
+            V::Int(to_i64(d.good, "good")?),
+            V::Int(to_i64(d.scrap, "scrap")?),
+            V::Static(d.state.as_str()),
+            V::OptText((!metrics.is_empty()).then(|| serde_json::to_string(metrics).ok()).flatten()),
+        ]);
     }
+    if deferred {
+        // SQLite, in the commit's own transaction: the insert and its count check travel
+        // with the rest of the commit. `changes()` is the insert's count of new rows; if it
+        // falls short, `json()` of a non-JSON text fails the query (see [`is_short_insert`]),
+        // and the commit rolls back and is redone carefully.
+        link.pending.push(sql, binds, false);
+        link.pending.push(
+            format!(
+                "SELECT 1 WHERE json(CASE WHEN changes() = {} THEN '1' ELSE '{SHORT_INSERT}' END) IS NULL",
+                chunk.len()
+            ),
+            Vec::new(),
+            false,
+        );
+        inserted.fill(true);
+        return Ok(true);
+    }
+    let q = Tail::bind(sqlx::query(AssertSqlSafe(sql)), binds);
+    let conn = link.conn().await?;
     if !careful {
-        let n = q.execute(&mut **tx).await?.rows_affected();
+        let n = q.execute(&mut *conn).await?.rows_affected();
         inserted.fill(true);
         return Ok(n == chunk.len() as u64);
     }
     let mut new: HashSet<(String, i64, i64)> = HashSet::with_capacity(chunk.len());
-    for row in q.fetch_all(&mut **tx).await? {
+    for row in q.fetch_all(&mut *conn).await? {
         new.insert((row.try_get("device")?, row.try_get("boot")?, row.try_get("seq")?));
     }
     // A key twice in the chunk was inserted once: only its first row is new.
@@ -939,12 +1045,69 @@ async fn insert_telemetry(
     Ok(true)
 }
 
+/// The text whose `json()` fails a SQLite commit whose telemetry insert stored fewer rows
+/// than it was given (not JSON, so `json()` raises "malformed JSON").
+const SHORT_INSERT: &str = "telemetry row already stored";
+
+/// Whether a SQLite commit failed on the telemetry insert's count check.
+fn is_short_insert(e: &DbError) -> bool {
+    match e {
+        DbError::Sqlx(sqlx::Error::Database(d)) => d.message().contains("malformed JSON"),
+        _ => false,
+    }
+}
+
+/// Where a commit's statements go: its connection, and the statements that need no answer
+/// yet ([`Tail`]), which travel together the next time something must reach the database
+/// (a read, a statement whose result counts, the end of the commit). Statements keep their
+/// order; only how many go per trip changes.
+struct Link<'c> {
+    conn: &'c mut sqlx::AnyConnection,
+    backend: Backend,
+    /// The commit opened the transaction with a statement of its own (SQLite, not
+    /// careful): the telemetry insert is deferred too, its count checked in SQL.
+    own_tx: bool,
+    pending: Tail,
+    /// Rows of the part that returns rows (the new buffer balances), once it ran.
+    answer: Vec<sqlx::any::AnyRow>,
+}
+
+impl<'c> Link<'c> {
+    fn new(conn: &'c mut sqlx::AnyConnection, backend: Backend) -> Self {
+        Self { conn, backend, own_tx: false, pending: Tail::new(backend), answer: Vec::new() }
+    }
+
+    /// The connection, once everything pending has run.
+    async fn conn(&mut self) -> Result<&mut sqlx::AnyConnection, DbError> {
+        self.flush().await?;
+        Ok(&mut *self.conn)
+    }
+
+    /// Sends what is pending (nothing: no trip).
+    async fn flush(&mut self) -> Result<(), DbError> {
+        let pending = std::mem::replace(&mut self.pending, Tail::new(self.backend));
+        self.answer.extend(pending.run(&mut *self.conn).await?);
+        Ok(())
+    }
+
+    /// The committed buffer balances (for the buffer actors' alerts). Read after the
+    /// commit on SQLite, so a row that cannot be read is logged, not retried.
+    fn balances(&mut self) -> Vec<(String, i64)> {
+        std::mem::take(&mut self.answer)
+            .iter()
+            .filter_map(|r| match (r.try_get("id"), r.try_get("on_hand")) {
+                (Ok(id), Ok(on_hand)) => Some((id, on_hand)),
+                (Err(e), _) | (_, Err(e)) => {
+                    tracing::error!(error = %e, "committed buffer balance unreadable; its alert check waits for the next");
+                    None
+                }
+            })
+            .collect()
+    }
+}
+
 /// Positions of the jobs whose lease this node does not hold under the job's token.
-async fn fenced_jobs(
-    tx: &mut sqlx::Transaction<'_, sqlx::Any>,
-    node: &str,
-    batch: &[Job],
-) -> Result<Vec<usize>, DbError> {
+async fn fenced_jobs(conn: &mut sqlx::AnyConnection, node: &str, batch: &[Job]) -> Result<Vec<usize>, DbError> {
     let wcs: std::collections::BTreeSet<&str> =
         batch.iter().filter_map(|j| j.lease.as_ref()).map(|l| l.0.as_str()).collect();
     if wcs.is_empty() {
@@ -961,7 +1124,7 @@ async fn fenced_jobs(
         q = q.bind(*w);
     }
     let mut held: std::collections::HashMap<String, i64> = std::collections::HashMap::new();
-    for row in q.fetch_all(&mut **tx).await? {
+    for row in q.fetch_all(&mut *conn).await? {
         held.insert(row.try_get("work_center")?, row.try_get("token")?);
     }
     Ok(batch
