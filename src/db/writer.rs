@@ -281,6 +281,9 @@ impl Writer {
                     return;
                 }
                 Err(e) => {
+                    // Retries take the careful path: a statement at a time, in the driver's
+                    // transaction, whatever made the quick one fail.
+                    careful = true;
                     self.metrics.commit_errors.fetch_add(1, Relaxed);
                     self.metrics.writer_healthy.store(false, Relaxed);
                     tracing::error!(error = %e, jobs = batch.len(), retry_in_ms = delay.as_millis() as u64, "commit failed; retrying, nothing acknowledged");
@@ -458,7 +461,7 @@ impl Books {
             let sql = format!(
                 "UPDATE buffers SET on_hand = buffers.on_hand + v.column2 FROM (VALUES {}) AS v
                  WHERE buffers.id = v.column1 RETURNING buffers.id AS id, buffers.on_hand AS on_hand",
-                link.pending.rows(buffers.len(), 2)
+                link.rows(buffers.len(), 2).await?
             );
             let mut binds = Vec::with_capacity(buffers.len() * 2);
             for (b, qty) in &buffers {
@@ -470,7 +473,7 @@ impl Books {
         if !moves.is_empty() {
             let sql = format!(
                 "INSERT INTO stock_movements (ts_ms, buffer, sku, qty, kind, order_id, source_kind, source_id) VALUES {}",
-                link.pending.rows(moves.len(), 8)
+                link.rows(moves.len(), 8).await?
             );
             let mut binds = Vec::with_capacity(moves.len() * 8);
             for ((buffer, sku, kind, order, _), (qty, src)) in &moves {
@@ -491,7 +494,7 @@ impl Books {
         if !posts.is_empty() {
             let sql = format!(
                 "INSERT INTO journal (ts_ms, kind, debit, credit, amount, order_id, source_kind, source_id) VALUES {}",
-                link.pending.rows(posts.len(), 8)
+                link.rows(posts.len(), 8).await?
             );
             let mut binds = Vec::with_capacity(posts.len() * 8);
             for ((kind, debit, credit, order, _), (amount, src)) in &posts {
@@ -514,7 +517,7 @@ impl Books {
                  ON CONFLICT (order_id) DO UPDATE SET material = order_costs.material + excluded.material,
                    conversion = order_costs.conversion + excluded.conversion,
                    running_ms = order_costs.running_ms + excluded.running_ms",
-                link.pending.rows(self.costs.len(), 4)
+                link.rows(self.costs.len(), 4).await?
             );
             let mut binds = Vec::with_capacity(self.costs.len() * 4);
             for (order, (material, conversion, running)) in &self.costs {
@@ -568,6 +571,11 @@ impl Tail {
         debug_assert!(!returns || !self.parts.iter().any(|p| p.2), "one part returns the answer");
         self.binds += binds.len();
         self.parts.push((sql, binds, returns));
+    }
+
+    /// A statement without values before every other (a SQLite transaction's opening).
+    fn push_front(&mut self, sql: &str) {
+        self.parts.insert(0, (sql.to_string(), Vec::new(), false));
     }
 
     fn bind(mut q: AnyQuery, binds: Vec<V>) -> AnyQuery {
@@ -665,14 +673,12 @@ fn to_i64(v: u64, what: &str) -> Result<i64, DbError> {
 
 /// Commits one batch in one transaction.
 ///
-/// On SQLite (unless `careful`) the transaction is opened and closed by statements the
-/// commit sends itself, so that its statements travel in as few trips to the driver's
-/// thread as the steps allow: with no step that must read an answer first (orders, state
-/// changes, dead letters), `BEGIN`, the telemetry insert, its row-count check and every
-/// write of the tail up to `COMMIT` go as one multi-statement query (see [`Link`]). Under a
-/// flood each trip is a wait to be scheduled on a busy core, so trips, not statements,
-/// set the pace. PostgreSQL takes no parameters in multi-statement queries and keeps the
-/// driver's transaction; there the tail is one statement of CTEs.
+/// Unless `careful` (or fenced), the commit opens and closes its transaction itself, so that
+/// its statements travel in as few trips to the database as the steps allow (see [`Link`]):
+/// with no step that must read an answer first (orders, order costs, state changes, dead
+/// letters), the whole batch, telemetry insert and its row-count check included, is one
+/// trip. Under a flood each trip is a wait to be scheduled on a busy core, so trips, not
+/// statements, set the pace.
 #[allow(clippy::too_many_arguments)]
 async fn commit(
     conn: &mut sqlx::AnyConnection,
@@ -683,20 +689,16 @@ async fn commit(
     fence: Option<&str>,
     careful: bool,
 ) -> Result<Option<Summary>, DbError> {
-    if backend == Backend::Sqlite && !careful && fence.is_none() {
+    if !careful && fence.is_none() {
         let mut link = Link::new(conn, backend);
         link.own_tx = true;
-        link.pending.push("BEGIN IMMEDIATE".into(), Vec::new(), false);
         let done = match steps(&mut link, ledger, progress_every, batch, None, false).await {
-            Ok(Some(summary)) => {
-                link.pending.push("COMMIT".into(), Vec::new(), false);
-                link.flush().await.map(|()| Some(summary))
-            }
+            Ok(Some(summary)) => link.finish().await.map(|()| Some(summary)),
             other => other,
         };
         let Ok(Some(mut summary)) = done else {
             // Whatever ran of the batch goes back; the connection stays usable.
-            let _ = sqlx::Executor::execute(&mut *link.conn, "ROLLBACK").await;
+            link.rollback().await;
             return match done {
                 Err(e) if !is_short_insert(&e) => Err(e),
                 // A telemetry row was stored already: redo the batch carefully.
@@ -809,7 +811,7 @@ async fn steps(
                scrap = excluded.scrap, updated_ms = excluded.updated_ms
              WHERE excluded.boot > device_cursors.boot
                 OR (excluded.boot = device_cursors.boot AND excluded.seq > device_cursors.seq)",
-            link.pending.rows(cursors.len(), 6)
+            link.rows(cursors.len(), 6).await?
         );
         let mut binds = Vec::with_capacity(cursors.len() * 6);
         for d in cursors.values() {
@@ -834,7 +836,7 @@ async fn steps(
                current_order = COALESCE(v.column6, work_centers.current_order), last_seen_ms = v.column7,
                updated_ms = v.column7
              FROM (VALUES {}) AS v WHERE work_centers.id = v.column1",
-            link.pending.rows(wc_rows.len(), 7)
+            link.rows(wc_rows.len(), 7).await?
         );
         let mut binds = Vec::with_capacity(wc_rows.len() * 7);
         for (wc, agg, last) in &wc_rows {
@@ -864,7 +866,7 @@ async fn steps(
             "INSERT INTO modbus_raw (device, good, scrap, boot, updated_ms) VALUES {}
              ON CONFLICT (device) DO UPDATE SET good = excluded.good, scrap = excluded.scrap, boot = excluded.boot,
                updated_ms = excluded.updated_ms",
-            link.pending.rows(raws.len(), 5)
+            link.rows(raws.len(), 5).await?
         );
         let mut binds = Vec::with_capacity(raws.len() * 5);
         for (device, r) in &raws {
@@ -989,7 +991,7 @@ async fn insert_telemetry(
     let mut sql = String::from(
         "INSERT INTO telemetry (device, boot, seq, work_center, order_id, ts_ms, received_ms, good, scrap, state, metrics) VALUES ",
     );
-    sql.push_str(&if deferred { link.pending.rows(chunk.len(), 11) } else { rows_sql(link.backend, chunk.len(), 11) });
+    sql.push_str(&if deferred { link.rows(chunk.len(), 11).await? } else { rows_sql(link.backend, chunk.len(), 11) });
     sql.push_str(" ON CONFLICT (device, boot, seq) DO NOTHING");
     if careful {
         sql.push_str(" RETURNING device, boot, seq");
@@ -1011,19 +1013,25 @@ async fn insert_telemetry(
         ]);
     }
     if deferred {
-        // SQLite, in the commit's own transaction: the insert and its count check travel
-        // with the rest of the commit. `changes()` is the insert's count of new rows; if it
-        // falls short, `json()` of a non-JSON text fails the query (see [`is_short_insert`]),
-        // and the commit rolls back and is redone carefully.
+        // In the commit's own transaction: the insert and its count check travel with the
+        // rest of the commit. Fewer rows than given (a reading already stored) make the
+        // check insert a row that `commit_checks` refuses, failing the whole query; the
+        // commit then rolls back and is redone carefully.
+        if link.backend == Backend::Postgres {
+            sql.push_str(" RETURNING 1");
+        }
         link.pending.push(sql, binds, false);
-        link.pending.push(
-            format!(
-                "SELECT 1 WHERE json(CASE WHEN changes() = {} THEN '1' ELSE '{SHORT_INSERT}' END) IS NULL",
+        let check = match link.backend {
+            // `changes()`: the rows the statement before (the insert) stored.
+            Backend::Sqlite => format!("INSERT INTO commit_checks (ok) SELECT 0 WHERE changes() <> {}", chunk.len()),
+            // A CTE reads another's returned rows (`w{i}`: the insert's name, see `Tail::run`).
+            Backend::Postgres => format!(
+                "INSERT INTO commit_checks (ok) SELECT false WHERE (SELECT COUNT(*) FROM w{}) <> {}",
+                link.pending.parts.len() - 1,
                 chunk.len()
             ),
-            Vec::new(),
-            false,
-        );
+        };
+        link.pending.push(check, Vec::new(), false);
         inserted.fill(true);
         return Ok(true);
     }
@@ -1045,28 +1053,35 @@ async fn insert_telemetry(
     Ok(true)
 }
 
-/// The text whose `json()` fails a SQLite commit whose telemetry insert stored fewer rows
-/// than it was given (not JSON, so `json()` raises "malformed JSON").
-const SHORT_INSERT: &str = "telemetry row already stored";
-
-/// Whether a SQLite commit failed on the telemetry insert's count check.
+/// Whether a commit failed on the telemetry insert's count check (`commit_checks`).
 fn is_short_insert(e: &DbError) -> bool {
     match e {
-        DbError::Sqlx(sqlx::Error::Database(d)) => d.message().contains("malformed JSON"),
+        DbError::Sqlx(sqlx::Error::Database(d)) => d.message().contains("telemetry_rows_all_new"),
         _ => false,
     }
 }
+
+/// Values per pending PostgreSQL statement before it is sent (the protocol's limit is 65,535).
+const PG_MAX_BINDS: usize = 30_000;
 
 /// Where a commit's statements go: its connection, and the statements that need no answer
 /// yet ([`Tail`]), which travel together the next time something must reach the database
 /// (a read, a statement whose result counts, the end of the commit). Statements keep their
 /// order; only how many go per trip changes.
+///
+/// In a transaction of its own (`own_tx`) the link opens it only when something must
+/// travel before the end: SQLite takes `BEGIN IMMEDIATE` as the first statement of that
+/// trip, PostgreSQL a `BEGIN` of its own. If nothing must, the end sends everything at
+/// once: on SQLite `BEGIN IMMEDIATE; …; COMMIT` as one multi-statement query, on
+/// PostgreSQL one statement of CTEs, which commits alone and atomically.
 struct Link<'c> {
     conn: &'c mut sqlx::AnyConnection,
     backend: Backend,
-    /// The commit opened the transaction with a statement of its own (SQLite, not
-    /// careful): the telemetry insert is deferred too, its count checked in SQL.
+    /// The commit opens and ends its transaction itself (not careful, not fenced): the
+    /// telemetry insert is deferred too, its count checked in SQL.
     own_tx: bool,
+    /// `own_tx`: the transaction has been opened (or its opening statement sent).
+    open: bool,
     pending: Tail,
     /// Rows of the part that returns rows (the new buffer balances), once it ran.
     answer: Vec<sqlx::any::AnyRow>,
@@ -1074,20 +1089,76 @@ struct Link<'c> {
 
 impl<'c> Link<'c> {
     fn new(conn: &'c mut sqlx::AnyConnection, backend: Backend) -> Self {
-        Self { conn, backend, own_tx: false, pending: Tail::new(backend), answer: Vec::new() }
+        Self { conn, backend, own_tx: false, open: false, pending: Tail::new(backend), answer: Vec::new() }
     }
 
-    /// The connection, once everything pending has run.
+    /// Placeholders for a multi-row statement about to be pushed (see [`Tail::rows`]). On
+    /// PostgreSQL, whose statements take at most 65,535 values, what is pending is sent
+    /// first if the statement would take it past [`PG_MAX_BINDS`].
+    async fn rows(&mut self, rows: usize, cols: usize) -> Result<String, DbError> {
+        let full = self.pending.binds + rows * cols > PG_MAX_BINDS;
+        if self.backend == Backend::Postgres && full && !self.pending.parts.is_empty() {
+            self.flush().await?;
+        }
+        Ok(self.pending.rows(rows, cols))
+    }
+
+    /// The connection, once everything pending has run (inside the transaction).
     async fn conn(&mut self) -> Result<&mut sqlx::AnyConnection, DbError> {
         self.flush().await?;
         Ok(&mut *self.conn)
     }
 
-    /// Sends what is pending (nothing: no trip).
+    /// Sends what is pending (nothing: no trip), opening the own transaction first.
     async fn flush(&mut self) -> Result<(), DbError> {
+        if self.own_tx && !self.open {
+            self.open = true;
+            match self.backend {
+                Backend::Sqlite => self.pending.push_front("BEGIN IMMEDIATE"),
+                Backend::Postgres => {
+                    sqlx::Executor::execute(&mut *self.conn, "BEGIN").await?;
+                }
+            }
+        }
+        self.run().await
+    }
+
+    async fn run(&mut self) -> Result<(), DbError> {
         let pending = std::mem::replace(&mut self.pending, Tail::new(self.backend));
         self.answer.extend(pending.run(&mut *self.conn).await?);
         Ok(())
+    }
+
+    /// Ends the own transaction: everything pending, then the commit.
+    async fn finish(&mut self) -> Result<(), DbError> {
+        debug_assert!(self.own_tx);
+        match (self.backend, self.open) {
+            // Nothing was sent and nothing is pending: nothing to commit.
+            (_, false) if self.pending.parts.is_empty() => Ok(()),
+            (Backend::Sqlite, open) => {
+                if !open {
+                    self.open = true;
+                    self.pending.push_front("BEGIN IMMEDIATE");
+                }
+                self.pending.push("COMMIT".into(), Vec::new(), false);
+                self.run().await
+            }
+            // One statement, committed on its own (all or nothing).
+            (Backend::Postgres, false) => self.run().await,
+            (Backend::Postgres, true) => {
+                self.run().await?;
+                sqlx::Executor::execute(&mut *self.conn, "COMMIT").await?;
+                Ok(())
+            }
+        }
+    }
+
+    /// Undoes what ran of the own transaction (best effort: a connection that fails here is
+    /// closed by the writer, which ends the transaction too).
+    async fn rollback(&mut self) {
+        if self.open {
+            let _ = sqlx::Executor::execute(&mut *self.conn, "ROLLBACK").await;
+        }
     }
 
     /// The committed buffer balances (for the buffer actors' alerts). Read after the
