@@ -470,13 +470,15 @@ impl Books {
             link.pending.push(sql, binds, true);
         }
         let moves: Vec<_> = self.moves.iter().filter(|(_, (q, _))| *q != 0).collect();
-        if !moves.is_empty() {
+        // Several rows per device: a batch spanning many devices is split so that no
+        // statement takes more values than SQLite (32,766) or PostgreSQL (65,535) allow.
+        for moves in moves.chunks(ROWS_PER_STATEMENT) {
             let sql = format!(
                 "INSERT INTO stock_movements (ts_ms, buffer, sku, qty, kind, order_id, source_kind, source_id) VALUES {}",
                 link.rows(moves.len(), 8).await?
             );
             let mut binds = Vec::with_capacity(moves.len() * 8);
-            for ((buffer, sku, kind, order, _), (qty, src)) in &moves {
+            for ((buffer, sku, kind, order, _), (qty, src)) in moves {
                 binds.extend([
                     V::Int(now),
                     V::Text(buffer.clone()),
@@ -491,13 +493,13 @@ impl Books {
             link.pending.push(sql, binds, false);
         }
         let posts: Vec<_> = self.posts.iter().filter(|(_, (a, _))| *a != 0).collect();
-        if !posts.is_empty() {
+        for posts in posts.chunks(ROWS_PER_STATEMENT) {
             let sql = format!(
                 "INSERT INTO journal (ts_ms, kind, debit, credit, amount, order_id, source_kind, source_id) VALUES {}",
                 link.rows(posts.len(), 8).await?
             );
             let mut binds = Vec::with_capacity(posts.len() * 8);
-            for ((kind, debit, credit, order, _), (amount, src)) in &posts {
+            for ((kind, debit, credit, order, _), (amount, src)) in posts {
                 binds.extend([
                     V::Int(now),
                     V::Static(kind),
@@ -726,9 +728,10 @@ async fn commit(
     Ok(Some(summary))
 }
 
-/// The steps of one commit, in order, on `link` (which decides when they travel).
-/// `None`: a telemetry row of the batch was already stored (found by the row count of the
-/// non-careful insert on PostgreSQL; on SQLite the count check fails the query instead).
+/// The steps of one commit, in order, on `link` (which decides when they travel); the
+/// same parameters as [`commit`], which chose the link. `None`: a telemetry row of the batch
+/// was already stored, found by the row count of a fenced commit's insert (in the commit's
+/// own transaction the count is checked in SQL and fails the query instead).
 async fn steps(
     link: &mut Link<'_>,
     ledger: &Ledger,
@@ -1060,6 +1063,10 @@ fn is_short_insert(e: &DbError) -> bool {
         _ => false,
     }
 }
+
+/// Rows of a multi-row statement whose rows are per device and kind (stock movements,
+/// journal lines): 2,000 rows of 8 values stay under SQLite's 32,766 values per statement.
+const ROWS_PER_STATEMENT: usize = 2_000;
 
 /// Values per pending PostgreSQL statement before it is sent (the protocol's limit is 65,535).
 const PG_MAX_BINDS: usize = 30_000;

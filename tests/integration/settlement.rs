@@ -669,3 +669,91 @@ async fn redo_on(url: &str, dir: &std::path::Path) {
         "{url}"
     );
 }
+
+/// A batch spanning 1,500 devices (a restart after an outage of a large plant: the broker
+/// hands back a backlog of every device at once) commits in one go. Each device adds
+/// several stock movements and journal lines; as one statement they would take more values
+/// than SQLite allows in a statement (32,766), and the commit would fail on every retry.
+/// On SQLite, and on PostgreSQL when `MES_TEST_DATABASE_URL` is set.
+#[tokio::test]
+async fn a_batch_spanning_fifteen_hundred_devices_commits_whole() {
+    let dir = crate::harness::temp_dir();
+    let mut urls = vec![format!("sqlite://{}", dir.join("wide.db").display())];
+    if std::env::var("MES_TEST_DATABASE_URL").is_ok_and(|s| !s.is_empty()) {
+        urls.push(crate::harness::fresh_database(&dir).await);
+    }
+    for url in urls {
+        wide_batch_on(&url, &dir).await;
+    }
+}
+
+async fn wide_batch_on(url: &str, dir: &std::path::Path) {
+    use mes::db::writer::{Completion, Job, Work, Writer};
+    use std::sync::atomic::Ordering::Relaxed;
+    const N: usize = 1_500;
+    // The widget plant with N presses instead of one.
+    let one = widget_plant(r#"{ mqtt = { id = "press-01" } }"#);
+    let head = &one[..one.find("[[work_centers]]").expect("work center")];
+    let mut plant = head.to_string();
+    for i in 0..N {
+        plant.push_str(&format!(
+            "[[work_centers]]\nid = \"WC-{i:04}\"\nname = \"Press {i}\"\nideal_cycle_s = 1.0\n\
+             conversion_rate_per_hour = \"60.00\"\ninputs = [\"RM\"]\noutput = \"FG\"\n\
+             device = {{ mqtt = {{ id = \"d-{i:04}\" }} }}\n"
+        ));
+    }
+    let plant_path = dir.join("wide-plant.toml");
+    std::fs::write(&plant_path, plant).expect("plant");
+    let plant = mes::plant::Plant::load(Some(&plant_path)).expect("plant loads");
+    let store = mes::db::Store::connect(url, 4).await.expect("connect");
+    store.migrate().await.expect("migrate");
+    store.upsert_plant(&plant).await.expect("master data");
+    let ledger = Arc::new(mes::settlement::Ledger::from_plant(&plant));
+    let (tx, rx) = tokio::sync::mpsc::channel(N);
+    let metrics = Arc::new(mes::metrics::Metrics::default());
+    let mut done = Vec::new();
+    for i in 0..N {
+        let (d, r) = tokio::sync::oneshot::channel();
+        let delta = crate::harness::counted_delta(&format!("WC-{i:04}"), &format!("d-{i:04}"), 1, 3, 1);
+        let job = Job {
+            work: Work::Counted(Box::new(delta)),
+            received_ms: 0,
+            done: Completion::Notify(d),
+            slot: None,
+            raw: None,
+            metrics: Default::default(),
+            lease: None,
+        };
+        tx.send(job).await.expect("queue");
+        done.push(r);
+    }
+    drop(tx);
+    // The writer takes everything queued as one batch (batch_max above N).
+    let writer = Writer::new(store.clone(), rx, metrics.clone(), Default::default(), 2_000, ledger);
+    tokio::time::timeout(Duration::from_secs(60), writer.run()).await.expect("writer finishes");
+    let mut completed = 0;
+    for r in done {
+        completed += usize::from(r.await.is_ok());
+    }
+    assert_eq!(
+        (completed, metrics.commits.load(Relaxed), metrics.commit_errors.load(Relaxed)),
+        (N, 1, 0),
+        "{url}: every job, one commit, no error"
+    );
+    let one = |sql: &'static str| {
+        let pool = store.pool.clone();
+        async move {
+            use sqlx::Row;
+            sqlx::query(sql).fetch_one(&pool).await.and_then(|r| r.try_get::<i64, _>(0)).expect(sql)
+        }
+    };
+    let n = N as i64;
+    assert_eq!(one("SELECT COUNT(*) FROM telemetry").await, n, "{url}");
+    assert_eq!(one("SELECT CAST(SUM(good_total) AS BIGINT) FROM work_centers").await, 3 * n, "{url}");
+    // Each reading: 3 good + 1 scrap, 2 SHEET each taken from RM; 3 WIDGET into FG.
+    assert_eq!(one("SELECT on_hand FROM buffers WHERE id = 'RM'").await, 50_000 - 8 * n, "{url}");
+    assert_eq!(one("SELECT on_hand FROM buffers WHERE id = 'FG'").await, 3 * n, "{url}");
+    assert_eq!(one("SELECT COUNT(*) FROM stock_movements WHERE source_kind = 'telemetry'").await, 2 * n, "{url}");
+    assert_eq!(one("SELECT COUNT(DISTINCT source_id) FROM journal WHERE source_kind = 'telemetry'").await, n, "{url}");
+    assert_eq!(one("SELECT COUNT(*) FROM device_cursors").await, n, "{url}");
+}
