@@ -513,17 +513,18 @@ impl Books {
             }
             link.pending.push(sql, binds, false);
         }
-        if !self.costs.is_empty() {
+        let costs: Vec<_> = self.costs.iter().collect();
+        for costs in costs.chunks(ROWS_PER_STATEMENT) {
             let sql = format!(
                 "INSERT INTO order_costs (order_id, material, conversion, running_ms) VALUES {}
                  ON CONFLICT (order_id) DO UPDATE SET material = order_costs.material + excluded.material,
                    conversion = order_costs.conversion + excluded.conversion,
                    running_ms = order_costs.running_ms + excluded.running_ms",
-                link.rows(self.costs.len(), 4).await?
+                link.rows(costs.len(), 4).await?
             );
-            let mut binds = Vec::with_capacity(self.costs.len() * 4);
-            for (order, (material, conversion, running)) in &self.costs {
-                binds.extend([V::Text(order.clone()), V::Int(*material), V::Int(*conversion), V::Int(*running)]);
+            let mut binds = Vec::with_capacity(costs.len() * 4);
+            for (order, (material, conversion, running)) in costs {
+                binds.extend([V::Text(order.to_string()), V::Int(*material), V::Int(*conversion), V::Int(*running)]);
             }
             link.pending.push(sql, binds, false);
         }
@@ -806,8 +807,9 @@ async fn steps(
     // (see [`Tail`]): stock, books and costs, cursors, work centers, raw registers.
     books.write(link, now).await?;
 
-    // 3. Device cursors move only forward (one statement for the batch).
-    if !cursors.is_empty() {
+    // 3. Device cursors move only forward (one statement per 2,000 devices).
+    let cursors: Vec<&Delta> = cursors.into_values().collect();
+    for cursors in cursors.chunks(ROWS_PER_STATEMENT) {
         let sql = format!(
             "INSERT INTO device_cursors (device, boot, seq, good, scrap, updated_ms) VALUES {}
              ON CONFLICT (device) DO UPDATE SET boot = excluded.boot, seq = excluded.seq, good = excluded.good,
@@ -817,7 +819,7 @@ async fn steps(
             link.rows(cursors.len(), 6).await?
         );
         let mut binds = Vec::with_capacity(cursors.len() * 6);
-        for d in cursors.values() {
+        for d in cursors {
             binds.extend([
                 V::Text(d.device.clone()),
                 V::Int(to_i64(d.cursor.boot, "boot")?),
@@ -830,9 +832,9 @@ async fn steps(
         link.pending.push(sql, binds, false);
     }
 
-    // 4. Work center totals and last state (one statement for the batch).
+    // 4. Work center totals and last state (one statement per 2,000 work centers).
     let wc_rows: Vec<(&str, &WcAgg, &Delta)> = wcs.iter().filter_map(|(w, a)| a.last.map(|l| (*w, a, l))).collect();
-    if !wc_rows.is_empty() {
+    for wc_rows in wc_rows.chunks(ROWS_PER_STATEMENT) {
         let sql = format!(
             "UPDATE work_centers SET good_total = work_centers.good_total + v.column2,
                scrap_total = work_centers.scrap_total + v.column3, state = v.column4, reason = v.column5,
@@ -842,7 +844,7 @@ async fn steps(
             link.rows(wc_rows.len(), 7).await?
         );
         let mut binds = Vec::with_capacity(wc_rows.len() * 7);
-        for (wc, agg, last) in &wc_rows {
+        for (wc, agg, last) in wc_rows {
             binds.extend([
                 V::Text(wc.to_string()),
                 V::Int(agg.good),
@@ -862,9 +864,14 @@ async fn steps(
         link.pending.push(sql, binds, false);
     }
 
-    // 4b. Raw registers of polled devices (the next baseline).
-    let raws: Vec<&(String, RawCounters)> = live.iter().filter_map(|(_, j)| j.raw.as_ref()).collect();
-    if !raws.is_empty() {
+    // 4b. Raw registers of polled devices (the next baseline): a device's newest poll in the
+    // batch (PostgreSQL refuses an upsert that touches one row twice).
+    let mut newest: BTreeMap<&str, &RawCounters> = BTreeMap::new();
+    for (device, r) in live.iter().filter_map(|(_, j)| j.raw.as_ref()) {
+        newest.insert(device.as_str(), r);
+    }
+    let raws: Vec<(&str, &RawCounters)> = newest.into_iter().collect();
+    for raws in raws.chunks(ROWS_PER_STATEMENT) {
         let sql = format!(
             "INSERT INTO modbus_raw (device, good, scrap, boot, updated_ms) VALUES {}
              ON CONFLICT (device) DO UPDATE SET good = excluded.good, scrap = excluded.scrap, boot = excluded.boot,
@@ -872,9 +879,9 @@ async fn steps(
             link.rows(raws.len(), 5).await?
         );
         let mut binds = Vec::with_capacity(raws.len() * 5);
-        for (device, r) in &raws {
+        for (device, r) in raws {
             binds.extend([
-                V::Text(device.clone()),
+                V::Text(device.to_string()),
                 V::Int(to_i64(r.good, "raw good")?),
                 V::Int(to_i64(r.scrap, "raw scrap")?),
                 V::OptInt(r.boot.map(|b| to_i64(b, "raw boot")).transpose()?),
@@ -1064,8 +1071,9 @@ fn is_short_insert(e: &DbError) -> bool {
     }
 }
 
-/// Rows of a multi-row statement whose rows are per device and kind (stock movements,
-/// journal lines): 2,000 rows of 8 values stay under SQLite's 32,766 values per statement.
+/// Rows of a multi-row statement of the commit (stock movements and journal lines per
+/// device and kind, cursors, work centers, raw registers, order costs): 2,000 rows of at most
+/// 8 values stay under SQLite's 32,766 values per statement, whatever `ingest.batch_max`.
 const ROWS_PER_STATEMENT: usize = 2_000;
 
 /// Values per pending PostgreSQL statement before it is sent (the protocol's limit is 65,535).

@@ -670,13 +670,15 @@ async fn redo_on(url: &str, dir: &std::path::Path) {
     );
 }
 
-/// A batch spanning 1,500 devices (a restart after an outage of a large plant: the broker
-/// hands back a backlog of every device at once) commits in one go. Each device adds
-/// several stock movements and journal lines; as one statement they would take more values
-/// than SQLite allows in a statement (32,766), and the commit would fail on every retry.
-/// On SQLite, and on PostgreSQL when `MES_TEST_DATABASE_URL` is set.
+/// A batch spanning 6,000 devices (a restart after an outage of a large plant: the broker
+/// hands back a backlog of every device at once, and `ingest.batch_max` was raised) commits
+/// in one go. Its stock movements, journal lines and device cursors as one statement each
+/// would take more values than SQLite allows in a statement (32,766), and the commit would
+/// fail on every retry. One Modbus device polled twice in the batch keeps its newest raw
+/// registers (PostgreSQL refuses an upsert that touches one row twice). On SQLite, and on
+/// PostgreSQL when `MES_TEST_DATABASE_URL` is set.
 #[tokio::test]
-async fn a_batch_spanning_fifteen_hundred_devices_commits_whole() {
+async fn a_batch_spanning_six_thousand_devices_commits_whole() {
     let dir = crate::harness::temp_dir();
     let mut urls = vec![format!("sqlite://{}", dir.join("wide.db").display())];
     if std::env::var("MES_TEST_DATABASE_URL").is_ok_and(|s| !s.is_empty()) {
@@ -689,8 +691,9 @@ async fn a_batch_spanning_fifteen_hundred_devices_commits_whole() {
 
 async fn wide_batch_on(url: &str, dir: &std::path::Path) {
     use mes::db::writer::{Completion, Job, Work, Writer};
+    use mes_actors::counter::RawCounters;
     use std::sync::atomic::Ordering::Relaxed;
-    const N: usize = 1_500;
+    const N: usize = 6_000;
     // The widget plant with N presses instead of one.
     let one = widget_plant(r#"{ mqtt = { id = "press-01" } }"#);
     let head = &one[..one.find("[[work_centers]]").expect("work center")];
@@ -709,18 +712,23 @@ async fn wide_batch_on(url: &str, dir: &std::path::Path) {
     store.migrate().await.expect("migrate");
     store.upsert_plant(&plant).await.expect("master data");
     let ledger = Arc::new(mes::settlement::Ledger::from_plant(&plant));
-    let (tx, rx) = tokio::sync::mpsc::channel(N);
+    let (tx, rx) = tokio::sync::mpsc::channel(N + 1);
     let metrics = Arc::new(mes::metrics::Metrics::default());
     let mut done = Vec::new();
-    for i in 0..N {
+    // Every device once (seq 1), device 0 twice in a row (seq 1, 2: its two polls in one
+    // statement's rows), each with its raw registers.
+    let readings = [(0, 1), (0, 2)].into_iter().chain((1..N).map(|i| (i, 1)));
+    for (i, seq) in readings {
         let (d, r) = tokio::sync::oneshot::channel();
-        let delta = crate::harness::counted_delta(&format!("WC-{i:04}"), &format!("d-{i:04}"), 1, 3, 1);
+        let device = format!("d-{i:04}");
+        let delta = crate::harness::counted_delta(&format!("WC-{i:04}"), &device, seq, 3, 1);
+        let raw = RawCounters { good: 3 * seq, scrap: seq, boot: Some(1) };
         let job = Job {
             work: Work::Counted(Box::new(delta)),
             received_ms: 0,
             done: Completion::Notify(d),
             slot: None,
-            raw: None,
+            raw: Some((device, raw)),
             metrics: Default::default(),
             lease: None,
         };
@@ -729,7 +737,7 @@ async fn wide_batch_on(url: &str, dir: &std::path::Path) {
     }
     drop(tx);
     // The writer takes everything queued as one batch (batch_max above N).
-    let writer = Writer::new(store.clone(), rx, metrics.clone(), Default::default(), 2_000, ledger);
+    let writer = Writer::new(store.clone(), rx, metrics.clone(), Default::default(), 10_000, ledger);
     tokio::time::timeout(Duration::from_secs(60), writer.run()).await.expect("writer finishes");
     let mut completed = 0;
     for r in done {
@@ -737,7 +745,7 @@ async fn wide_batch_on(url: &str, dir: &std::path::Path) {
     }
     assert_eq!(
         (completed, metrics.commits.load(Relaxed), metrics.commit_errors.load(Relaxed)),
-        (N, 1, 0),
+        (N + 1, 1, 0),
         "{url}: every job, one commit, no error"
     );
     let one = |sql: &'static str| {
@@ -747,13 +755,17 @@ async fn wide_batch_on(url: &str, dir: &std::path::Path) {
             sqlx::query(sql).fetch_one(&pool).await.and_then(|r| r.try_get::<i64, _>(0)).expect(sql)
         }
     };
-    let n = N as i64;
-    assert_eq!(one("SELECT COUNT(*) FROM telemetry").await, n, "{url}");
-    assert_eq!(one("SELECT CAST(SUM(good_total) AS BIGINT) FROM work_centers").await, 3 * n, "{url}");
+    let (n, r) = (N as i64, N as i64 + 1);
+    assert_eq!(one("SELECT COUNT(*) FROM telemetry").await, r, "{url}");
+    assert_eq!(one("SELECT CAST(SUM(good_total) AS BIGINT) FROM work_centers").await, 3 * r, "{url}");
     // Each reading: 3 good + 1 scrap, 2 SHEET each taken from RM; 3 WIDGET into FG.
-    assert_eq!(one("SELECT on_hand FROM buffers WHERE id = 'RM'").await, 50_000 - 8 * n, "{url}");
-    assert_eq!(one("SELECT on_hand FROM buffers WHERE id = 'FG'").await, 3 * n, "{url}");
+    assert_eq!(one("SELECT on_hand FROM buffers WHERE id = 'RM'").await, 50_000 - 8 * r, "{url}");
+    assert_eq!(one("SELECT on_hand FROM buffers WHERE id = 'FG'").await, 3 * r, "{url}");
+    // Per device and batch: one RM and one FG movement, journal lines from one source.
     assert_eq!(one("SELECT COUNT(*) FROM stock_movements WHERE source_kind = 'telemetry'").await, 2 * n, "{url}");
     assert_eq!(one("SELECT COUNT(DISTINCT source_id) FROM journal WHERE source_kind = 'telemetry'").await, n, "{url}");
     assert_eq!(one("SELECT COUNT(*) FROM device_cursors").await, n, "{url}");
+    assert_eq!(one("SELECT seq FROM device_cursors WHERE device = 'd-0000'").await, 2, "{url}");
+    assert_eq!(one("SELECT COUNT(*) FROM modbus_raw").await, n, "{url}");
+    assert_eq!(one("SELECT good FROM modbus_raw WHERE device = 'd-0000'").await, 6, "{url}: the newest poll");
 }
