@@ -234,10 +234,16 @@ impl Writer {
         let mut careful = false;
         loop {
             let started = Instant::now();
-            let (backend, ledger, fence, every) =
-                (self.store.backend, self.ledger.clone(), self.fence.clone(), self.progress_every);
+            let (backend, ledger, fence) = (self.store.backend, self.ledger.clone(), self.fence.clone());
+            let what = Batch {
+                ledger: &ledger,
+                progress_every: self.progress_every,
+                jobs: batch,
+                fence: fence.as_deref(),
+                careful,
+            };
             let result = match self.connection().await {
-                Ok(conn) => commit(conn, backend, &ledger, every, batch, fence.as_deref(), careful).await,
+                Ok(conn) => commit(conn, backend, what).await,
                 Err(e) => Err(e),
             };
             if result.is_err() {
@@ -682,20 +688,11 @@ fn to_i64(v: u64, what: &str) -> Result<i64, DbError> {
 /// letters), the whole batch, telemetry insert and its row-count check included, is one
 /// trip. Under a flood each trip is a wait to be scheduled on a busy core, so trips, not
 /// statements, set the pace.
-#[allow(clippy::too_many_arguments)]
-async fn commit(
-    conn: &mut sqlx::AnyConnection,
-    backend: Backend,
-    ledger: &Ledger,
-    progress_every: i64,
-    batch: &[Job],
-    fence: Option<&str>,
-    careful: bool,
-) -> Result<Option<Summary>, DbError> {
-    if !careful && fence.is_none() {
+async fn commit(conn: &mut sqlx::AnyConnection, backend: Backend, what: Batch<'_>) -> Result<Option<Summary>, DbError> {
+    if !what.careful && what.fence.is_none() {
         let mut link = Link::new(conn, backend);
         link.own_tx = true;
-        let done = match steps(&mut link, ledger, progress_every, batch, None, false).await {
+        let done = match steps(&mut link, what).await {
             Ok(Some(summary)) => link.finish().await.map(|()| Some(summary)),
             other => other,
         };
@@ -714,7 +711,7 @@ async fn commit(
     let mut tx = sqlx::Connection::begin(conn).await?;
     let summary = {
         let mut link = Link::new(&mut tx, backend);
-        match steps(&mut link, ledger, progress_every, batch, fence, careful).await? {
+        match steps(&mut link, what).await? {
             Some(mut summary) => {
                 link.flush().await?;
                 summary.balances = link.balances();
@@ -729,18 +726,25 @@ async fn commit(
     Ok(Some(summary))
 }
 
-/// The steps of one commit, in order, on `link` (which decides when they travel); the
-/// same parameters as [`commit`], which chose the link. `None`: a telemetry row of the batch
-/// was already stored, found by the row count of a fenced commit's insert (in the commit's
-/// own transaction the count is checked in SQL and fails the query instead).
-async fn steps(
-    link: &mut Link<'_>,
-    ledger: &Ledger,
+/// What one commit is asked to do: the batch and the writer's settings for it.
+#[derive(Clone, Copy)]
+struct Batch<'a> {
+    ledger: &'a Ledger,
+    /// Good units between ERP progress documents of an order (0: none).
     progress_every: i64,
-    batch: &[Job],
-    fence: Option<&str>,
+    jobs: &'a [Job],
+    /// Cluster mode: this node's id, for the lease check.
+    fence: Option<&'a str>,
+    /// Redo: the telemetry insert returns its rows, to tell stored ones apart.
     careful: bool,
-) -> Result<Option<Summary>, DbError> {
+}
+
+/// The steps of one commit, in order, on `link` (which [`commit`] chose and which decides
+/// when they travel). `None`: a telemetry row of the batch was already stored, found by the
+/// row count of a fenced commit's insert (in the commit's own transaction the count is
+/// checked in SQL and fails the query instead).
+async fn steps(link: &mut Link<'_>, what: Batch<'_>) -> Result<Option<Summary>, DbError> {
+    let Batch { ledger, progress_every, jobs: batch, fence, careful } = what;
     let mut summary = Summary::default();
     // 0. Fencing (cluster mode): the jobs of a work center commit only while this node
     // holds its lease under the token their state was built with. The lease rows stay

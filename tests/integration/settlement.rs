@@ -589,13 +589,19 @@ async fn a_shortage_is_booked_and_alerted_once() {
 #[tokio::test]
 async fn a_batch_with_an_already_stored_reading_is_redone_and_counts_once() {
     let dir = crate::harness::temp_dir();
-    let mut urls = vec![format!("sqlite://{}", dir.join("redo.db").display())];
-    if std::env::var("MES_TEST_DATABASE_URL").is_ok_and(|s| !s.is_empty()) {
-        urls.push(crate::harness::fresh_database(&dir).await);
-    }
-    for url in urls {
+    for url in sqlite_and_postgres(&dir, "redo").await {
         redo_on(&url, &dir).await;
     }
+}
+
+/// A fresh SQLite file `{name}.db` in `dir`, and a fresh PostgreSQL database when
+/// `MES_TEST_DATABASE_URL` is set: the writer tests run on both.
+async fn sqlite_and_postgres(dir: &std::path::Path, name: &str) -> Vec<String> {
+    let mut urls = vec![format!("sqlite://{}", dir.join(format!("{name}.db")).display())];
+    if std::env::var("MES_TEST_DATABASE_URL").is_ok_and(|s| !s.is_empty()) {
+        urls.push(crate::harness::fresh_database(dir).await);
+    }
+    urls
 }
 
 async fn redo_on(url: &str, dir: &std::path::Path) {
@@ -680,11 +686,7 @@ async fn redo_on(url: &str, dir: &std::path::Path) {
 #[tokio::test]
 async fn a_batch_spanning_six_thousand_devices_commits_whole() {
     let dir = crate::harness::temp_dir();
-    let mut urls = vec![format!("sqlite://{}", dir.join("wide.db").display())];
-    if std::env::var("MES_TEST_DATABASE_URL").is_ok_and(|s| !s.is_empty()) {
-        urls.push(crate::harness::fresh_database(&dir).await);
-    }
-    for url in urls {
+    for url in sqlite_and_postgres(&dir, "wide").await {
         wide_batch_on(&url, &dir).await;
     }
 }
