@@ -186,23 +186,6 @@ impl Writer {
         tracing::info!("writer drained and stopped");
     }
 
-    /// The writer's connection, acquired (bounded by the pool's acquire timeout) when it
-    /// has none.
-    async fn connection(&mut self) -> Result<&mut sqlx::AnyConnection, DbError> {
-        if self.conn.is_none() {
-            let mut c = self.store.pool.acquire().await?;
-            if self.store.backend == Backend::Sqlite {
-                // Room for the hot pages of a long run (16 MiB, this connection only).
-                sqlx::Executor::execute(&mut *c, "PRAGMA cache_size = -16384").await?;
-            }
-            self.conn = Some(c);
-        }
-        match self.conn.as_deref_mut() {
-            Some(c) => Ok(c),
-            None => Err(DbError::Other("writer connection missing".into())),
-        }
-    }
-
     /// Invariant: a device's counted readings reach the writer in apply order. Otherwise
     /// a commit could move the device's cursor past a reading whose delta is not yet
     /// committed, and a crash in between would lose that delta.
@@ -234,16 +217,15 @@ impl Writer {
         let mut careful = false;
         loop {
             let started = Instant::now();
-            let (backend, ledger, fence) = (self.store.backend, self.ledger.clone(), self.fence.clone());
             let what = Batch {
-                ledger: &ledger,
+                ledger: &self.ledger,
                 progress_every: self.progress_every,
                 jobs: batch,
-                fence: fence.as_deref(),
+                fence: self.fence.as_deref(),
                 careful,
             };
-            let result = match self.connection().await {
-                Ok(conn) => commit(conn, backend, what).await,
+            let result = match connection(&mut self.conn, &self.store).await {
+                Ok(conn) => commit(conn, self.store.backend, what).await,
                 Err(e) => Err(e),
             };
             if result.is_err() {
@@ -343,6 +325,26 @@ impl Writer {
             tap.committed(exported);
         }
     }
+}
+
+/// The writer's connection in `slot`, acquired (bounded by the pool's acquire timeout) when
+/// there is none.
+async fn connection<'a>(
+    slot: &'a mut Option<sqlx::pool::PoolConnection<sqlx::Any>>,
+    store: &Store,
+) -> Result<&'a mut sqlx::AnyConnection, DbError> {
+    let c = match slot.take() {
+        Some(c) => c,
+        None => {
+            let mut c = store.pool.acquire().await?;
+            if store.backend == Backend::Sqlite {
+                // Room for the hot pages of a long run (16 MiB, this connection only).
+                sqlx::Executor::execute(&mut *c, "PRAGMA cache_size = -16384").await?;
+            }
+            c
+        }
+    };
+    Ok(&mut **slot.insert(c))
 }
 
 /// Groups acknowledgements by session, keeping each session's order.
@@ -807,8 +809,8 @@ async fn steps(link: &mut Link<'_>, what: Batch<'_>) -> Result<Option<Summary>, 
         }
     }
     let now = crate::now_ms();
-    // The commit's writes that need no answer but the new balances go out as one tail
-    // (see [`Tail`]): stock, books and costs, cursors, work centers, raw registers.
+    // The commit's writes that need no answer but the new balances wait on the link (see
+    // [`Link`]): stock, books and costs, cursors, work centers, raw registers.
     books.write(link, now).await?;
 
     // 3. Device cursors move only forward (one statement per 2,000 devices).
@@ -1154,13 +1156,10 @@ impl<'c> Link<'c> {
         match (self.backend, self.open) {
             // Nothing was sent and nothing is pending: nothing to commit.
             (_, false) if self.pending.parts.is_empty() => Ok(()),
-            (Backend::Sqlite, open) => {
-                if !open {
-                    self.open = true;
-                    self.pending.push_front("BEGIN IMMEDIATE");
-                }
+            // `BEGIN IMMEDIATE` first if not sent yet (see `flush`), `COMMIT` last.
+            (Backend::Sqlite, _) => {
                 self.pending.push("COMMIT".into(), Vec::new(), false);
-                self.run().await
+                self.flush().await
             }
             // One statement, committed on its own (all or nothing).
             (Backend::Postgres, false) => self.run().await,
