@@ -122,6 +122,8 @@ fn ms(v: f64) -> String {
 struct IngestFigures {
     database: &'static str,
     raw_per_s: f64,
+    /// The contract floor (`bench_floor`): stores and acknowledges, nothing more.
+    floor: PhaseFigures,
     flood: PhaseFigures,
     half: PhaseFigures,
     /// The group-commit writer during the flood.
@@ -181,6 +183,16 @@ async fn ingest_one(url: String, o: &Options) -> anyhow::Result<IngestFigures> {
         eprintln!("[ingest {label}] raw broker: {n} messages to a no-op subscriber ...");
         let raw = crate::bench::baseline(&broker, &devices, n).await?;
         eprintln!("[ingest {label}] raw broker: {raw:.0} msg/s");
+        eprintln!("[ingest {label}] contract floor: {n} messages stored and acknowledged, nothing more ...");
+        let floor_store = crate::bench_floor::store_beside(&url).await?;
+        let floor_run = crate::bench_floor::start(&broker, floor_store.clone(), &devices, "bench-floor").await?;
+        let floor_load = Load::new(devices.clone(), "bench-floor", 1, vec![Phase::flood("floor", n)]);
+        let (mut ff, _) =
+            bench_load::run(&broker, &floor_store.pool, floor_load, &format!("floor {label}"), None).await?;
+        drop(floor_run);
+        floor_store.pool.close().await;
+        let floor = ff.remove(0);
+        eprintln!("[ingest {label}] contract floor: {:.0} msg/s", floor.committed_per_s);
         let load = Load::new(devices.clone(), &prefix, 1, vec![Phase::flood("flood", n)]);
         let before = WriterFigures::now(&handle, 0.0);
         let (mut f, _) = bench_load::run(&broker, &obs.pool, load.clone(), &format!("ingest {label}"), None).await?;
@@ -204,7 +216,7 @@ async fn ingest_one(url: String, o: &Options) -> anyhow::Result<IngestFigures> {
             writer_half.ms_per_commit,
             writer_half.busy_share * 100.0
         );
-        Ok(IngestFigures { database: label, raw_per_s: raw, flood, half: h.remove(0), writer, writer_half })
+        Ok(IngestFigures { database: label, raw_per_s: raw, floor, flood, half: h.remove(0), writer, writer_half })
     })
     .await
 }
@@ -226,17 +238,20 @@ async fn ingest(o: &Options) -> anyhow::Result<()> {
         rows.push(ingest_one(url, o).await?);
     }
     let mut md = String::from(
-        "| database | messages | raw broker msg/s | MES committed msg/s | ratio | p50 / p99 (flood) | inputs per commit | writer busy | half rate msg/s | committed msg/s | p50 / p99 ms at half rate |\n\
-         |---|---:|---:|---:|---:|---|---:|---:|---:|---:|---|\n",
+        "| database | messages | raw broker msg/s | contract floor msg/s | floor / raw | MES committed msg/s | ratio | MES / floor | p50 / p99 (flood) | inputs per commit | writer busy | half rate msg/s | committed msg/s | p50 / p99 ms at half rate |\n\
+         |---|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---|\n",
     );
     for r in &rows {
         md.push_str(&format!(
-            "| {} | {} | {:.0} | {:.0} | {:.2} | {} / {} ms | {:.0} | {:.0} % | {:.0} | {:.0} | {} / {} |\n",
+            "| {} | {} | {:.0} | {:.0} | {:.2} | {:.0} | {:.2} | {:.2} | {} / {} ms | {:.0} | {:.0} % | {:.0} | {:.0} | {} / {} |\n",
             r.database,
             r.flood.messages,
             r.raw_per_s,
+            r.floor.committed_per_s,
+            r.floor.committed_per_s / r.raw_per_s.max(f64::MIN_POSITIVE),
             r.flood.committed_per_s,
             r.flood.committed_per_s / r.raw_per_s.max(f64::MIN_POSITIVE),
+            r.flood.committed_per_s / r.floor.committed_per_s.max(f64::MIN_POSITIVE),
             ms(r.flood.p50_ms),
             ms(r.flood.p99_ms),
             r.writer.jobs_per_commit,

@@ -6,6 +6,7 @@
 pub mod app;
 pub mod bench;
 pub mod bench_cluster;
+pub mod bench_floor;
 pub mod bench_http;
 pub mod bench_load;
 pub mod bench_modbus;

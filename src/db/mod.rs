@@ -90,6 +90,9 @@ impl Store {
                     conn.execute("PRAGMA synchronous = NORMAL").await?;
                     conn.execute("PRAGMA busy_timeout = 10000").await?;
                     conn.execute("PRAGMA foreign_keys = ON").await?;
+                    // Statement journals and temporary b-trees in memory: on disk each
+                    // large commit created, wrote and unlinked a file under /var/tmp.
+                    conn.execute("PRAGMA temp_store = MEMORY").await?;
                     Ok(())
                 })
             }),

@@ -648,7 +648,7 @@ struct WcAgg<'a> {
 /// `(?,?),(?,?)` on SQLite, `($1,$2),($3,$4)` on PostgreSQL: placeholders for a multi-row
 /// statement whose values are bound in order. (SQLite resolves `$n` names by a linear
 /// scan per parameter, which makes large statements quadratic there.)
-fn rows_sql(backend: Backend, rows: usize, cols: usize) -> String {
+pub(crate) fn rows_sql(backend: Backend, rows: usize, cols: usize) -> String {
     rows_sql_from(backend, rows, cols, 1)
 }
 

@@ -38,3 +38,34 @@ async fn paced_plan_is_observed_committed_exactly_once_per_phase() {
     // device's total good is twice its last seq.
     assert_eq!(mes.wait_totals("BLANK-1", (2 * 73, 73 / 50)).await, (146, 1));
 }
+
+/// The contract floor of `mes bench ingest` (`mes::bench_floor`) stores each reading once,
+/// with the values the payload carries, and acknowledges after the commit: a plan run
+/// against it is seen committed in full, and its table holds exactly the plan's rows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn contract_floor_stores_each_reading_once_with_its_values() {
+    let mes = Mes::start(MesOptions::default()).await;
+    let broker = format!("{}:{}", mes.mqtt_host, mes.mqtt_port);
+    // Beside a fresh MES database: a SQLite file, or on PostgreSQL when the suite runs there.
+    let url = crate::harness::fresh_database(&crate::harness::temp_dir()).await;
+    let store = mes::bench_floor::store_beside(&url).await.expect("floor database");
+    let devices: Vec<String> = DEVICES.iter().map(|d| d.to_string()).collect();
+    let floor = mes::bench_floor::start(&broker, store.clone(), &devices, "floor-test").await.expect("floor starts");
+
+    let load = Load::new(devices, "floor-test", 1, vec![Phase::flood("flood", 400)]);
+    let (figures, _) = bench_load::run(&broker, &store.pool, load, "floor", None).await.expect("run");
+    assert_eq!((figures[0].messages, figures[0].committed), (400, 400));
+    drop(floor);
+    // 400 over 4 devices: seq 1..=100 each; the payload's good is 2 × seq, scrap seq / 50.
+    let rows: Vec<(String, i64, i64, i64)> =
+        sqlx::query_as("SELECT device, seq, good, scrap FROM telemetry ORDER BY device, seq")
+            .fetch_all(&store.pool)
+            .await
+            .expect("rows");
+    assert_eq!(rows.len(), 400);
+    for d in DEVICES {
+        let seqs: Vec<i64> = rows.iter().filter(|r| r.0 == d).map(|r| r.1).collect();
+        assert_eq!(seqs, (1..=100).collect::<Vec<i64>>(), "{d}");
+    }
+    assert!(rows.iter().all(|(_, seq, good, scrap)| *good == 2 * seq && *scrap == seq / 50));
+}
