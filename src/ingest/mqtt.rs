@@ -91,6 +91,13 @@ pub enum Kind {
     /// work (that session has its own copy and commits it); anything else is ingested
     /// (devices the plant does not name become dead letters; a device whose partition is
     /// disconnected is ingested here, and deduplication absorbs the second copy).
+    ///
+    /// Except while it catches up: what the broker kept for this session from before the
+    /// connect may include messages no partition session has (a device added to the plant
+    /// while the MES was down is subscribed by its partition only now). So after each
+    /// connect the session ingests everything (deduplicated) until its own marker, published
+    /// once its subscription is confirmed, comes back: everything after the marker was
+    /// published after every partition had subscribed.
     Main(Arc<super::sessions::Partitions>),
     /// A session the configuration no longer uses: takes what the broker kept for it, and
     /// ends once quiet; the report says whether everything taken was committed.
@@ -107,6 +114,14 @@ pub struct DrainReport {
     /// Every message taken was committed and acknowledged (so the session may be removed).
     pub complete: bool,
 }
+
+/// The device id of the main session's catch-up marker (`Kind::Main`): published to
+/// `{prefix}/devices/{MARKER_DEVICE}/telemetry`, the topic filter its backlog arrives
+/// through, so the broker delivers it after that backlog.
+pub const MARKER_DEVICE: &str = "_mes-catch-up-marker";
+/// While catching up longer than this, the main session says so (it goes on ingesting every
+/// message, deduplicated: safe, at the cost of the work).
+const CATCH_UP_WARN: Duration = Duration::from_secs(60);
 
 /// A drained session ends after this long without a message.
 const DRAIN_QUIET: Duration = Duration::from_secs(2);
@@ -213,6 +228,9 @@ pub fn start(
         let mut pending_subacks = 0usize;
         let mut refused = false;
         let mut last_message = tokio::time::Instant::now();
+        // Main session: the marker of this connection while it catches up, and since when.
+        let mut catch_up: Option<(String, tokio::time::Instant, bool)> = None;
+        let marker_topic = format!("{prefix}/devices/{MARKER_DEVICE}/telemetry");
         let mut tick = tokio::time::interval(Duration::from_millis(100));
         loop {
             let ev = tokio::select! {
@@ -260,6 +278,10 @@ pub fn start(
                     // needed when it lost it.
                     pending_subacks = 0;
                     refused = false;
+                    if partitions.is_some() {
+                        let nonce = format!("{}-{}", crate::now_ms(), generation.load(Relaxed));
+                        catch_up = Some((nonce, tokio::time::Instant::now(), false));
+                    }
                     if draining {
                         // A retired session keeps nothing new: its subscriptions go, what
                         // the broker already queued for it still arrives.
@@ -297,12 +319,48 @@ pub fn start(
                     if let (0, false, Some(flag)) = (pending_subacks, refused, &subscribed) {
                         flag.store(true, Relaxed);
                     }
+                    if let (0, Some((nonce, _, sent @ false))) = (pending_subacks, catch_up.as_mut()) {
+                        // Subscribed: the marker comes back through the wildcard, after the
+                        // backlog the broker kept.
+                        let body = serde_json::json!({ "mes_catch_up_marker": nonce.as_str() }).to_string();
+                        match client.try_publish(marker_topic.clone(), QoS::AtLeastOnce, false, body) {
+                            Ok(()) => *sent = true,
+                            Err(e) => {
+                                tracing::error!(session = %client_id, error = %e, "cannot queue the catch-up marker")
+                            }
+                        }
+                    }
                 }
                 Ok(Event::Incoming(Packet::Publish(p))) => {
                     last_message = tokio::time::Instant::now();
-                    if partitions.as_ref().is_some_and(|parts| parts.covers(&prefix, &p.topic)) {
-                        // Its partition session has this message too and commits it.
-                        Metrics::inc(&metrics.mqtt_main_skipped);
+                    let marker = partitions.is_some() && p.topic == marker_topic;
+                    if marker {
+                        // This connection's marker ends the catch-up; an older one (sent
+                        // just before a disconnect) is only acknowledged.
+                        let body: serde_json::Value = serde_json::from_slice(&p.payload).unwrap_or_default();
+                        let ours = catch_up
+                            .as_ref()
+                            .is_some_and(|(nonce, _, _)| body["mes_catch_up_marker"].as_str() == Some(nonce.as_str()));
+                        if ours {
+                            if let Some((_, since, _)) = catch_up.take() {
+                                tracing::info!(session = %client_id, after_ms = since.elapsed().as_millis() as u64, "main session caught up with what the broker kept for it");
+                            }
+                        }
+                    } else if let Some((_, since, _)) = &catch_up {
+                        if since.elapsed() >= CATCH_UP_WARN {
+                            tracing::warn!(session = %client_id, "main session still catching up (its marker has not come back): every message is ingested here too, deduplicated");
+                            catch_up = catch_up.map(|(n, _, sent)| (n, tokio::time::Instant::now(), sent));
+                        }
+                    }
+                    if marker
+                        || (catch_up.is_none()
+                            && partitions.as_ref().is_some_and(|parts| parts.covers(&prefix, &p.topic)))
+                    {
+                        // Its partition session has this message too and commits it (or it
+                        // is a marker).
+                        if !marker {
+                            Metrics::inc(&metrics.mqtt_main_skipped);
+                        }
                         if p.qos != QoS::AtMostOnce {
                             received_qos1 += 1;
                             let a = MqttAck {
