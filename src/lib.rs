@@ -25,6 +25,7 @@ pub mod influx;
 pub mod ingest;
 pub mod live;
 pub mod metrics;
+pub mod oee_live;
 pub mod openapi;
 pub mod plant;
 pub mod settlement;

@@ -324,6 +324,58 @@ impl Store {
         Ok(out)
     }
 
+    /// The first telemetry row id received at or after `received_ms` (ids grow with commit
+    /// order, and so, nearly, do receive times): a binary search over the row ids, a few
+    /// dozen indexed lookups however long the table.
+    pub async fn telemetry_id_since(&self, received_ms: i64) -> Result<i64, DbError> {
+        let bound = |sql: &'static str| async move {
+            let r = sqlx::query(sql).fetch_one(&self.pool).await?;
+            Ok::<i64, DbError>(opt_i64(&r, "v")?.unwrap_or(0))
+        };
+        let (mut lo, mut hi) = (
+            bound("SELECT MIN(id) AS v FROM telemetry").await?,
+            bound("SELECT MAX(id) AS v FROM telemetry").await? + 1,
+        );
+        // Invariant: rows before `lo` were received before `received_ms`; `hi` is past it.
+        while lo < hi {
+            let mid = lo + (hi - lo) / 2;
+            let r = sqlx::query("SELECT id, received_ms FROM telemetry WHERE id >= $1 ORDER BY id LIMIT 1")
+                .bind(mid)
+                .fetch_optional(&self.pool)
+                .await?;
+            match r {
+                Some(r) if r.try_get::<i64, _>("received_ms")? < received_ms => lo = r.try_get::<i64, _>("id")? + 1,
+                _ => hi = mid,
+            }
+        }
+        Ok(lo)
+    }
+
+    /// Up to `limit` telemetry rows after row id `after`, in id order: `(id, work center,
+    /// device time or else receive time, good, scrap)`.
+    pub async fn telemetry_after(&self, after: i64, limit: i64) -> Result<Vec<(i64, String, i64, u64, u64)>, DbError> {
+        let rows = sqlx::query(
+            "SELECT id, work_center, COALESCE(ts_ms, received_ms) AS t, good, scrap FROM telemetry
+             WHERE id > $1 ORDER BY id LIMIT $2",
+        )
+        .bind(after)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        let mut out = Vec::with_capacity(rows.len());
+        for r in rows {
+            let (good, scrap): (i64, i64) = (r.try_get("good")?, r.try_get("scrap")?);
+            out.push((
+                r.try_get("id")?,
+                r.try_get("work_center")?,
+                r.try_get("t")?,
+                good.max(0) as u64,
+                scrap.max(0) as u64,
+            ));
+        }
+        Ok(out)
+    }
+
     /// The latest device time (receive time where none) of a work center's readings.
     pub async fn latest_time(&self, wc: &str) -> Result<Option<i64>, DbError> {
         let r = sqlx::query("SELECT MAX(COALESCE(ts_ms, received_ms)) AS t FROM telemetry WHERE work_center = $1")

@@ -5,6 +5,7 @@ use super::api::{apply_order_command, dispatch_order, AppState};
 use super::{rfc3339, ApiError, Caller};
 use crate::config::Role;
 use crate::db::queries::{NewOrder, OrderRow, WorkCenterRow};
+use crate::oee_live::{self, LiveCounts};
 use actix_web::{web, HttpRequest, HttpResponse};
 use mes_actors::oee::{self, Count, Oee, OeeInput, OeeParams, StateAt, StateChange};
 use mes_actors::planning::{self, Demand, Stock, WorkCenterCapacity};
@@ -45,6 +46,7 @@ impl OeeCache {
 pub fn oee_summary(o: &Oee) -> Value {
     json!({
         "window_s": (o.to_ms - o.from_ms) / 1000,
+        "from": rfc3339(o.from_ms), "to": rfc3339(o.to_ms),
         "availability": o.availability, "performance": o.performance, "quality": o.quality, "oee": o.oee,
     })
 }
@@ -70,7 +72,6 @@ pub async fn compute_oee(
     from: i64,
     to: i64,
 ) -> Result<Oee, ApiError> {
-    let t = st.store.timeline(&wc.id, from, to).await?;
     // Counts summed per second of device time (per minute beyond a day): start-up reject
     // windows resolve to the bucket, and the rows read stay bounded on a busy line.
     let bucket = if to - from > 86_400_000 { 60_000 } else { 1_000 };
@@ -81,6 +82,18 @@ pub async fn compute_oee(
         .into_iter()
         .map(|(ts_ms, good, scrap)| Count { ts_ms, good, scrap })
         .collect();
+    oee_with_counts(st, wc, from, to, &counts).await
+}
+
+/// OEE over `[from, to)` from the recorded state changes and the given counts.
+async fn oee_with_counts(
+    st: &AppState,
+    wc: &WorkCenterRow,
+    from: i64,
+    to: i64,
+    counts: &[Count],
+) -> Result<Oee, ApiError> {
+    let t = st.store.timeline(&wc.id, from, to).await?;
     let initial = t.initial.map(|(state, reason)| StateAt { state, reason });
     let changes: Vec<StateChange> =
         t.changes.into_iter().map(|(ts_ms, state, reason)| StateChange { ts_ms, state, reason }).collect();
@@ -89,7 +102,7 @@ pub async fn compute_oee(
         to_ms: to,
         initial: initial.as_ref(),
         changes: &changes,
-        counts: &counts,
+        counts,
         ideal_cycle_ms: wc.ideal_cycle_ms.max(1),
     };
     oee::oee(&input, &OeeParams::default())
@@ -399,8 +412,14 @@ pub(super) async fn release_surge_plan(req: HttpRequest, st: State, id: web::Pat
 /// until `shutdown`.
 pub async fn run_background(st: web::Data<AppState>, mut shutdown: tokio::sync::watch::Receiver<bool>) {
     let system = Caller { name: "mes".into(), role: Role::Admin };
+    // A single node keeps the live OEE's counts from new rows only (`oee_live`).
+    let mut counts = st.cluster.is_none().then(LiveCounts::default);
     loop {
-        if let Err(e) = refresh_oee(&st).await {
+        let refreshed = match counts.as_mut() {
+            Some(c) => refresh_oee_incremental(&st, c).await,
+            None => refresh_oee(&st).await,
+        };
+        if let Err(e) = refreshed {
             tracing::warn!(error = %e, "live OEE not refreshed");
         }
         if let Err(e) = advance_queues(&st, &system).await {
@@ -414,12 +433,47 @@ pub async fn run_background(st: web::Data<AppState>, mut shutdown: tokio::sync::
 }
 
 /// Live OEE: the last hour up to now, or up to the device's latest reading when its clock
-/// runs ahead (a simulator at 10× speed).
+/// runs ahead (a simulator at 10× speed). A cluster node: counts read from the table.
 async fn refresh_oee(st: &AppState) -> Result<(), ApiError> {
     let now = crate::now_ms();
     for w in st.store.work_centers().await? {
         let to = st.store.latest_time(&w.id).await?.map_or(now, |t| t.saturating_add(1).max(now));
         let o = compute_oee(st, &w, None, to - LIVE_OEE_WINDOW_MS, to).await?;
+        st.oee.set(&w.id, o);
+    }
+    Ok(())
+}
+
+/// Rows taken in per read of new telemetry.
+const LIVE_ROWS_PER_READ: i64 = 5_000;
+/// Rows received this long before the window are read at the first fill too (a device's
+/// time may lag its receive time).
+const LIVE_FILL_SLACK_MS: i64 = 600_000;
+
+/// Live OEE as [`refresh_oee`], over whole minutes (`oee_live::window_start`), with the
+/// counts kept in `counts` and only the rows committed since the last refresh read.
+async fn refresh_oee_incremental(st: &AppState, counts: &mut LiveCounts) -> Result<(), ApiError> {
+    let now = crate::now_ms();
+    let mut after = match counts.last_id {
+        Some(id) => id,
+        None => st.store.telemetry_id_since(now - LIVE_OEE_WINDOW_MS - LIVE_FILL_SLACK_MS).await? - 1,
+    };
+    loop {
+        let rows = st.store.telemetry_after(after, LIVE_ROWS_PER_READ).await?;
+        for (id, wc, ts_ms, good, scrap) in &rows {
+            counts.add(wc, *ts_ms, *good, *scrap);
+            after = *id;
+        }
+        counts.last_id = Some(after);
+        if (rows.len() as i64) < LIVE_ROWS_PER_READ {
+            break;
+        }
+    }
+    for w in st.store.work_centers().await? {
+        let to = counts.latest(&w.id).map_or(now, |t| t.saturating_add(1).max(now));
+        let from = oee_live::window_start(to, LIVE_OEE_WINDOW_MS);
+        let o = oee_with_counts(st, &w, from, to, &counts.counts(&w.id, from, to)).await?;
+        counts.prune(&w.id, from);
         st.oee.set(&w.id, o);
     }
     Ok(())

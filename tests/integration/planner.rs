@@ -157,6 +157,58 @@ fn at(s: i64) -> String {
     t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
 }
 
+/// The live OEE shown with a work center is kept from new rows only (`mes::oee_live`); it
+/// must equal `GET …/oee`, computed from the table, over the same window. The scripted hour
+/// below, ending just before now, so that the live window holds it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn live_oee_equals_the_oee_computed_from_the_table_over_its_window() {
+    let plant = widget_plant(r#"{ mqtt = { id = "press-01" } }"#);
+    let mes = Mes::start(MesOptions { plant: Some(plant), ..Default::default() }).await;
+    let mut dev = mes.device("live-oee");
+    let base = chrono::Utc::now().timestamp_millis() - 3_560_000;
+    let at = |s: i64| mes::http::rfc3339(base + s * 1000);
+    let script: [(i64, &str, Option<&str>, u64, u64); 8] = [
+        (0, "setup", Some("changeover"), 0, 0),
+        (600, "running", None, 0, 0),
+        (900, "running", None, 300, 5),
+        (1800, "idle", Some("starved"), 700, 5),
+        (1920, "running", None, 700, 5),
+        (2400, "down", Some("jam"), 1100, 8),
+        (3000, "running", None, 1100, 8),
+        (3500, "running", None, 1400, 10),
+    ];
+    for (i, (sec, state, reason, good, scrap)) in script.iter().enumerate() {
+        let payload = json!({"boot": 1, "seq": i + 1, "ts": at(*sec), "state": state, "reason": reason,
+                             "good": good, "scrap": scrap});
+        dev.publish_raw("press-01", payload.to_string()).await;
+    }
+    dev.flush().await;
+    assert_eq!(mes.wait_totals("PRESS-1", (1400, 10)).await, (1400, 10));
+    let committed = chrono::Utc::now().timestamp_millis();
+    // The first refresh that began after the commit (every 5 s).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let live = loop {
+        let (_, w) = mes.get("/api/v1/work-centers/PRESS-1").await;
+        let to = w["oee"]["to"].as_str().and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok());
+        if to.is_some_and(|t| t.timestamp_millis() > committed + 1000) {
+            break w["oee"].clone();
+        }
+        assert!(std::time::Instant::now() < deadline, "no live OEE refreshed after the commit: {w}");
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    };
+    let (from, to) = (live["from"].as_str().unwrap_or_default(), live["to"].as_str().unwrap_or_default());
+    let window = live["window_s"].as_i64().unwrap_or_default();
+    assert!((3600..3660).contains(&window), "{live}");
+    let (s, o) = mes.get(&format!("/api/v1/work-centers/PRESS-1/oee?from={from}&to={to}")).await;
+    assert_eq!(s, 200, "{o}");
+    for k in ["availability", "performance", "quality", "oee"] {
+        assert_eq!(live[k], o[k], "{k}: live {live} / table {o}");
+    }
+    // Every reading is inside the window: quality 1400 / 1410.
+    assert_eq!(o["quality"].as_f64(), Some(0.9929), "{o}");
+    assert_eq!((o["good"].as_u64(), o["scrap"].as_u64()), (Some(1400), Some(10)));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn oee_of_a_scripted_hour_equals_the_hand_computation() {
     let plant = widget_plant(r#"{ mqtt = { id = "press-01" } }"#);
