@@ -122,6 +122,40 @@ pub const MARKER_DEVICE: &str = "_mes-catch-up-marker";
 /// While catching up longer than this, the main session says so (it goes on ingesting every
 /// message, deduplicated: safe, at the cost of the work).
 const CATCH_UP_WARN: Duration = Duration::from_secs(60);
+/// A marker not back after this long is published again: a broker whose queue for the
+/// session was full when it arrived dropped it (Mosquitto's `max_queued_messages`).
+const MARKER_RESEND: Duration = Duration::from_secs(5);
+
+/// The main session's catch-up after a connect (see [`Kind::Main`]).
+struct CatchUp {
+    /// Tells this connection's marker from an older one's.
+    nonce: String,
+    /// When the marker was last published.
+    sent: Option<tokio::time::Instant>,
+    /// Since when it has been catching up, or when it last warned that it still is.
+    warned: tokio::time::Instant,
+}
+
+impl CatchUp {
+    fn new(nonce: String) -> Self {
+        Self { nonce, sent: None, warned: tokio::time::Instant::now() }
+    }
+
+    /// Whether to publish the marker now: once the subscription is confirmed, and again
+    /// every [`MARKER_RESEND`] while it has not come back.
+    fn marker_due(&self, subscribed: bool) -> bool {
+        subscribed && self.sent.is_none_or(|t| t.elapsed() >= MARKER_RESEND)
+    }
+
+    fn marker(&self) -> String {
+        serde_json::json!({ "mes_catch_up_marker": self.nonce.as_str() }).to_string()
+    }
+
+    fn is_ours(&self, payload: &[u8]) -> bool {
+        let body: serde_json::Value = serde_json::from_slice(payload).unwrap_or_default();
+        body["mes_catch_up_marker"].as_str() == Some(self.nonce.as_str())
+    }
+}
 
 /// A drained session ends after this long without a message.
 const DRAIN_QUIET: Duration = Duration::from_secs(2);
@@ -229,14 +263,21 @@ pub fn start(
         let mut refused = false;
         let mut last_message = tokio::time::Instant::now();
         // Main session: the marker of this connection while it catches up, and since when.
-        let mut catch_up: Option<(String, tokio::time::Instant, bool)> = None;
+        let mut catch_up: Option<CatchUp> = None;
         let marker_topic = format!("{prefix}/devices/{MARKER_DEVICE}/telemetry");
         let mut tick = tokio::time::interval(Duration::from_millis(100));
         loop {
             let ev = tokio::select! {
                 _ = shutdown.changed() => break,
                 ev = eventloop.poll() => ev,
-                _ = tick.tick(), if draining => {
+                _ = tick.tick(), if draining || catch_up.is_some() => {
+                    // A marker lost while the line is quiet is sent again from here.
+                    if let Some(c) = catch_up.as_mut().filter(|c| c.sent.is_some() && c.marker_due(pending_subacks == 0)) {
+                        send_marker(&client, &client_id, &marker_topic, c);
+                    }
+                    if !draining {
+                        continue;
+                    }
                     // A retired session ends once nothing came for a while and everything
                     // it took has been committed and acknowledged (or given up).
                     if report.present
@@ -280,7 +321,7 @@ pub fn start(
                     refused = false;
                     if partitions.is_some() {
                         let nonce = format!("{}-{}", crate::now_ms(), generation.load(Relaxed));
-                        catch_up = Some((nonce, tokio::time::Instant::now(), false));
+                        catch_up = Some(CatchUp::new(nonce));
                     }
                     if draining {
                         // A retired session keeps nothing new: its subscriptions go, what
@@ -319,16 +360,10 @@ pub fn start(
                     if let (0, false, Some(flag)) = (pending_subacks, refused, &subscribed) {
                         flag.store(true, Relaxed);
                     }
-                    if let (0, Some((nonce, _, sent @ false))) = (pending_subacks, catch_up.as_mut()) {
+                    if let Some(c) = catch_up.as_mut().filter(|c| c.marker_due(pending_subacks == 0)) {
                         // Subscribed: the marker comes back through the wildcard, after the
                         // backlog the broker kept.
-                        let body = serde_json::json!({ "mes_catch_up_marker": nonce.as_str() }).to_string();
-                        match client.try_publish(marker_topic.clone(), QoS::AtLeastOnce, false, body) {
-                            Ok(()) => *sent = true,
-                            Err(e) => {
-                                tracing::error!(session = %client_id, error = %e, "cannot queue the catch-up marker")
-                            }
-                        }
+                        send_marker(&client, &client_id, &marker_topic, c);
                     }
                 }
                 Ok(Event::Incoming(Packet::Publish(p))) => {
@@ -337,19 +372,17 @@ pub fn start(
                     if marker {
                         // This connection's marker ends the catch-up; an older one (sent
                         // just before a disconnect) is only acknowledged.
-                        let body: serde_json::Value = serde_json::from_slice(&p.payload).unwrap_or_default();
-                        let ours = catch_up
-                            .as_ref()
-                            .is_some_and(|(nonce, _, _)| body["mes_catch_up_marker"].as_str() == Some(nonce.as_str()));
-                        if ours {
-                            if let Some((_, since, _)) = catch_up.take() {
-                                tracing::info!(session = %client_id, after_ms = since.elapsed().as_millis() as u64, "main session caught up with what the broker kept for it");
-                            }
+                        if catch_up.as_ref().is_some_and(|c| c.is_ours(&p.payload)) {
+                            tracing::info!(session = %client_id, "main session caught up with what the broker kept for it");
+                            catch_up = None;
                         }
-                    } else if let Some((_, since, _)) = &catch_up {
-                        if since.elapsed() >= CATCH_UP_WARN {
+                    } else if let Some(c) = catch_up.as_mut() {
+                        if c.marker_due(pending_subacks == 0) {
+                            send_marker(&client, &client_id, &marker_topic, c);
+                        }
+                        if c.warned.elapsed() >= CATCH_UP_WARN {
                             tracing::warn!(session = %client_id, "main session still catching up (its marker has not come back): every message is ingested here too, deduplicated");
-                            catch_up = catch_up.map(|(n, _, sent)| (n, tokio::time::Instant::now(), sent));
+                            c.warned = tokio::time::Instant::now();
                         }
                     }
                     if marker
@@ -403,6 +436,8 @@ pub fn start(
                     if let Some(flag) = &subscribed {
                         flag.store(false, Relaxed);
                     }
+                    // The next connection catches up with its own marker.
+                    catch_up = None;
                     if draining {
                         tracing::warn!(session = %client_id, error = %e, "connection lost while draining a retired session; kept for the next start");
                         break;
@@ -442,6 +477,14 @@ pub fn start(
         tracing::info!(session = %client_id, "MQTT intake stopped");
     });
     Ok((handle, task))
+}
+
+/// Publishes the main session's catch-up marker (QoS 1, through the client's queue).
+fn send_marker(client: &AsyncClient, session: &str, topic: &str, c: &mut CatchUp) {
+    match client.try_publish(topic.to_string(), QoS::AtLeastOnce, false, c.marker()) {
+        Ok(()) => c.sent = Some(tokio::time::Instant::now()),
+        Err(e) => tracing::error!(session = %session, error = %e, "cannot queue the catch-up marker"),
+    }
 }
 
 /// After intake stops: keep the connection polled until what is in flight is committed
@@ -591,6 +634,23 @@ async fn acker(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The catch-up marker goes out once subscribed, again only when it has not come back
+    /// for [`MARKER_RESEND`], and only this connection's marker ends the catch-up.
+    #[tokio::test]
+    async fn catch_up_marker_is_sent_when_subscribed_resent_when_lost_and_recognised() {
+        let mut c = CatchUp::new("n-1".into());
+        assert!(!c.marker_due(false), "not before the subscription is confirmed");
+        assert!(c.marker_due(true));
+        c.sent = Some(tokio::time::Instant::now());
+        assert!(!c.marker_due(true), "just sent");
+        c.sent = Some(tokio::time::Instant::now() - MARKER_RESEND);
+        assert!(c.marker_due(true), "not back in time: sent again");
+        assert!(c.is_ours(c.marker().as_bytes()));
+        assert!(!c.is_ours(CatchUp::new("n-0".into()).marker().as_bytes()), "an older connection's");
+        assert!(!c.is_ours(b"{\"boot\":1}"));
+        assert!(!c.is_ours(b"\xff not json"));
+    }
 
     /// Found by tests/integration/hostile.rs: a 3 MiB publish forwarded by Mosquitto (which
     /// has no size limit by default) was over the client's packet limit, broke the
