@@ -184,14 +184,7 @@ async fn ingest_one(url: String, o: &Options) -> anyhow::Result<IngestFigures> {
         let raw = crate::bench::baseline(&broker, &devices, n).await?;
         eprintln!("[ingest {label}] raw broker: {raw:.0} msg/s");
         eprintln!("[ingest {label}] contract floor: {n} messages stored and acknowledged, nothing more ...");
-        let floor_store = crate::bench_floor::store_beside(&url).await?;
-        let floor_run = crate::bench_floor::start(&broker, floor_store.clone(), &devices, "bench-floor").await?;
-        let floor_load = Load::new(devices.clone(), "bench-floor", 1, vec![Phase::flood("floor", n)]);
-        let (mut ff, _) =
-            bench_load::run(&broker, &floor_store.pool, floor_load, &format!("floor {label}"), None).await?;
-        drop(floor_run);
-        floor_store.pool.close().await;
-        let floor = ff.remove(0);
+        let floor = floor_flood(&broker, &url, &devices, n, &format!("floor {label}")).await?;
         eprintln!("[ingest {label}] contract floor: {:.0} msg/s", floor.committed_per_s);
         let load = Load::new(devices.clone(), &prefix, 1, vec![Phase::flood("flood", n)]);
         let before = WriterFigures::now(&handle, 0.0);
@@ -219,6 +212,18 @@ async fn ingest_one(url: String, o: &Options) -> anyhow::Result<IngestFigures> {
         Ok(IngestFigures { database: label, raw_per_s: raw, floor, flood, half: h.remove(0), writer, writer_half })
     })
     .await
+}
+
+/// A flood of `n` messages through the contract floor (`bench_floor`), its store beside the
+/// database at `url`, timed by the same publisher and observer as the MES.
+async fn floor_flood(broker: &str, url: &str, devices: &[String], n: u64, label: &str) -> anyhow::Result<PhaseFigures> {
+    let store = crate::bench_floor::store_beside(url).await?;
+    let run = crate::bench_floor::start(broker, store.clone(), devices, "bench-floor").await?;
+    let load = Load::new(devices.to_vec(), "bench-floor", 1, vec![Phase::flood("floor", n)]);
+    let (mut f, _) = bench_load::run(broker, &store.pool, load, label, None).await?;
+    drop(run);
+    store.pool.close().await;
+    Ok(f.remove(0))
 }
 
 async fn ingest(o: &Options) -> anyhow::Result<()> {
@@ -586,11 +591,14 @@ async fn node_red(o: &Options) -> anyhow::Result<()> {
     let url = fresh_sqlite("bench-node-red-mes")?;
     let (cfg, broker, devices, prefix) = in_process(url.clone(), "mes-bench-node-red")?;
     let (n, peer_n) = (o.messages, o.peer_messages.max(1));
-    let (raw, mes, nr, nr_hwm) = crate::app::run_with(cfg, move |_handle: Handle| async move {
+    let (raw, floor, mes, nr, nr_hwm) = crate::app::run_with(cfg, move |_handle: Handle| async move {
         let obs = crate::db::Store::connect(&url, 2).await?;
         eprintln!("[node-red] raw broker: {n} messages to a no-op subscriber ...");
         let raw = crate::bench::baseline(&broker, &devices, n).await?;
         eprintln!("[node-red] raw broker: {raw:.0} msg/s");
+        eprintln!("[node-red] contract floor: {n} messages stored and acknowledged, nothing more ...");
+        let floor = floor_flood(&broker, &url, &devices, n, "contract floor").await?;
+        eprintln!("[node-red] contract floor: {:.0} msg/s", floor.committed_per_s);
         let load = Load::new(devices.clone(), &prefix, 1, vec![Phase::flood("MES", n)]);
         let (mut f, _) = bench_load::run(&broker, &obs.pool, load, "MES", None).await?;
         let mes = f.remove(0);
@@ -600,17 +608,26 @@ async fn node_red(o: &Options) -> anyhow::Result<()> {
         let (mut f, _) = bench_load::run(&broker, &store.pool, load, "Node-RED", Some(pid)).await?;
         let hwm = bench_load::proc_kib(pid, "VmHWM").unwrap_or(0) as f64 / 1024.0;
         drop(child);
-        Ok((raw, mes, f.remove(0), hwm))
+        Ok((raw, floor, mes, f.remove(0), hwm))
     })
     .await?;
+    let per = |a: &PhaseFigures, b: &PhaseFigures| a.committed_per_s / b.committed_per_s.max(f64::MIN_POSITIVE);
     let md = format!(
         "| system | messages | committed | committed msg/s | ratio to raw broker | MES / system | p50 ms | p99 ms |\n\
          |---|---:|---:|---:|---:|---:|---:|---:|\n\
          | raw broker (no-op subscriber) | {n} | — | {raw:.0} | 1.00 | {:.2} | | |\n\
+         | contract floor (acks after commit, one row per reading) | {} | {} | {:.0} | {:.2} | {:.2} | {} | {} |\n\
          | MES (SQLite, settled) | {} | {} | {:.0} | {:.2} | 1.00 | {} | {} |\n\
          | Node-RED 4 (mqtt in → json → sqlite) | {} | {} | {:.0} | {:.2} | {:.1} | {} | {} |\n\
-         \nNode-RED peak RSS (VmHWM) {nr_hwm:.0} MiB.\n",
+         \nContract floor / Node-RED {:.1}. Node-RED peak RSS (VmHWM) {nr_hwm:.0} MiB.\n",
         mes.committed_per_s / raw.max(f64::MIN_POSITIVE),
+        floor.messages,
+        floor.committed,
+        floor.committed_per_s,
+        floor.committed_per_s / raw.max(f64::MIN_POSITIVE),
+        per(&mes, &floor),
+        ms(floor.p50_ms),
+        ms(floor.p99_ms),
         mes.messages,
         mes.committed,
         mes.committed_per_s,
@@ -624,12 +641,14 @@ async fn node_red(o: &Options) -> anyhow::Result<()> {
         mes.committed_per_s / nr.committed_per_s.max(f64::MIN_POSITIVE),
         ms(nr.p50_ms),
         ms(nr.p99_ms),
+        per(&floor, &nr),
     );
     println!("{md}");
     bench_load::write_results(
         "node-red",
         &md,
-        &json!({"scenario": "node-red", "raw_per_s": raw, "mes": mes, "node_red": nr, "node_red_vm_hwm_mib": nr_hwm,
-                "ratio_mes_to_node_red": mes.committed_per_s / nr.committed_per_s.max(f64::MIN_POSITIVE)}),
+        &json!({"scenario": "node-red", "raw_per_s": raw, "contract_floor": floor, "mes": mes, "node_red": nr,
+                "node_red_vm_hwm_mib": nr_hwm, "ratio_mes_to_node_red": per(&mes, &nr),
+                "ratio_floor_to_node_red": per(&floor, &nr)}),
     )
 }
