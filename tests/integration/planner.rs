@@ -2,7 +2,7 @@
 //! against a hand computation, surge plans, order lists, the audit log, and a seeded fuzz
 //! run that must never produce a 5xx.
 
-use crate::harness::{widget_plant, Lcg, Mes, MesOptions};
+use crate::harness::{widget_plant, Device, Lcg, Mes, MesOptions};
 use serde_json::{json, Value};
 
 const TOKENS: &str = r#"
@@ -157,6 +157,20 @@ fn at(s: i64) -> String {
     t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
 }
 
+/// One scripted reading a row, (second, state, reason, good, scrap) with cumulative counters,
+/// published by `press-01` (boot 1, seq from 1) and committed (totals 1400 good, 10 scrap).
+async fn publish_script(mes: &Mes, dev: &mut Device, at: &dyn Fn(i64) -> String, script: &[Scripted]) {
+    for (i, (sec, state, reason, good, scrap)) in script.iter().enumerate() {
+        let payload = json!({"boot": 1, "seq": i + 1, "ts": at(*sec), "state": state, "reason": reason,
+                             "good": good, "scrap": scrap});
+        dev.publish_raw("press-01", payload.to_string()).await;
+    }
+    dev.flush().await;
+    assert_eq!(mes.wait_totals("PRESS-1", (1400, 10)).await, (1400, 10));
+}
+
+type Scripted = (i64, &'static str, Option<&'static str>, u64, u64);
+
 /// The live OEE shown with a work center is kept from new rows only (`mes::oee_live`); it
 /// must equal `GET …/oee`, computed from the table, over the same window. The scripted hour
 /// below, ending just before now, so that the live window holds it.
@@ -177,13 +191,7 @@ async fn live_oee_equals_the_oee_computed_from_the_table_over_its_window() {
         (3000, "running", None, 1100, 8),
         (3500, "running", None, 1400, 10),
     ];
-    for (i, (sec, state, reason, good, scrap)) in script.iter().enumerate() {
-        let payload = json!({"boot": 1, "seq": i + 1, "ts": at(*sec), "state": state, "reason": reason,
-                             "good": good, "scrap": scrap});
-        dev.publish_raw("press-01", payload.to_string()).await;
-    }
-    dev.flush().await;
-    assert_eq!(mes.wait_totals("PRESS-1", (1400, 10)).await, (1400, 10));
+    publish_script(&mes, &mut dev, &at, &script).await;
     let committed = chrono::Utc::now().timestamp_millis();
     // The first refresh that began after the commit (every 5 s).
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
@@ -226,13 +234,7 @@ async fn oee_of_a_scripted_hour_equals_the_hand_computation() {
         (3300, "running", None, 1300, 10),
         (3500, "stopped", Some("end_of_shift"), 1400, 10),
     ];
-    for (i, (sec, state, reason, good, scrap)) in script.iter().enumerate() {
-        let payload = json!({"boot": 1, "seq": i + 1, "ts": at(*sec), "state": state, "reason": reason,
-                             "good": good, "scrap": scrap});
-        dev.publish_raw("press-01", payload.to_string()).await;
-    }
-    dev.flush().await;
-    assert_eq!(mes.wait_totals("PRESS-1", (1400, 10)).await, (1400, 10));
+    publish_script(&mes, &mut dev, &at, &script).await;
     let (s, o) = mes.get(&format!("/api/v1/work-centers/PRESS-1/oee?from={}&to={}", at(0), at(3600))).await;
     assert_eq!(s, 200, "{o}");
     // By hand, over [0 s, 3600 s):
