@@ -45,10 +45,15 @@ pub struct Load {
     /// Index of the first message of each phase, and one past the last at the end.
     pub bounds: Vec<u64>,
     t0: Instant,
+    /// The wall clock (ms since the epoch) at `t0`.
+    t0_ms: i64,
     /// Per message: µs after `t0` when it was handed to the client (0: not yet).
     sent_us: Vec<AtomicU64>,
     /// Per message: µs after `t0` when its row was first seen (0: not yet).
     seen_us: Vec<AtomicU64>,
+    /// Per message: ms after `t0` when the system under test received it, from the row's
+    /// `received_ms` (0: not known).
+    received_ms: Vec<AtomicU64>,
     pub published: AtomicU64,
     pub committed: AtomicU64,
     pub phase: AtomicUsize,
@@ -71,8 +76,10 @@ impl Load {
             phases,
             bounds,
             t0: Instant::now(),
+            t0_ms: crate::now_ms(),
             sent_us: (0..total).map(|_| AtomicU64::new(0)).collect(),
             seen_us: (0..total).map(|_| AtomicU64::new(0)).collect(),
+            received_ms: (0..total).map(|_| AtomicU64::new(0)).collect(),
             published: AtomicU64::new(0),
             committed: AtomicU64::new(0),
             phase: AtomicUsize::new(0),
@@ -203,6 +210,11 @@ pub async fn last_id(pool: &sqlx::AnyPool) -> anyhow::Result<i64> {
 /// Follows the `telemetry` table in `pool`, from row id `after_id` on, until every message of `load` is seen or
 /// nothing new arrived for `stall` after publishing ended; prints progress on stderr.
 /// `rss_of`: a process whose resident set is sampled every 100 ms.
+/// Rows the observer reads a poll. Not more: on a PostgreSQL table not analyzed yet (a
+/// fresh bench database) a limit of 20,000 made the planner scan the whole table and sort
+/// it, ~20 ms a poll at 180,000 rows, which it added to every latency it timed.
+const OBSERVED_PER_POLL: usize = 5000;
+
 pub async fn observe(
     pool: &sqlx::AnyPool,
     after_id: i64,
@@ -216,8 +228,8 @@ pub async fn observe(
     // message cost the observer a tenth of both cores during a flood (measured with perf),
     // charged to the system under test while the raw baseline runs without an observer.
     let concat = match pool.connect_options().database_url.scheme() {
-        "sqlite" => "group_concat(device || ' ' || seq, ' ')",
-        _ => "string_agg(device || ' ' || seq, ' ')",
+        "sqlite" => "group_concat(device || ' ' || seq || ' ' || received_ms, ' ')",
+        _ => "string_agg(device || ' ' || seq || ' ' || received_ms, ' ')",
     };
     let mut last_id = after_id;
     let mut samples = Vec::new();
@@ -227,7 +239,7 @@ pub async fn observe(
     loop {
         let sql = format!(
             "SELECT MAX(id) AS last, {concat} AS seen FROM
-               (SELECT id, device, seq FROM telemetry WHERE id > {last_id} ORDER BY id LIMIT 20000) AS t"
+               (SELECT id, device, seq, received_ms FROM telemetry WHERE id > {last_id} ORDER BY id LIMIT {OBSERVED_PER_POLL}) AS t"
         );
         let row = sqlx::query(sqlx::AssertSqlSafe(sql)).fetch_one(pool).await?;
         let now = load.now_us();
@@ -236,11 +248,14 @@ pub async fn observe(
             last_id = last_id.max(last);
             idle_since = Instant::now();
             let mut words = seen.split(' ');
-            while let (Some(device), Some(seq)) = (words.next(), words.next()) {
+            while let (Some(device), Some(seq), Some(received)) = (words.next(), words.next(), words.next()) {
                 let seq: i64 = seq.parse().with_context(|| format!("observer: seq `{seq}` of `{device}`"))?;
                 if let Some(i) = positions.get(device).and_then(|p| load.index(*p, seq)) {
                     if load.seen_us[i].compare_exchange(0, now, Relaxed, Relaxed).is_ok() {
                         load.committed.fetch_add(1, Relaxed);
+                        let received: i64 = received.parse().unwrap_or(0);
+                        let after_t0 = received.saturating_sub(load.t0_ms).max(0) as u64;
+                        load.received_ms[i].store(after_t0, Relaxed);
                     }
                 }
             }
@@ -292,6 +307,10 @@ pub struct PhaseFigures {
     pub committed_per_s: f64,
     pub p50_ms: f64,
     pub p99_ms: f64,
+    /// Of the message-to-commit latency, the part from the publish to the system's receipt
+    /// of the message (its row's `received_ms`; to the millisecond): broker and socket.
+    pub p50_to_receipt_ms: f64,
+    pub p99_to_receipt_ms: f64,
     pub max_ms: f64,
     pub max_backlog: u64,
     pub backlog_at_end: u64,
@@ -312,6 +331,7 @@ pub fn figures(load: &Load, samples: &[Sample]) -> Vec<PhaseFigures> {
         let start = load.phase_start_us[p].load(Relaxed);
         let stop = load.phase_start_us.get(p + 1).map(|s| s.load(Relaxed)).filter(|s| *s > 0);
         let mut lat = Vec::with_capacity(end - first);
+        let mut to_receipt = Vec::with_capacity(end - first);
         let mut last_seen = 0;
         let mut last_sent = start;
         for i in first..end {
@@ -320,9 +340,14 @@ pub fn figures(load: &Load, samples: &[Sample]) -> Vec<PhaseFigures> {
             if seen > 0 && sent > 0 {
                 lat.push(seen.saturating_sub(sent));
                 last_seen = last_seen.max(seen);
+                let received_us = load.received_ms[i].load(Relaxed) * 1000;
+                if received_us > 0 {
+                    to_receipt.push(received_us.saturating_sub(sent));
+                }
             }
         }
         lat.sort_unstable();
+        to_receipt.sort_unstable();
         let committed = lat.len() as u64;
         let publish_secs = (last_sent.saturating_sub(start)).max(1) as f64 / 1e6;
         let committed_per_s = match (phase.rate, stop) {
@@ -343,6 +368,8 @@ pub fn figures(load: &Load, samples: &[Sample]) -> Vec<PhaseFigures> {
             committed_per_s,
             p50_ms: quantile(&lat, 0.50),
             p99_ms: quantile(&lat, 0.99),
+            p50_to_receipt_ms: quantile(&to_receipt, 0.50),
+            p99_to_receipt_ms: quantile(&to_receipt, 0.99),
             max_ms: lat.last().map_or(0.0, |v| *v as f64 / 1000.0),
             max_backlog: in_phase.iter().map(|s| s.published.saturating_sub(s.committed)).max().unwrap_or(0),
             backlog_at_end: in_phase.last().map_or(0, |s| s.published.saturating_sub(s.committed)),

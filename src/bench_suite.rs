@@ -142,6 +142,10 @@ struct WriterFigures {
     jobs_per_commit: f64,
     ms_per_commit: f64,
     busy_share: f64,
+    /// Mean time from the MES's receipt of a message to its commit (`mes_receive_to_commit_seconds`).
+    ms_receive_to_commit: f64,
+    #[serde(skip)]
+    receive_us: u64,
     #[serde(skip)]
     secs: f64,
 }
@@ -153,6 +157,7 @@ impl WriterFigures {
             commits: m.commits.load(std::sync::atomic::Ordering::Relaxed),
             jobs: m.committed_jobs.load(std::sync::atomic::Ordering::Relaxed),
             commit_us: m.commit_latency.sum_us(),
+            receive_us: m.receive_to_commit.sum_us(),
             secs,
             ..Default::default()
         }
@@ -168,6 +173,8 @@ impl WriterFigures {
             jobs_per_commit: jobs as f64 / commits.max(1) as f64,
             ms_per_commit: commit_us as f64 / 1000.0 / commits.max(1) as f64,
             busy_share: commit_us as f64 / 1e6 / self.secs.max(f64::MIN_POSITIVE),
+            ms_receive_to_commit: (self.receive_us - before.receive_us) as f64 / 1000.0 / jobs.max(1) as f64,
+            receive_us: self.receive_us - before.receive_us,
             secs: self.secs,
         }
     }
@@ -203,11 +210,12 @@ async fn ingest_one(url: String, o: &Options) -> anyhow::Result<IngestFigures> {
         let (mut h, _) = bench_load::run(&broker, &obs.pool, paced, &format!("ingest {label}"), None).await?;
         let writer_half = WriterFigures::now(&handle, secs).since(&before);
         eprintln!(
-            "[ingest {label}] writer at half rate: {} commits, {:.0} inputs each, {:.2} ms each, busy {:.0} %",
+            "[ingest {label}] writer at half rate: {} commits, {:.0} inputs each, {:.2} ms each, busy {:.0} %; receipt to commit {:.1} ms on average",
             writer_half.commits,
             writer_half.jobs_per_commit,
             writer_half.ms_per_commit,
-            writer_half.busy_share * 100.0
+            writer_half.busy_share * 100.0,
+            writer_half.ms_receive_to_commit
         );
         Ok(IngestFigures { database: label, raw_per_s: raw, floor, flood, half: h.remove(0), writer, writer_half })
     })
@@ -243,12 +251,12 @@ async fn ingest(o: &Options) -> anyhow::Result<()> {
         rows.push(ingest_one(url, o).await?);
     }
     let mut md = String::from(
-        "| database | messages | raw broker msg/s | contract floor msg/s | floor / raw | MES committed msg/s | ratio | MES / floor | p50 / p99 (flood) | inputs per commit | writer busy | half rate msg/s | committed msg/s | p50 / p99 ms at half rate |\n\
-         |---|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---|\n",
+        "| database | messages | raw broker msg/s | contract floor msg/s | floor / raw | MES committed msg/s | ratio | MES / floor | p50 / p99 (flood) | inputs per commit | writer busy | half rate msg/s | committed msg/s | p50 / p99 ms at half rate | of which publish → receipt | receipt → commit (mean) |\n\
+         |---|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---|---|---:|\n",
     );
     for r in &rows {
         md.push_str(&format!(
-            "| {} | {} | {:.0} | {:.0} | {:.2} | {:.0} | {:.2} | {:.2} | {} / {} ms | {:.0} | {:.0} % | {:.0} | {:.0} | {} / {} |\n",
+            "| {} | {} | {:.0} | {:.0} | {:.2} | {:.0} | {:.2} | {:.2} | {} / {} ms | {:.0} | {:.0} % | {:.0} | {:.0} | {} / {} | {} / {} | {:.1} |\n",
             r.database,
             r.flood.messages,
             r.raw_per_s,
@@ -265,6 +273,9 @@ async fn ingest(o: &Options) -> anyhow::Result<()> {
             r.half.committed_per_s,
             ms(r.half.p50_ms),
             ms(r.half.p99_ms),
+            ms(r.half.p50_to_receipt_ms),
+            ms(r.half.p99_to_receipt_ms),
+            r.writer_half.ms_receive_to_commit,
         ));
     }
     println!("{md}");

@@ -77,6 +77,9 @@ pub struct Metrics {
     pub commits_redone: AtomicU64,
     pub commit_latency: Histogram,
     pub modbus_poll_to_commit: Histogram,
+    /// From the MES's receipt of an input (an MQTT publish, a Modbus reading, an HTTP
+    /// report) to the commit of its effect.
+    pub receive_to_commit: Histogram,
     pub acks_sent: AtomicU64,
     /// Messages the main session passed to their partition session (`ingest::sessions`).
     pub mqtt_main_skipped: AtomicU64,
@@ -287,6 +290,11 @@ impl Metrics {
             &mut out,
             "mes_modbus_poll_to_commit_seconds",
             "From the start of a Modbus poll to the commit of the reading it produced.",
+        );
+        self.receive_to_commit.render(
+            &mut out,
+            "mes_receive_to_commit_seconds",
+            "From the receipt of an input (MQTT publish, Modbus reading, HTTP report) to the commit of its effect.",
         );
         self.influx.render(&mut out);
         out

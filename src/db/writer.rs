@@ -245,6 +245,11 @@ impl Writer {
                 Ok(Some(summary)) => {
                     self.metrics.commit_latency.observe(started.elapsed().as_secs_f64());
                     self.metrics.commits.fetch_add(1, Relaxed);
+                    let now = crate::now_ms();
+                    for job in batch.iter() {
+                        let ms = now.saturating_sub(job.received_ms).max(0);
+                        self.metrics.receive_to_commit.observe(ms as f64 / 1000.0);
+                    }
                     self.metrics.committed_jobs.fetch_add(batch.len() as u64, Relaxed);
                     self.metrics.good_units.fetch_add(summary.good, Relaxed);
                     self.metrics.scrap_units.fetch_add(summary.scrap, Relaxed);

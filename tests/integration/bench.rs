@@ -28,6 +28,12 @@ async fn paced_plan_is_observed_committed_exactly_once_per_phase() {
     assert_eq!(samples.last().map(|s| (s.published, s.committed)), Some((250, 250)));
     // Latency is a time from a publish to a later commit: never zero, never negative.
     assert!(figures.iter().all(|f| f.p50_ms > 0.0 && f.p50_ms <= f.p99_ms && f.p99_ms <= f.max_ms));
+    // The publish-to-receipt part comes from the rows' `received_ms` (whole ms, so within
+    // a millisecond of the commit it precedes).
+    assert!(
+        figures.iter().all(|f| f.p50_to_receipt_ms <= f.p50_ms + 1.0 && f.p99_to_receipt_ms <= f.max_ms + 1.0),
+        "{figures:?}"
+    );
     // 250 over 4 devices: seq 1..=63 for the first two, 1..=62 for the others.
     assert_eq!(load.next_seq(), 64);
 

@@ -79,6 +79,11 @@ async fn four_hundred_messages_with_noise_count_exactly() {
     dev.reading("blank-01", 1, 151, 460, 15, json!({})).await;
     dev.flush().await;
     assert_eq!(mes.wait_totals("BLANK-1", (460, 15)).await, (460, 15));
+    // Every committed input was timed from its receipt: 301 counted readings and 63 dead
+    // letters at least (a replay the work center recognised never reaches the writer).
+    let timed = mes.metric("mes_receive_to_commit_seconds_count").await;
+    assert_eq!(timed, mes.metric("mes_committed_jobs_total").await);
+    assert!(timed >= 301 + 63, "{timed}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
