@@ -68,14 +68,15 @@ fn redact(url: &str) -> String {
 pub fn work_center_state(
     plant: &Plant,
     w: &crate::db::queries::WorkCenterRow,
-    cursor: Option<mes_actors::counter::Cursor>,
+    cursor: Option<crate::db::queries::StoredCursor>,
     last_ts_ms: Option<i64>,
 ) -> WorkCenterState {
     let mut st = WorkCenterState::new(&w.id, &w.device_id);
     st.state = w.state.parse().unwrap_or(MachineState::Stopped);
     st.reason = w.reason.clone();
     st.current_order = w.current_order.clone();
-    st.cursor = cursor;
+    st.cursor = cursor.map(|c| c.0);
+    st.prev_boot = cursor.and_then(|c| c.1);
     st.last_ts_ms = last_ts_ms;
     st.good_total = w.good_total.max(0) as u64;
     st.scrap_total = w.scrap_total.max(0) as u64;

@@ -283,7 +283,7 @@ impl Node {
                 crate::ingest::modbus::start_one(
                     &self.plant,
                     wc,
-                    cursor,
+                    cursor.map(|c| c.0),
                     raw,
                     &pipeline,
                     &self.board,

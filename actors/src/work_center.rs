@@ -26,6 +26,10 @@ pub struct Delta {
     pub running_ms: i64,
     /// The device cursor after this reading; committed with it.
     pub cursor: Cursor,
+    /// Where counting of the device's previous boot stood after this reading
+    /// ([`WorkCenterState::prev_boot`]); committed with the cursor.
+    #[serde(default)]
+    pub prev_boot: Option<Cursor>,
 }
 
 /// Longest gap between two readings that still counts as running time.
@@ -72,8 +76,8 @@ pub struct WorkCenterState {
     pub max_step: Option<u64>,
     /// Where counting of the previous boot stopped, kept when the device restarts: a
     /// reading of that boot delivered after the new boot's first one (a broker that
-    /// reorders across a reconnect) still counts what it adds. Not persisted: after an MES
-    /// restart such a reading is stale, as before.
+    /// reorders across a reconnect) still counts what it adds. Committed with the device
+    /// cursor (each [`Delta`] carries it), so an MES restart keeps it.
     #[serde(default)]
     pub prev_boot: Option<Cursor>,
 }
@@ -150,6 +154,7 @@ impl WorkCenterState {
             restarted,
             running_ms,
             cursor: next,
+            prev_boot: self.prev_boot,
         }))
     }
 
@@ -200,6 +205,7 @@ impl WorkCenterState {
             restarted: false,
             running_ms: 0,
             cursor,
+            prev_boot: self.prev_boot,
         }))
     }
 
@@ -237,6 +243,30 @@ mod tests {
         assert_eq!(wc.apply(&r(1, 5, 25, 2, None)), Outcome::Duplicate);
         assert_eq!((wc.good_total, wc.scrap_total), (10 + 5 + 4 + 3 + 2 + 1 + 2, 1 + 1));
         assert_eq!(wc.cursor.map(|c| (c.boot, c.seq)), Some((3, 1)));
+    }
+
+    /// Each delta carries where the previous boot stood after it (committed with the cursor):
+    /// a state rebuilt from the last delta counts a late reading as the live one does.
+    #[test]
+    fn a_delta_carries_the_previous_boot_and_a_rebuilt_state_continues_from_it() {
+        let mut wc = WorkCenterState::new("PRESS-1", "press-01");
+        let delta = |o: Outcome| match o {
+            Outcome::Counted(d) => *d,
+            other => panic!("expected a count, got {other:?}"),
+        };
+        assert_eq!(delta(wc.apply(&r(1, 1, 10, 1, None))).prev_boot, None);
+        let first_of_boot_2 = delta(wc.apply(&r(2, 1, 4, 0, None)));
+        assert_eq!(first_of_boot_2.prev_boot, Some(Cursor { boot: 1, seq: 1, good: 10, scrap: 1 }));
+        let late = delta(wc.apply(&r(1, 2, 13, 1, None)));
+        assert_eq!((late.good, late.cursor.boot, late.cursor.seq), (3, 2, 1));
+        assert_eq!(late.prev_boot, Some(Cursor { boot: 1, seq: 2, good: 13, scrap: 1 }));
+        // A restart rebuilds from what the last delta committed.
+        let mut rebuilt = WorkCenterState::new("PRESS-1", "press-01");
+        rebuilt.cursor = Some(late.cursor);
+        rebuilt.prev_boot = late.prev_boot;
+        assert_eq!(rebuilt.apply(&r(1, 2, 13, 1, None)), Outcome::Duplicate);
+        assert_eq!(delta(rebuilt.apply(&r(1, 3, 20, 1, None))).good, 7);
+        assert_eq!(delta(wc.apply(&r(1, 3, 20, 1, None))).good, 7, "the same as without the restart");
     }
 
     fn r(boot: u64, seq: u64, good: u64, scrap: u64, order: Option<&str>) -> Reading {

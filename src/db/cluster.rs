@@ -299,18 +299,9 @@ impl Store {
     }
 
     /// One device's committed cursor (a work center taken over is rebuilt from it).
-    pub async fn cursor_of(&self, device: &str) -> Result<Option<mes_actors::counter::Cursor>, DbError> {
-        let row = sqlx::query("SELECT boot, seq, good, scrap FROM device_cursors WHERE device = $1")
-            .bind(device)
-            .fetch_optional(&self.pool)
-            .await?;
-        let Some(r) = row else { return Ok(None) };
-        let get = |c: &str| -> Result<u64, sqlx::Error> { Ok(r.try_get::<i64, _>(c)?.max(0) as u64) };
-        Ok(Some(mes_actors::counter::Cursor {
-            boot: get("boot")?,
-            seq: get("seq")?,
-            good: get("good")?,
-            scrap: get("scrap")?,
-        }))
+    pub async fn cursor_of(&self, device: &str) -> Result<Option<super::queries::StoredCursor>, DbError> {
+        let sql = format!("SELECT {} FROM device_cursors WHERE device = $1", super::queries::CURSOR_COLS);
+        let row = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(device).fetch_optional(&self.pool).await?;
+        Ok(row.as_ref().map(super::queries::stored_cursor).transpose()?)
     }
 }

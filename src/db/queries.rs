@@ -124,6 +124,26 @@ fn wc_row(r: &AnyRow) -> Result<WorkCenterRow, sqlx::Error> {
     })
 }
 
+/// A device's committed cursor and where counting of its previous boot stopped (the work
+/// center's `prev_boot`), as `device_cursors` holds them.
+pub type StoredCursor = (Cursor, Option<Cursor>);
+
+/// The columns [`stored_cursor`] reads.
+pub const CURSOR_COLS: &str = "boot, seq, good, scrap, prev_boot, prev_seq, prev_good, prev_scrap";
+
+/// One `device_cursors` row's [`CURSOR_COLS`].
+pub fn stored_cursor(r: &AnyRow) -> Result<StoredCursor, sqlx::Error> {
+    let get = |c: &str| -> Result<u64, sqlx::Error> { Ok(r.try_get::<i64, _>(c)?.max(0) as u64) };
+    let cursor = Cursor { boot: get("boot")?, seq: get("seq")?, good: get("good")?, scrap: get("scrap")? };
+    let prev =
+        |c: &str| -> Result<Option<u64>, sqlx::Error> { Ok(r.try_get::<Option<i64>, _>(c)?.map(|v| v.max(0) as u64)) };
+    let prev_boot = match (prev("prev_boot")?, prev("prev_seq")?, prev("prev_good")?, prev("prev_scrap")?) {
+        (Some(boot), Some(seq), Some(good), Some(scrap)) => Some(Cursor { boot, seq, good, scrap }),
+        _ => None,
+    };
+    Ok((cursor, prev_boot))
+}
+
 impl Store {
     pub async fn work_centers(&self) -> Result<Vec<WorkCenterRow>, DbError> {
         let sql = format!("SELECT {WC_COLS} FROM work_centers ORDER BY id");
@@ -138,16 +158,12 @@ impl Store {
     }
 
     /// Device cursors, to rebuild the work-center actors.
-    pub async fn cursors(&self) -> Result<BTreeMap<String, Cursor>, DbError> {
-        let rows =
-            sqlx::query("SELECT device, boot, seq, good, scrap FROM device_cursors").fetch_all(&self.pool).await?;
+    pub async fn cursors(&self) -> Result<BTreeMap<String, StoredCursor>, DbError> {
+        let sql = format!("SELECT device, {CURSOR_COLS} FROM device_cursors");
+        let rows = sqlx::query(sqlx::AssertSqlSafe(sql)).fetch_all(&self.pool).await?;
         let mut out = BTreeMap::new();
         for r in rows {
-            let get = |c: &str| -> Result<u64, sqlx::Error> { Ok(r.try_get::<i64, _>(c)?.max(0) as u64) };
-            out.insert(
-                r.try_get::<String, _>("device")?,
-                Cursor { boot: get("boot")?, seq: get("seq")?, good: get("good")?, scrap: get("scrap")? },
-            );
+            out.insert(r.try_get::<String, _>("device")?, stored_cursor(&r)?);
         }
         Ok(out)
     }

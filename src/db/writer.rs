@@ -11,7 +11,7 @@ use super::{Backend, DbError, Store};
 use crate::events::Events;
 use crate::metrics::Metrics;
 use crate::settlement::Ledger;
-use mes_actors::counter::RawCounters;
+use mes_actors::counter::{Cursor, RawCounters};
 use mes_actors::ledger::{settle, Account};
 use mes_actors::{Delta, OrderStatus};
 use sqlx::{AssertSqlSafe, Row};
@@ -789,7 +789,7 @@ async fn steps(link: &mut Link<'_>, what: Batch<'_>) -> Result<Option<Summary>, 
     for ((d, received, i, _), _) in counted.iter().zip(&inserted).filter(|(_, new)| **new) {
         summary.inserted.push(*i);
         let c = cursors.entry(d.device.as_str()).or_insert(d);
-        if (d.boot, d.seq) > (c.boot, c.seq) {
+        if stored_cursor_key(d) > stored_cursor_key(c) {
             *c = d;
         }
         let w = wcs.entry(d.work_center.as_str()).or_default();
@@ -818,19 +818,24 @@ async fn steps(link: &mut Link<'_>, what: Batch<'_>) -> Result<Option<Summary>, 
     // [`Link`]): stock, books and costs, cursors, work centers, raw registers.
     books.write(link, now).await?;
 
-    // 3. Device cursors move only forward (one statement per 2,000 devices).
+    // 3. Device cursors, with where the previous boot stopped, move only forward (in the
+    // order of `stored_cursor_key`; one statement per 2,000 devices).
     let cursors: Vec<&Delta> = cursors.into_values().collect();
     for cursors in cursors.chunks(ROWS_PER_STATEMENT) {
         let sql = format!(
-            "INSERT INTO device_cursors (device, boot, seq, good, scrap, updated_ms) VALUES {}
+            "INSERT INTO device_cursors (device, boot, seq, good, scrap, updated_ms, prev_boot, prev_seq, prev_good, prev_scrap)
+             VALUES {}
              ON CONFLICT (device) DO UPDATE SET boot = excluded.boot, seq = excluded.seq, good = excluded.good,
-               scrap = excluded.scrap, updated_ms = excluded.updated_ms
-             WHERE excluded.boot > device_cursors.boot
-                OR (excluded.boot = device_cursors.boot AND excluded.seq > device_cursors.seq)",
-            link.rows(cursors.len(), 6).await?
+               scrap = excluded.scrap, updated_ms = excluded.updated_ms, prev_boot = excluded.prev_boot,
+               prev_seq = excluded.prev_seq, prev_good = excluded.prev_good, prev_scrap = excluded.prev_scrap
+             WHERE (excluded.boot, excluded.seq, COALESCE(excluded.prev_boot, -1), COALESCE(excluded.prev_seq, -1))
+                 > (device_cursors.boot, device_cursors.seq, COALESCE(device_cursors.prev_boot, -1),
+                    COALESCE(device_cursors.prev_seq, -1))",
+            link.rows(cursors.len(), 10).await?
         );
-        let mut binds = Vec::with_capacity(cursors.len() * 6);
+        let mut binds = Vec::with_capacity(cursors.len() * 10);
         for d in cursors {
+            let prev = |v: fn(&Cursor) -> u64, what| d.prev_boot.as_ref().map(|p| to_i64(v(p), what)).transpose();
             binds.extend([
                 V::Text(d.device.clone()),
                 V::Int(to_i64(d.cursor.boot, "boot")?),
@@ -838,6 +843,10 @@ async fn steps(link: &mut Link<'_>, what: Batch<'_>) -> Result<Option<Summary>, 
                 V::Int(to_i64(d.cursor.good, "good")?),
                 V::Int(to_i64(d.cursor.scrap, "scrap")?),
                 V::Int(now),
+                V::OptInt(prev(|p| p.boot, "previous boot")?),
+                V::OptInt(prev(|p| p.seq, "previous boot's seq")?),
+                V::OptInt(prev(|p| p.good, "previous boot's good")?),
+                V::OptInt(prev(|p| p.scrap, "previous boot's scrap")?),
             ]);
         }
         link.pending.push(sql, binds, false);
@@ -1227,4 +1236,12 @@ async fn fenced_jobs(conn: &mut sqlx::AnyConnection, node: &str, batch: &[Job]) 
         .filter(|(_, j)| j.lease.as_ref().is_some_and(|(wc, token)| held.get(wc) != Some(token)))
         .map(|(i, _)| i)
         .collect())
+}
+
+/// The order in which a device's stored cursor moves: its cursor, then where its previous
+/// boot stopped (a late reading of that boot leaves the cursor and moves only this). The
+/// upsert of `device_cursors` compares the same four numbers, absent as -1.
+fn stored_cursor_key(d: &Delta) -> (u64, u64, i128, i128) {
+    let prev = d.prev_boot.map_or((-1, -1), |p| (i128::from(p.boot), i128::from(p.seq)));
+    (d.cursor.boot, d.cursor.seq, prev.0, prev.1)
 }

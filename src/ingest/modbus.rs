@@ -225,7 +225,7 @@ pub async fn start(
     let mut tasks = Vec::new();
     for w in &plant.work_centers {
         let device = w.device_id();
-        let (cursor, raw) = (cursors.get(&device).copied(), raws.get(&device).copied());
+        let (cursor, raw) = (cursors.get(&device).map(|c| c.0), raws.get(&device).copied());
         if let Some(t) = start_one(plant, &w.id, cursor, raw, &pipeline, &board, &writers, shutdown.clone())? {
             tasks.push(t);
         }

@@ -67,6 +67,7 @@ pub fn counted_delta(work_center: &str, device: &str, seq: u64, good: u64, scrap
         restarted: false,
         running_ms: 0,
         cursor: mes_actors::counter::Cursor { boot: 1, seq, good: good * seq, scrap: scrap * seq },
+        prev_boot: None,
     }
 }
 

@@ -30,6 +30,43 @@ async fn restart_rebuilds_cursors_from_the_database() {
     assert_eq!(mes.wait_totals("BLANK-1", (104, 2)).await, (104, 2));
 }
 
+/// Where counting of a device's previous boot stopped is committed with its cursor: a
+/// reading of that boot delivered late (after the new boot's first, and after an MES
+/// restart) still counts what it adds, once. (It was kept in memory only: after a restart
+/// such a reading was taken for a duplicate and its output lost.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_reading_of_the_previous_boot_counts_after_a_restart() {
+    let mut mes = Mes::start(MesOptions::default()).await;
+    {
+        let mut dev = mes.device("prev-boot-1");
+        for seq in 1..=3 {
+            dev.reading("blank-01", 7, seq, seq * 10, 0, json!({})).await;
+        }
+        // The device restarts (boot 8) before its boot-7 seq 4 reaches the MES.
+        dev.reading("blank-01", 8, 1, 5, 0, json!({})).await;
+        dev.flush().await;
+        assert_eq!(mes.wait_totals("BLANK-1", (35, 0)).await, (35, 0));
+        // One late boot-7 reading before the restart: counted (40 - 30), and its new high
+        // mark must be what the restart rebuilds.
+        dev.reading("blank-01", 7, 4, 40, 1, json!({})).await;
+        dev.flush().await;
+        assert_eq!(mes.wait_totals("BLANK-1", (45, 1)).await, (45, 1));
+    }
+    let (status, _) = mes.terminate();
+    assert!(status.success());
+    mes.spawn().await;
+    assert_eq!(mes.totals("BLANK-1").await, (45, 1));
+    let mut dev = mes.device("prev-boot-2");
+    // Boot 7's seq 5 arrives now: it adds 12 good and 1 scrap beyond seq 4. Its replay and
+    // seq 4's replay add nothing; boot 8 goes on from where it was.
+    dev.reading("blank-01", 7, 5, 52, 2, json!({})).await;
+    dev.reading("blank-01", 7, 5, 52, 2, json!({})).await;
+    dev.reading("blank-01", 7, 4, 40, 1, json!({})).await;
+    dev.reading("blank-01", 8, 2, 9, 0, json!({})).await;
+    dev.flush().await;
+    assert_eq!(mes.wait_totals("BLANK-1", (61, 2)).await, (61, 2));
+}
+
 /// A broker that outlives the MES and queues a flood for it: a private Mosquitto when
 /// installed, else `MES_TEST_MQTT_URL`. (A Mosquitto on its defaults queues at most 1,000
 /// messages per session and drops the rest — "Outgoing messages are being dropped" in its
