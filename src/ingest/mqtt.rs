@@ -230,6 +230,9 @@ pub fn start(
     });
     let opts = options(cfg, &session.client_id, ingest, will)?;
     let (ack_tx, ack_rx) = mpsc::channel::<Vec<MqttAck>>(1024);
+    // Acknowledgements in receive order, from the acker to the session loop, which writes
+    // each batch to the socket at once (see [`write_acks`]).
+    let (wire_tx, mut wire_rx) = mpsc::channel::<WireAcks>(256);
     let (client, mut eventloop) = AsyncClient::new(opts, REQUEST_CAPACITY);
     let spb_filters = sparkplug.as_ref().map(|h| h.bindings().filters()).unwrap_or_default();
     let handle = MqttHandle {
@@ -239,7 +242,7 @@ pub fn start(
     };
     let generation = Arc::new(AtomicU64::new(0));
     let progress = Arc::new(AckProgress::default());
-    tokio::spawn(acker(client.clone(), ack_rx, generation.clone(), progress.clone(), pipeline.metrics.clone()));
+    tokio::spawn(acker(wire_tx, ack_rx, generation.clone(), progress.clone(), pipeline.metrics.clone()));
     let Session { client_id, filters, guard, kind } = session;
     // The node's own session (not a work center's or a partition's) reports the broker
     // connection.
@@ -268,7 +271,14 @@ pub fn start(
         let mut tick = tokio::time::interval(Duration::from_millis(100));
         loop {
             let ev = tokio::select! {
+                // Acknowledgements before new messages: the broker's window for the session
+                // (Mosquitto 20 unacknowledged, rumqttd 100) is what keeps them coming.
+                biased;
                 _ = shutdown.changed() => break,
+                Some(acks) = wire_rx.recv() => {
+                    write_acks(&mut eventloop, &generation, acks).await;
+                    continue;
+                }
                 ev = eventloop.poll() => ev,
                 _ = tick.tick(), if draining || catch_up.is_some() => {
                     // A marker lost while the line is quiet is sent again from here.
@@ -463,7 +473,7 @@ pub fn start(
             }
         }
         let offline = sparkplug.as_ref().map(|_| (state_topic, sparkplug::state_payload(false, state_ts)));
-        drain(&mut eventloop, &client, &metrics, offline).await;
+        drain(&mut eventloop, &client, &metrics, offline, &mut wire_rx, &generation).await;
         if primary {
             metrics.mqtt_connected.store(false, Relaxed);
         }
@@ -495,6 +505,8 @@ async fn drain(
     client: &AsyncClient,
     metrics: &Metrics,
     state_offline: Option<(String, Vec<u8>)>,
+    wire: &mut mpsc::Receiver<WireAcks>,
+    generation: &AtomicU64,
 ) {
     let deadline = tokio::time::Instant::now() + Duration::from_millis(3500);
     let mut quiet_since: Option<tokio::time::Instant> = None;
@@ -507,7 +519,15 @@ async fn drain(
         } else {
             quiet_since = None;
         }
-        if let Ok(Err(_)) = tokio::time::timeout(Duration::from_millis(50), eventloop.poll()).await {
+        let polled = tokio::select! {
+            biased;
+            Some(acks) = wire.recv() => {
+                write_acks(eventloop, generation, acks).await;
+                continue;
+            }
+            p = tokio::time::timeout(Duration::from_millis(50), eventloop.poll()) => p,
+        };
+        if let Ok(Err(_)) = polled {
             break;
         }
     }
@@ -517,6 +537,37 @@ async fn drain(
     }
     let _ = client.try_disconnect();
     let _ = tokio::time::timeout(Duration::from_millis(200), eventloop.poll()).await;
+}
+
+/// Packet ids of committed publishes, in the order they were received on the connection of
+/// the given generation.
+type WireAcks = (u64, Vec<u16>);
+
+/// Writes a batch of acknowledgements to the connection and flushes them with one write.
+/// (Through the client, each acknowledgement was a request of its own, written and flushed
+/// alone: one `writev` per message, ~8 % of the CPU of a flood.) A batch of an older
+/// connection is dropped: the broker redelivers those publishes, deduplicated.
+async fn write_acks(eventloop: &mut rumqttc::EventLoop, generation: &AtomicU64, (of, pkids): WireAcks) {
+    if of != generation.load(Relaxed) {
+        return;
+    }
+    let rumqttc::EventLoop { state, network, .. } = eventloop;
+    let Some(network) = network.as_mut() else { return };
+    let written = async {
+        for pkid in pkids {
+            if let Some(packet) = state.handle_outgoing_packet(rumqttc::Request::PubAck(rumqttc::PubAck::new(pkid)))? {
+                network.write(packet).await?;
+            }
+        }
+        network.flush().await
+    };
+    match tokio::time::timeout(Duration::from_secs(10), written).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "acknowledgements not written; the broker will redeliver (deduplicated)")
+        }
+        Err(_) => tracing::warn!("acknowledgements not flushed in 10 s; the broker will redeliver (deduplicated)"),
+    }
 }
 
 /// Decodes one publish and submits it, in receive order. Invalid input becomes a dead
@@ -586,7 +637,7 @@ impl AckProgress {
 /// bounded by the in-flight limit. Acknowledgements for an older connection are dropped:
 /// the broker redelivers those publishes and deduplication makes that harmless.
 async fn acker(
-    client: AsyncClient,
+    wire: mpsc::Sender<WireAcks>,
     mut rx: mpsc::Receiver<Vec<MqttAck>>,
     generation: Arc<AtomicU64>,
     progress: Arc<AckProgress>,
@@ -607,26 +658,36 @@ async fn acker(
                 waiting.insert(a.n, (a.publish, a.pass));
             }
         }
+        let mut pkids = Vec::new();
+        let mut counted = 0u64;
         while let Some((p, pass)) = waiting.remove(&next) {
             next += 1;
-            let sent = match p {
-                None => false,
-                Some(p) => match client.ack(&p).await {
-                    Ok(()) => true,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "ack not sent; the broker will redeliver (deduplicated)");
-                        false
-                    }
-                },
-            };
-            if sent {
-                if !pass {
-                    Metrics::inc(&metrics.acks_sent);
+            match p {
+                Some(p) => {
+                    pkids.push(p.pkid);
+                    counted += u64::from(!pass);
                 }
-            } else {
-                progress.abandoned.fetch_add(1, Relaxed);
+                None => {
+                    progress.abandoned.fetch_add(1, Relaxed);
+                }
             }
             progress.settled.fetch_add(1, Relaxed);
+        }
+        if pkids.is_empty() {
+            continue;
+        }
+        let n = pkids.len() as u64;
+        match wire.send((current, pkids)).await {
+            Ok(()) => {
+                metrics.acks_sent.fetch_add(counted, Relaxed);
+            }
+            Err(_) => {
+                tracing::warn!(
+                    acks = n,
+                    "session ended; acknowledgements not sent, the broker will redeliver (deduplicated)"
+                );
+                progress.abandoned.fetch_add(n, Relaxed);
+            }
         }
     }
 }
