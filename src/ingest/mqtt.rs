@@ -231,8 +231,12 @@ pub fn start(
     let opts = options(cfg, &session.client_id, ingest, will)?;
     let (ack_tx, ack_rx) = mpsc::channel::<Vec<MqttAck>>(1024);
     // Acknowledgements in receive order, from the acker to the session loop, which writes
-    // each batch to the socket at once (see [`write_acks`]).
-    let (wire_tx, mut wire_rx) = mpsc::channel::<WireAcks>(256);
+    // each batch to the socket at once (see [`write_acks`]). Unbounded in type only: it
+    // holds packet ids of publishes received and not yet acknowledged, which the broker's
+    // window for the session bounds (at most 65,535, the packet id space). A bound here
+    // could close a cycle: the loop waiting for a permit, the writer (which frees permits)
+    // waiting on the acker, the acker waiting on the loop.
+    let (wire_tx, mut wire_rx) = mpsc::unbounded_channel::<WireAcks>();
     let (client, mut eventloop) = AsyncClient::new(opts, REQUEST_CAPACITY);
     let spb_filters = sparkplug.as_ref().map(|h| h.bindings().filters()).unwrap_or_default();
     let handle = MqttHandle {
@@ -505,7 +509,7 @@ async fn drain(
     client: &AsyncClient,
     metrics: &Metrics,
     state_offline: Option<(String, Vec<u8>)>,
-    wire: &mut mpsc::Receiver<WireAcks>,
+    wire: &mut mpsc::UnboundedReceiver<WireAcks>,
     generation: &AtomicU64,
 ) {
     let deadline = tokio::time::Instant::now() + Duration::from_millis(3500);
@@ -637,7 +641,7 @@ impl AckProgress {
 /// bounded by the in-flight limit. Acknowledgements for an older connection are dropped:
 /// the broker redelivers those publishes and deduplication makes that harmless.
 async fn acker(
-    wire: mpsc::Sender<WireAcks>,
+    wire: mpsc::UnboundedSender<WireAcks>,
     mut rx: mpsc::Receiver<Vec<MqttAck>>,
     generation: Arc<AtomicU64>,
     progress: Arc<AckProgress>,
@@ -677,7 +681,7 @@ async fn acker(
             continue;
         }
         let n = pkids.len() as u64;
-        match wire.send((current, pkids)).await {
+        match wire.send((current, pkids)) {
             Ok(()) => {
                 metrics.acks_sent.fetch_add(counted, Relaxed);
             }
