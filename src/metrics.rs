@@ -21,13 +21,24 @@ impl Histogram {
     }
 
     pub fn observe(&self, secs: f64) {
-        for (i, b) in BUCKETS.iter().enumerate() {
-            if secs <= *b {
-                self.counts[i].fetch_add(1, Relaxed);
+        self.observe_all([secs]);
+    }
+
+    /// Observes many values with one atomic update per bucket (a commit's inputs at once).
+    pub fn observe_all(&self, secs: impl IntoIterator<Item = f64>) {
+        let (mut counts, mut n, mut sum_us) = ([0u64; BUCKETS.len()], 0u64, 0u64);
+        for s in secs {
+            for (c, b) in counts.iter_mut().zip(BUCKETS) {
+                *c += u64::from(s <= b);
             }
+            n += 1;
+            sum_us += (s * 1e6) as u64;
         }
-        self.count.fetch_add(1, Relaxed);
-        self.sum_us.fetch_add((secs * 1e6) as u64, Relaxed);
+        for (c, add) in self.counts.iter().zip(counts).filter(|(_, add)| *add > 0) {
+            c.fetch_add(add, Relaxed);
+        }
+        self.count.fetch_add(n, Relaxed);
+        self.sum_us.fetch_add(sum_us, Relaxed);
     }
 
     /// The upper bound of the bucket holding quantile `q` (0..1); `None` with no samples.
@@ -77,8 +88,8 @@ pub struct Metrics {
     pub commits_redone: AtomicU64,
     pub commit_latency: Histogram,
     pub modbus_poll_to_commit: Histogram,
-    /// From the MES's receipt of an input (an MQTT publish, a Modbus reading, an HTTP
-    /// report) to the commit of its effect.
+    /// From the MES's receipt of an input (an MQTT or Sparkplug message, a Modbus reading)
+    /// to the commit of its effect (observed by the writer, a commit's inputs at once).
     pub receive_to_commit: Histogram,
     pub acks_sent: AtomicU64,
     /// Messages the main session passed to their partition session (`ingest::sessions`).
@@ -294,7 +305,7 @@ impl Metrics {
         self.receive_to_commit.render(
             &mut out,
             "mes_receive_to_commit_seconds",
-            "From the receipt of an input (MQTT publish, Modbus reading, HTTP report) to the commit of its effect.",
+            "From the receipt of an input (MQTT or Sparkplug message, Modbus reading) to the commit of its effect.",
         );
         self.influx.render(&mut out);
         out
@@ -316,5 +327,23 @@ mod tests {
         assert!(t.contains("mes_dead_letters_total 0\n"));
         assert!(t.contains("mes_commit_seconds_bucket{le=\"0.0025\"} 1\n"));
         assert!(t.contains("mes_commit_seconds_bucket{le=\"0.001\"} 0\n"));
+    }
+
+    /// A commit's inputs observed at once count exactly as observed one by one.
+    #[test]
+    fn observing_many_at_once_equals_one_by_one() {
+        let values = [0.0001, 0.0025, 0.003, 0.7, 9.0];
+        let (one, all) = (Histogram::default(), Histogram::default());
+        for v in values {
+            one.observe(v);
+        }
+        all.observe_all(values);
+        let (mut a, mut b) = (String::new(), String::new());
+        one.render(&mut a, "h", "h");
+        all.render(&mut b, "h", "h");
+        assert_eq!(a, b);
+        assert!(b.contains("h_bucket{le=\"0.0025\"} 2\nh_bucket{le=\"0.005\"} 3\n"), "{b}");
+        assert!(b.contains("h_bucket{le=\"5\"} 4\nh_bucket{le=\"+Inf\"} 5\n"), "{b}");
+        assert_eq!((all.count(), all.sum_us()), (5, 9_705_600));
     }
 }

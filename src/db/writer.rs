@@ -246,10 +246,8 @@ impl Writer {
                     self.metrics.commit_latency.observe(started.elapsed().as_secs_f64());
                     self.metrics.commits.fetch_add(1, Relaxed);
                     let now = crate::now_ms();
-                    for job in batch.iter() {
-                        let ms = now.saturating_sub(job.received_ms).max(0);
-                        self.metrics.receive_to_commit.observe(ms as f64 / 1000.0);
-                    }
+                    let waited = batch.iter().map(|j| now.saturating_sub(j.received_ms).max(0) as f64 / 1000.0);
+                    self.metrics.receive_to_commit.observe_all(waited);
                     self.metrics.committed_jobs.fetch_add(batch.len() as u64, Relaxed);
                     self.metrics.good_units.fetch_add(summary.good, Relaxed);
                     self.metrics.scrap_units.fetch_add(summary.scrap, Relaxed);
@@ -1240,8 +1238,8 @@ async fn fenced_jobs(conn: &mut sqlx::AnyConnection, node: &str, batch: &[Job]) 
 
 /// The order in which a device's stored cursor moves: its cursor, then where its previous
 /// boot stopped (a late reading of that boot leaves the cursor and moves only this). The
-/// upsert of `device_cursors` compares the same four numbers, absent as -1.
-fn stored_cursor_key(d: &Delta) -> (u64, u64, i128, i128) {
-    let prev = d.prev_boot.map_or((-1, -1), |p| (i128::from(p.boot), i128::from(p.seq)));
-    (d.cursor.boot, d.cursor.seq, prev.0, prev.1)
+/// upsert of `device_cursors` compares the same four numbers (an absent previous boot as -1,
+/// below any: `None` sorts first here).
+fn stored_cursor_key(d: &Delta) -> (u64, u64, Option<(u64, u64)>) {
+    (d.cursor.boot, d.cursor.seq, d.prev_boot.map(|p| (p.boot, p.seq)))
 }
