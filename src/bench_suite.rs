@@ -5,6 +5,7 @@
 //! ratio to the baseline measured in the same run) and `target/bench/<scenario>.json`.
 
 use crate::app::Handle;
+use crate::bench_floor::Keep;
 use crate::bench_http::{free_port, Kill};
 use crate::bench_load::{self, Load, Phase, PhaseFigures};
 use crate::config::Config;
@@ -122,8 +123,11 @@ fn ms(v: f64) -> String {
 struct IngestFigures {
     database: &'static str,
     raw_per_s: f64,
-    /// The contract floor (`bench_floor`): stores and acknowledges, nothing more.
+    /// The contract floor of the MES's design (`bench_floor`, a row per reading), timed by
+    /// the observer as the MES is.
     floor: PhaseFigures,
+    /// The three floors timed by their own counters.
+    floors: FloorRates,
     flood: PhaseFigures,
     half: PhaseFigures,
     /// The group-commit writer during the flood.
@@ -193,6 +197,7 @@ async fn ingest_one(url: String, o: &Options) -> anyhow::Result<IngestFigures> {
         eprintln!("[ingest {label}] contract floor: {n} messages stored and acknowledged, nothing more ...");
         let floor = floor_flood(&broker, &url, &devices, n, &format!("floor {label}")).await?;
         eprintln!("[ingest {label}] contract floor: {:.0} msg/s", floor.committed_per_s);
+        let floors = floor_rates(&broker, &url, &devices, n, label).await?;
         let load = Load::new(devices.clone(), &prefix, 1, vec![Phase::flood("flood", n)]);
         let before = WriterFigures::now(&handle, 0.0);
         let (mut f, _) = bench_load::run(&broker, &obs.pool, load.clone(), &format!("ingest {label}"), None).await?;
@@ -217,16 +222,59 @@ async fn ingest_one(url: String, o: &Options) -> anyhow::Result<IngestFigures> {
             writer_half.busy_share * 100.0,
             writer_half.ms_receive_to_commit
         );
-        Ok(IngestFigures { database: label, raw_per_s: raw, floor, flood, half: h.remove(0), writer, writer_half })
+        Ok(IngestFigures { database: label, raw_per_s: raw, floor, floors, flood, half: h.remove(0), writer, writer_half })
     })
     .await
+}
+
+/// The floors' best rates (msg/s) over two rounds, each round every [`Keep`] in turn.
+#[derive(serde::Serialize, Default)]
+struct FloorRates {
+    rows: f64,
+    cursors: f64,
+    nothing: f64,
+}
+
+/// Floods of `n` messages through each floor, timed from the first publish to the floor's
+/// count of committed messages reaching `n` (no observer: its reads would compete with the
+/// floor for the same cores); two rounds, the best of each kept.
+async fn floor_rates(broker: &str, url: &str, devices: &[String], n: u64, label: &str) -> anyhow::Result<FloorRates> {
+    let store = crate::bench_floor::store_beside(url).await?;
+    let mut best = FloorRates::default();
+    let mut first_seq = 1;
+    for round in 1..=2 {
+        for keep in [Keep::Rows, Keep::Cursors, Keep::Nothing] {
+            let floor = crate::bench_floor::start(broker, store.clone(), devices, "bench-floors", keep).await?;
+            let started = Instant::now();
+            crate::bench::publish(broker, "bench-floors", devices, n, first_seq).await?;
+            first_seq += n;
+            let deadline = started + Duration::from_secs(300);
+            while floor.stored() < n {
+                anyhow::ensure!(Instant::now() < deadline, "floor {keep:?}: {} of {n} in 300 s", floor.stored());
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            let rate = n as f64 / started.elapsed().as_secs_f64();
+            drop(floor);
+            eprintln!("[ingest {label}] floor {keep:?}, round {round}: {rate:.0} msg/s");
+            let slot = match keep {
+                Keep::Rows => &mut best.rows,
+                Keep::Cursors => &mut best.cursors,
+                Keep::Nothing => &mut best.nothing,
+            };
+            *slot = slot.max(rate);
+            // The dropped floor's connections close before the next one subscribes.
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    store.pool.close().await;
+    Ok(best)
 }
 
 /// A flood of `n` messages through the contract floor (`bench_floor`), its store beside the
 /// database at `url`, timed by the same publisher and observer as the MES.
 async fn floor_flood(broker: &str, url: &str, devices: &[String], n: u64, label: &str) -> anyhow::Result<PhaseFigures> {
     let store = crate::bench_floor::store_beside(url).await?;
-    let run = crate::bench_floor::start(broker, store.clone(), devices, "bench-floor").await?;
+    let run = crate::bench_floor::start(broker, store.clone(), devices, "bench-floor", Keep::Rows).await?;
     let load = Load::new(devices.to_vec(), "bench-floor", 1, vec![Phase::flood("floor", n)]);
     let (mut f, _) = bench_load::run(broker, &store.pool, load, label, None).await?;
     drop(run);
@@ -276,6 +324,26 @@ async fn ingest(o: &Options) -> anyhow::Result<()> {
             ms(r.half.p50_to_receipt_ms),
             ms(r.half.p99_to_receipt_ms),
             r.writer_half.ms_receive_to_commit,
+        ));
+    }
+    md.push_str(
+        "\nThe contract floors, each timed by its own count of committed messages (best of two rounds):\n\n\
+         | database | raw broker msg/s | parse + ack, nothing stored | / raw | a cursor per device | / raw | a row per reading | / raw |\n\
+         |---|---:|---:|---:|---:|---:|---:|---:|\n",
+    );
+    for r in &rows {
+        let raw = r.raw_per_s.max(f64::MIN_POSITIVE);
+        let f = &r.floors;
+        md.push_str(&format!(
+            "| {} | {:.0} | {:.0} | {:.2} | {:.0} | {:.2} | {:.0} | {:.2} |\n",
+            r.database,
+            r.raw_per_s,
+            f.nothing,
+            f.nothing / raw,
+            f.cursors,
+            f.cursors / raw,
+            f.rows,
+            f.rows / raw
         ));
     }
     println!("{md}");

@@ -555,23 +555,29 @@ async fn write_acks(eventloop: &mut rumqttc::EventLoop, generation: &AtomicU64, 
     if of != generation.load(Relaxed) {
         return;
     }
-    let rumqttc::EventLoop { state, network, .. } = eventloop;
-    let Some(network) = network.as_mut() else { return };
-    let written = async {
-        for pkid in pkids {
-            if let Some(packet) = state.handle_outgoing_packet(rumqttc::Request::PubAck(rumqttc::PubAck::new(pkid)))? {
-                network.write(packet).await?;
-            }
-        }
-        network.flush().await
-    };
-    match tokio::time::timeout(Duration::from_secs(10), written).await {
+    match tokio::time::timeout(Duration::from_secs(10), write_pubacks(eventloop, pkids)).await {
         Ok(Ok(())) => {}
         Ok(Err(e)) => {
             tracing::warn!(error = %e, "acknowledgements not written; the broker will redeliver (deduplicated)")
         }
         Err(_) => tracing::warn!("acknowledgements not flushed in 10 s; the broker will redeliver (deduplicated)"),
     }
+}
+
+/// Writes a PUBACK for each packet id into the event loop's connection and flushes them
+/// with one write. Nothing is written without a connection. The caller bounds the time.
+pub(crate) async fn write_pubacks(
+    eventloop: &mut rumqttc::EventLoop,
+    pkids: impl IntoIterator<Item = u16>,
+) -> Result<(), rumqttc::StateError> {
+    let rumqttc::EventLoop { state, network, .. } = eventloop;
+    let Some(network) = network.as_mut() else { return Ok(()) };
+    for pkid in pkids {
+        if let Some(packet) = state.handle_outgoing_packet(rumqttc::Request::PubAck(rumqttc::PubAck::new(pkid)))? {
+            network.write(packet).await?;
+        }
+    }
+    network.flush().await
 }
 
 /// Decodes one publish and submits it, in receive order. Invalid input becomes a dead

@@ -56,7 +56,7 @@ async fn contract_floor_stores_each_reading_once_with_its_values() {
     let url = crate::harness::fresh_database(&crate::harness::temp_dir()).await;
     let store = mes::bench_floor::store_beside(&url).await.expect("floor database");
     let devices: Vec<String> = DEVICES.iter().map(|d| d.to_string()).collect();
-    let floor = mes::bench_floor::start(&broker, store.clone(), &devices, "floor-test").await.expect("floor starts");
+    let floor = mes::bench_floor::start(&broker, store.clone(), &devices, "floor-test", mes::bench_floor::Keep::Rows).await.expect("floor starts");
 
     let load = Load::new(devices, "floor-test", 1, vec![Phase::flood("flood", 400)]);
     let (figures, _) = bench_load::run(&broker, &store.pool, load, "floor", None).await.expect("run");
@@ -74,4 +74,43 @@ async fn contract_floor_stores_each_reading_once_with_its_values() {
         assert_eq!(seqs, (1..=100).collect::<Vec<i64>>(), "{d}");
     }
     assert!(rows.iter().all(|(_, seq, good, scrap)| *good == 2 * seq && *scrap == seq / 50));
+}
+
+/// The cursor floor keeps each device's greatest reading and never moves back to an older
+/// one; the floor that keeps nothing counts every message and writes nothing. Both publish
+/// through the real broker; their counts are what `mes bench ingest` times.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cursor_floor_keeps_each_devices_last_reading_and_the_empty_floor_writes_nothing() {
+    use mes::bench_floor::Keep;
+    let mes = Mes::start(MesOptions::default()).await;
+    let broker = format!("{}:{}", mes.mqtt_host, mes.mqtt_port);
+    let url = crate::harness::fresh_database(&crate::harness::temp_dir()).await;
+    let store = mes::bench_floor::store_beside(&url).await.expect("floor database");
+    let devices: Vec<String> = DEVICES.iter().map(|d| d.to_string()).collect();
+
+    for (keep, first_seq, n) in [(Keep::Cursors, 1, 400), (Keep::Nothing, 1_001, 400), (Keep::Cursors, 1, 40)] {
+        let floor = mes::bench_floor::start(&broker, store.clone(), &devices, "floor-keep", keep).await.expect("starts");
+        mes::bench::publish(&broker, "floor-keep", &devices, n, first_seq).await.expect("published");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while floor.stored() < n && std::time::Instant::now() < deadline {
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        assert_eq!(floor.stored(), n, "{keep:?}");
+        drop(floor);
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    // 400 over 4 devices from seq 1: the last is seq 100, good 200, scrap 2. The empty
+    // floor's later readings (seq 1,001..1,100) moved nothing, and the older ones sent
+    // again to the cursor floor (seq 1..10) did not move it back.
+    let cursors: Vec<(String, i64, i64, i64, i64)> =
+        sqlx::query_as("SELECT device, boot, seq, good, scrap FROM device_cursors ORDER BY device")
+            .fetch_all(&store.pool)
+            .await
+            .expect("cursors");
+    let mut expected: Vec<(String, i64, i64, i64, i64)> =
+        DEVICES.iter().map(|d| (d.to_string(), 1, 100, 200, 2)).collect();
+    expected.sort();
+    assert_eq!(cursors, expected);
+    let rows: (i64,) = sqlx::query_as("SELECT COUNT(*) FROM telemetry").fetch_one(&store.pool).await.expect("count");
+    assert_eq!(rows.0, 0);
 }
