@@ -97,7 +97,14 @@ where
         crate::broker::start(addr, cfg.ingest.max_payload).map_err(anyhow::Error::msg)?;
     }
     let metrics = Arc::new(Metrics::default());
-    let events = Events::default();
+    // A cluster node's events are relayed to the other nodes (`crate::events`).
+    let (events, relay) = match &cfg.cluster {
+        Some(c) => {
+            let (e, q) = Events::clustered(&c.node_id, metrics.clone());
+            (e, Some(q))
+        }
+        None => (Events::default(), None),
+    };
     let ledger = Arc::new(crate::settlement::Ledger::from_plant(&plant));
 
     // Cluster mode (several nodes on one PostgreSQL database, `crate::cluster`): work
@@ -168,6 +175,9 @@ where
     let writer_task = tokio::spawn(writer.run());
     let pipeline = Pipeline::new(router.clone(), writer_tx, metrics.clone(), cfg.ingest.max_in_flight);
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    if let Some(q) = relay {
+        q.start(store.clone(), cfg.database.url.clone(), shutdown_rx.clone());
+    }
     let board: crate::ingest::modbus::StatusBoard = Default::default();
     let (pollers, modbus_writers) = match cluster {
         Some(_) => (Vec::new(), Default::default()),

@@ -70,13 +70,7 @@ impl Drop for Floor {
 
 /// Starts a floor on `broker` for `devices` under `prefix`, committing what `keep` says
 /// into `store` (already migrated); returns once every session's subscription is confirmed.
-pub async fn start(
-    broker: &str,
-    store: Store,
-    devices: &[String],
-    prefix: &str,
-    keep: Keep,
-) -> anyhow::Result<Floor> {
+pub async fn start(broker: &str, store: Store, devices: &[String], prefix: &str, keep: Keep) -> anyhow::Result<Floor> {
     // One committing connection, as the MES's one writer: the observer relies on row ids
     // growing in commit order, which concurrent PostgreSQL transactions do not keep. (Four
     // inserting connections, one per session, measured no faster on PostgreSQL here:

@@ -120,6 +120,10 @@ pub struct Metrics {
     pub modbus_polls: AtomicU64,
     pub alerts: AtomicU64,
     pub live_dropped: AtomicU64,
+    /// Cluster: events relayed to the other nodes, dropped on the way out, received.
+    pub events_relayed: AtomicU64,
+    pub events_relay_dropped: AtomicU64,
+    pub events_remote: AtomicU64,
     pub modbus_errors: AtomicU64,
     /// The time-series exporter's counters (`src/influx`).
     pub influx: crate::influx::InfluxMetrics,
@@ -258,6 +262,24 @@ impl Metrics {
             "mes_live_dropped_total",
             "Live-state notifications dropped on a full mailbox.",
             self.live_dropped.load(Relaxed),
+        );
+        counter(
+            &mut out,
+            "mes_events_relayed_total",
+            "Cluster: live events relayed to the other nodes.",
+            self.events_relayed.load(Relaxed),
+        );
+        counter(
+            &mut out,
+            "mes_events_relay_dropped_total",
+            "Cluster: live events not relayed (relay queue full, or the notification failed).",
+            self.events_relay_dropped.load(Relaxed),
+        );
+        counter(
+            &mut out,
+            "mes_events_remote_total",
+            "Cluster: live events received from the other nodes.",
+            self.events_remote.load(Relaxed),
         );
         counter(
             &mut out,

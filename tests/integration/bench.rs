@@ -56,7 +56,9 @@ async fn contract_floor_stores_each_reading_once_with_its_values() {
     let url = crate::harness::fresh_database(&crate::harness::temp_dir()).await;
     let store = mes::bench_floor::store_beside(&url).await.expect("floor database");
     let devices: Vec<String> = DEVICES.iter().map(|d| d.to_string()).collect();
-    let floor = mes::bench_floor::start(&broker, store.clone(), &devices, "floor-test", mes::bench_floor::Keep::Rows).await.expect("floor starts");
+    let floor = mes::bench_floor::start(&broker, store.clone(), &devices, "floor-test", mes::bench_floor::Keep::Rows)
+        .await
+        .expect("floor starts");
 
     let load = Load::new(devices, "floor-test", 1, vec![Phase::flood("flood", 400)]);
     let (figures, _) = bench_load::run(&broker, &store.pool, load, "floor", None).await.expect("run");
@@ -89,7 +91,8 @@ async fn cursor_floor_keeps_each_devices_last_reading_and_the_empty_floor_writes
     let devices: Vec<String> = DEVICES.iter().map(|d| d.to_string()).collect();
 
     for (keep, first_seq, n) in [(Keep::Cursors, 1, 400), (Keep::Nothing, 1_001, 400), (Keep::Cursors, 1, 40)] {
-        let floor = mes::bench_floor::start(&broker, store.clone(), &devices, "floor-keep", keep).await.expect("starts");
+        let floor =
+            mes::bench_floor::start(&broker, store.clone(), &devices, "floor-keep", keep).await.expect("starts");
         mes::bench::publish(&broker, "floor-keep", &devices, n, first_seq).await.expect("published");
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
         while floor.stored() < n && std::time::Instant::now() < deadline {

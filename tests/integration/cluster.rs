@@ -360,10 +360,22 @@ async fn any_node_answers_and_modbus_work_goes_to_the_owner() {
     assert_eq!(doc["node"], "a");
     assert_eq!(doc["leases"][0]["node_id"], holder);
     let (mut owner, other) = if owner_is_a { (a, b) } else { (b, a) };
+    let other_id = if owner_is_a { "b" } else { "a" };
+    // Each node's live events stream also carries what the other node published.
+    let mut other_events = Events::open(&other).await;
+    let mut owner_events = Events::open(&owner).await;
     // The first poll is the baseline; later units count.
     tokio::time::sleep(Duration::from_millis(500)).await;
     press.set(130, 3, 1, 2);
     assert_eq!(other.wait_totals("PRESS-1", (30, 1)).await, (30, 1), "read through the non-owner");
+    // The counts were committed by the owner; the non-owner's stream shows them, tagged.
+    let (mut good, mut scrap) = (0, 0);
+    while (good, scrap) != (30, 1) {
+        let counts = other_events.until(|e| e["type"] == "counts" && e["work_center"] == "PRESS-1").await;
+        assert_eq!(counts["node"], holder, "{counts}");
+        good += counts["good"].as_i64().expect("good");
+        scrap += counts["scrap"].as_i64().expect("scrap");
+    }
 
     // A point write and a command through the non-owner reach the device via the owner.
     let (s, r) =
@@ -383,6 +395,12 @@ async fn any_node_answers_and_modbus_work_goes_to_the_owner() {
         )
         .await;
     assert_eq!(s, 201);
+    // Created through the non-owner: the owner's stream shows it, tagged with where it was.
+    let created = owner_events.until(|e| e["type"] == "order_created").await;
+    assert_eq!(created, json!({"type": "order_created", "order": "PO-C", "node": other_id}));
+    assert!(other.metric("mes_events_relayed_total").await >= 1);
+    assert!(owner.metric("mes_events_remote_total").await >= 1);
+    assert_eq!(other.metric("mes_events_relay_dropped_total").await, 0);
     let (s, _) = other.post("/api/v1/orders/PO-C/release", serde_json::json!({}), &[]).await;
     assert_eq!(s, 200);
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -426,4 +444,48 @@ async fn any_node_answers_and_modbus_work_goes_to_the_owner() {
     wait_for(&other, Duration::from_secs(20), "takeover of PRESS-1", |o| o.get(survivor) == Some(&1)).await;
     assert_eq!(other.wait_totals("PRESS-1", (75, 3)).await, (75, 3));
     server.abort();
+}
+
+/// A node's `GET /api/v1/events` stream, read event by event.
+struct Events {
+    response: reqwest::Response,
+    text: String,
+}
+
+impl Events {
+    async fn open(mes: &Mes) -> Events {
+        // A client of its own: the harness's gives up on a whole response after 10 s, and
+        // this one stays open for the test; each read has its own deadline below.
+        let client = reqwest::Client::builder().connect_timeout(Duration::from_secs(5)).build().expect("client");
+        let response =
+            tokio::time::timeout(Duration::from_secs(10), client.get(format!("{}/api/v1/events", mes.http)).send())
+                .await
+                .expect("events answered in 10 s")
+                .expect("events");
+        assert_eq!(response.status().as_u16(), 200);
+        Events { response, text: String::new() }
+    }
+
+    /// The next event that `wanted` accepts; fails after 15 s.
+    async fn until(&mut self, wanted: impl Fn(&Value) -> bool) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            while let Some(end) = self.text.find("\n\n") {
+                let block: String = self.text.drain(..end + 2).collect();
+                for line in block.lines() {
+                    if let Some(Ok(e)) = line.strip_prefix("data: ").map(serde_json::from_str::<Value>) {
+                        if wanted(&e) {
+                            return e;
+                        }
+                    }
+                }
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            assert!(!left.is_zero(), "no such event in 15 s");
+            if let Ok(chunk) = tokio::time::timeout(left, self.response.chunk()).await {
+                let chunk = chunk.expect("events stream").expect("events stream open");
+                self.text.push_str(&String::from_utf8_lossy(&chunk));
+            }
+        }
+    }
 }
