@@ -29,6 +29,7 @@ pub mod oee_live;
 pub mod openapi;
 pub mod plant;
 pub mod settlement;
+pub mod time;
 
 /// Milliseconds since the Unix epoch, from the wall clock.
 pub fn now_ms() -> i64 {

@@ -664,7 +664,7 @@ async fn create_order(req: HttpRequest, st: State, body: web::Bytes) -> Res {
         return Err(ApiError::unprocessable("not_producible", format!("no work center makes `{}`", o.sku)));
     }
     if let Some(due) = &o.due {
-        if due_ms(due).is_some_and(|d| d <= crate::now_ms()) {
+        if crate::time::due_ms(due).is_some_and(|d| d <= crate::now_ms()) {
             return Err(ApiError::unprocessable("due_in_past", format!("`due` {due} is not in the future")));
         }
     }
@@ -697,15 +697,6 @@ async fn create_order(req: HttpRequest, st: State, body: web::Bytes) -> Res {
     st.store.audit(&caller.name, "order_create", &row.id, &detail.to_string()).await?;
     st.events.publish(json!({"type": "order_created", "order": row.id}));
     Ok(HttpResponse::Created().json(order_json(&st, &row).await?))
-}
-
-/// The end of a due date (a date means the end of that day, UTC) in Unix ms.
-fn due_ms(due: &str) -> Option<i64> {
-    if let Ok(t) = chrono::DateTime::parse_from_rfc3339(due) {
-        return Some(t.timestamp_millis());
-    }
-    let d = chrono::NaiveDate::parse_from_str(due, "%Y-%m-%d").ok()?;
-    Some(d.and_hms_opt(23, 59, 59)?.and_utc().timestamp_millis() + 999)
 }
 
 fn parse_new_order(v: &Value) -> Result<NewOrder, ApiError> {
@@ -747,9 +738,7 @@ fn parse_new_order(v: &Value) -> Result<NewOrder, ApiError> {
     };
     let due = str_field("due")?;
     if let Some(d) = &due {
-        let ok =
-            chrono::DateTime::parse_from_rfc3339(d).is_ok() || chrono::NaiveDate::parse_from_str(d, "%Y-%m-%d").is_ok();
-        if !ok {
+        if crate::time::due_ms(d).is_none() {
             return Err(ApiError::unprocessable(
                 "invalid_field",
                 format!("`due` `{d}` is not a date (YYYY-MM-DD) or RFC 3339 time"),

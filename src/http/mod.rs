@@ -179,12 +179,7 @@ pub fn has_control_chars(uri: &actix_web::http::Uri) -> bool {
         || b.windows(3).any(|w| w.eq_ignore_ascii_case(b"%7f"))
 }
 
-/// RFC 3339 text of a millisecond timestamp.
-pub fn rfc3339(ms: i64) -> String {
-    chrono::DateTime::from_timestamp_millis(ms)
-        .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
-        .unwrap_or_default()
-}
+pub use crate::time::rfc3339;
 
 #[cfg(test)]
 mod tests {

@@ -110,21 +110,14 @@ async fn oee_with_counts(
         .map_err(|e| ApiError::unprocessable("invalid_window", e.to_string()))
 }
 
-/// A time given as RFC 3339, a date, or Unix milliseconds.
+/// A time given as RFC 3339, a date (its start, UTC), or Unix milliseconds.
 fn parse_time(key: &str, s: &str) -> Result<i64, ApiError> {
-    if let Ok(ms) = s.parse::<i64>() {
-        return Ok(ms);
-    }
-    if let Ok(t) = chrono::DateTime::parse_from_rfc3339(s) {
-        return Ok(t.timestamp_millis());
-    }
-    if let Some(t) = chrono::NaiveDate::parse_from_str(s, "%Y-%m-%d").ok().and_then(|d| d.and_hms_opt(0, 0, 0)) {
-        return Ok(t.and_utc().timestamp_millis());
-    }
-    Err(ApiError::bad_request(
-        "invalid_query",
-        format!("`{key}` `{s}` is not an RFC 3339 time, a date or Unix milliseconds"),
-    ))
+    crate::time::instant_ms(s, crate::time::Day::Start).ok_or_else(|| {
+        ApiError::bad_request(
+            "invalid_query",
+            format!("`{key}` `{s}` is not an RFC 3339 time, a date or Unix milliseconds"),
+        )
+    })
 }
 
 #[derive(Deserialize)]

@@ -38,22 +38,21 @@ pub fn parse_metrics(text: Option<&str>) -> BTreeMap<String, f64> {
     raw.into_iter().filter_map(|(k, v)| v.get().parse::<f64>().ok().filter(|x| x.is_finite()).map(|x| (k, x))).collect()
 }
 
-/// Parses `--from`/`--to`: an RFC 3339 time, milliseconds since the epoch, `now`, or a
-/// duration (`90m`, `2d`) meaning that long before `now_ms`.
+/// Parses `--from`/`--to`: an RFC 3339 time, a date (its start, UTC), milliseconds since
+/// the epoch, `now`, or a duration (`90m`, `2d`) meaning that long before `now_ms`.
 pub fn parse_time(s: &str, now_ms: i64) -> Result<i64, String> {
     let s = s.trim();
     if s == "now" {
         return Ok(now_ms);
     }
-    if let Ok(ms) = s.parse::<i64>() {
+    if let Some(ms) = crate::time::instant_ms(s, crate::time::Day::Start) {
         return Ok(ms);
-    }
-    if let Ok(t) = chrono::DateTime::parse_from_rfc3339(s) {
-        return Ok(t.timestamp_millis());
     }
     match crate::config::parse_duration(s) {
         Some(d) => Ok(now_ms - i64::try_from(d.as_millis()).unwrap_or(i64::MAX / 2)),
-        None => Err(format!("`{s}` is not a time (RFC 3339, ms since the epoch, `now`, or a duration like 90m ago)")),
+        None => Err(format!(
+            "`{s}` is not a time (RFC 3339, a date, ms since the epoch, `now`, or a duration like 90m ago)"
+        )),
     }
 }
 

@@ -81,9 +81,8 @@ pub fn parse(device: &str, payload: &[u8]) -> Result<Reading, String> {
     let ts_ms = match w.ts {
         None | Some(serde_json::Value::Null) => None,
         Some(serde_json::Value::String(s)) => Some(
-            chrono::DateTime::parse_from_rfc3339(&s)
-                .map_err(|_| format!("`ts` `{}` is not an RFC 3339 time", s.chars().take(40).collect::<String>()))?
-                .timestamp_millis(),
+            crate::time::rfc3339_ms(&s)
+                .ok_or_else(|| format!("`ts` `{}` is not an RFC 3339 time", s.chars().take(40).collect::<String>()))?,
         ),
         Some(other) => return Err(format!("`ts` must be an RFC 3339 string, got {}", kind(&other))),
     };
