@@ -37,9 +37,7 @@ impl Drop for Kill {
     }
 }
 
-pub(crate) fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
-}
+pub(crate) use crate::free_port;
 
 async fn wait_up(client: &reqwest::Client, url: &str) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(60);

@@ -31,6 +31,20 @@ pub mod plant;
 pub mod settlement;
 pub mod time;
 
+/// A port free on loopback now and not handed out before by this process (the kernel may
+/// offer a port again as soon as its probe is closed: two taken in a row could be equal).
+pub fn free_port() -> anyhow::Result<u16> {
+    static GIVEN: std::sync::Mutex<std::collections::BTreeSet<u16>> =
+        std::sync::Mutex::new(std::collections::BTreeSet::new());
+    for _ in 0..1_000 {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        if GIVEN.lock().map_err(|_| anyhow::anyhow!("port registry poisoned"))?.insert(port) {
+            return Ok(port);
+        }
+    }
+    anyhow::bail!("no fresh free port on 127.0.0.1 in 1,000 tries")
+}
+
 /// Milliseconds since the Unix epoch, from the wall clock.
 pub fn now_ms() -> i64 {
     use mes_actors::Clock;

@@ -202,9 +202,7 @@ fn runtime() -> std::io::Result<actix_rt::SystemRunner> {
     }))
 }
 
-fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
-}
+use mes::free_port;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
