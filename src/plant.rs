@@ -4,7 +4,7 @@
 //! upserted into the database as master data.
 
 use crate::config::toml_message;
-use mes_actors::Money;
+use mes_actors::{MachineState, Money};
 use serde::Deserialize;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -144,9 +144,14 @@ pub struct SparkplugDevice {
     pub good: String,
     /// Metric holding the cumulative scrap count.
     pub scrap: String,
-    /// Metric holding the machine state (a String: running, idle, setup, down, stopped).
+    /// Metric holding the machine state: a String (running, idle, setup, down, stopped), or
+    /// an integer code named in `state_codes`.
     #[serde(default)]
     pub state: Option<String>,
+    /// The machine state each integer code of the state metric stands for, as PLCs
+    /// publish it (`{ 0 = "stopped", 1 = "running" }`); a code not listed is a dead letter.
+    #[serde(default)]
+    pub state_codes: BTreeMap<String, String>,
     /// Metric holding the order being worked on (a String); written by order dispatch.
     #[serde(default)]
     pub order: Option<String>,
@@ -159,6 +164,12 @@ pub struct SparkplugDevice {
 }
 
 impl SparkplugDevice {
+    /// The state an integer code of the state metric stands for (`state_codes`, checked
+    /// when the plant file is loaded).
+    pub fn state_of_code(&self, code: i128) -> Option<MachineState> {
+        self.state_codes.get(&code.to_string()).and_then(|s| s.parse().ok())
+    }
+
     /// The bound metric names: good, scrap, then the optional ones.
     pub fn bound(&self) -> impl Iterator<Item = &str> {
         [Some(&self.good), Some(&self.scrap), self.state.as_ref(), self.order.as_ref(), self.target.as_ref()]
@@ -390,6 +401,23 @@ impl Plant {
                     }
                     if !names.insert(m) {
                         out.push(format!("work_centers `{}`: sparkplug metric `{m}` is bound twice", w.id));
+                    }
+                }
+                if !s.state_codes.is_empty() && s.state.is_none() {
+                    out.push(format!("work_centers `{}`: sparkplug state_codes without a state metric", w.id));
+                }
+                for (code, state) in &s.state_codes {
+                    if code.parse::<i64>().map(|c| c.to_string()).as_deref() != Ok(code.as_str()) {
+                        out.push(format!(
+                            "work_centers `{}`: sparkplug state_codes key `{code}` must be an integer (like 0 or 3)",
+                            w.id
+                        ));
+                    }
+                    if state.parse::<MachineState>().is_err() {
+                        out.push(format!(
+                            "work_centers `{}`: sparkplug state_codes `{code}` = `{state}` is not a state (running, idle, setup, down, stopped)",
+                            w.id
+                        ));
                     }
                 }
                 if !sparkplug.insert((s.group.clone(), s.edge_node.clone(), s.device.clone())) {

@@ -509,11 +509,22 @@ impl Session {
             } else if *name == b.scrap {
                 count(m, dt).map(|v| next.scrap = Some(v))
             } else if b.state.as_ref() == Some(name) {
-                match &m.value {
-                    Some(Value::StringValue(v)) => {
+                match (&m.value, whole(m, dt)) {
+                    (Some(Value::StringValue(v)), _) => {
                         v.parse::<MachineState>().map(|s| next.state = Some(s)).map_err(|e| e.to_string())
                     }
-                    _ => Err(format!("state metric `{}` must be a String", clip(name))),
+                    (_, Some(code)) if !b.state_codes.is_empty() => match b.state_of_code(code) {
+                        Some(s) => {
+                            next.state = Some(s);
+                            Ok(())
+                        }
+                        None => Err(format!("state metric `{}`: code {code} is not in the work center's state_codes", clip(name))),
+                    },
+                    (_, Some(code)) => Err(format!(
+                        "state metric `{}` is the code {code}; name the codes in the work center's sparkplug state_codes",
+                        clip(name)
+                    )),
+                    _ => Err(format!("state metric `{}` must be a String or an integer code", clip(name))),
                 }
             } else if b.order.as_ref() == Some(name) {
                 match &m.value {
@@ -603,19 +614,27 @@ fn integer(m: &Metric) -> Result<u64, String> {
 /// A counter: a non-negative whole number within the database's range.
 fn count(m: &Metric, dt: u32) -> Result<u64, String> {
     let name = clip(m.name.as_deref().unwrap_or("(alias)"));
-    let v: i128 = match (&m.value, dt) {
+    let Some(v) = whole(m, dt) else {
+        return Err(format!("counter metric `{name}` must be a whole number"));
+    };
+    if !(0..=i128::from(crate::ingest::parse::MAX_COUNTER)).contains(&v) {
+        return Err(format!("counter metric `{name}` is {v}, not a non-negative count"));
+    }
+    Ok(v as u64)
+}
+
+/// A metric's value as a whole number: an integer of any width and signedness, or a float
+/// with no fraction (within the range it holds exactly).
+fn whole(m: &Metric, dt: u32) -> Option<i128> {
+    Some(match (&m.value, dt) {
         (Some(Value::IntValue(v)), datatype::INT8 | datatype::INT16 | datatype::INT32) => i128::from(*v as i32),
         (Some(Value::IntValue(v)), _) => i128::from(*v),
         (Some(Value::LongValue(v)), datatype::INT64) => i128::from(*v as i64),
         (Some(Value::LongValue(v)), _) => i128::from(*v),
         (Some(Value::DoubleValue(x)), _) if x.fract() == 0.0 && x.abs() < 9.0e15 => *x as i128,
         (Some(Value::FloatValue(x)), _) if x.fract() == 0.0 && x.abs() < 1.6e7 => *x as i128,
-        _ => return Err(format!("counter metric `{name}` must be a whole number")),
-    };
-    if !(0..=i128::from(crate::ingest::parse::MAX_COUNTER)).contains(&v) {
-        return Err(format!("counter metric `{name}` is {v}, not a non-negative count"));
-    }
-    Ok(v as u64)
+        _ => return None,
+    })
 }
 
 /// A numeric metric value for the time series.

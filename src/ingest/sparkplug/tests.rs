@@ -185,3 +185,62 @@ fn commands_write_the_bound_metrics() {
     assert_eq!(state_topic("mes/x"), "spBv1.0/STATE/mes_x");
     assert_eq!(h.bindings().filters(), vec!["spBv1.0/G/#".to_string()]);
 }
+
+/// A PLC that publishes its state as an integer code: the work center's `state_codes` name
+/// what each code means; a code not named, or a code where none are named, is a dead letter
+/// that changes nothing.
+#[test]
+fn integer_state_codes_map_to_states_and_an_unnamed_code_is_a_dead_letter() {
+    let coded = PLANT.replace(
+        "state = \"State\",",
+        "state = \"State\", state_codes = { 0 = \"stopped\", 1 = \"running\", 3 = \"down\" },",
+    );
+    let plant = Plant::parse(&coded, "t", None).expect("plant");
+    let mut h = Host::new(Arc::new(Bindings::from_plant(&plant)), StatusBoard::default(), None);
+    let code = |v: u32| Metric { datatype: Some(dt::INT16), ..aliased(3, Value::IntValue(v)) };
+    h.decide(NB, &nbirth(1), 0);
+    let m = |name: &str, alias: u64, t: u32, v: Value| Metric { alias: Some(alias), ..Metric::named(name, t, v) };
+    let birth = payload(
+        1001,
+        1,
+        vec![
+            m("Good", 1, dt::UINT64, Value::LongValue(10)),
+            m("Scrap", 2, dt::INT32, Value::IntValue(1)),
+            m("State", 3, dt::INT16, Value::IntValue(1)),
+        ],
+    );
+    assert_eq!(reading(h.decide(DB, &birth, 0)).state, Some(MachineState::Running));
+    let r = reading(h.decide(DD, &payload(1002, 2, vec![code(3)]), 0));
+    assert_eq!(r.state, Some(MachineState::Down));
+    assert!(matches!(h.decide(DD, &payload(1003, 3, vec![code(7)]), 0).action,
+                 Action::DeadLetter(r) if r.contains("code 7 is not in the work center's state_codes")),);
+    // A negative code (two's complement in the INT16) is a code too, and not named here.
+    assert!(matches!(h.decide(DD, &payload(1004, 4, vec![code(-1i32 as u32)]), 0).action,
+                     Action::DeadLetter(r) if r.contains("code -1")));
+    // Strings still work alongside codes; what the dead letters carried changed nothing.
+    let r = reading(h.decide(DD, &payload(1005, 5, vec![aliased(3, Value::StringValue("idle".into()))]), 0));
+    assert_eq!((r.good, r.scrap, r.state), (10, 1, Some(MachineState::Idle)));
+
+    // Without state_codes an integer state is refused, naming the setting.
+    let mut plain = host();
+    plain.decide(NB, &nbirth(1), 0);
+    reading(plain.decide(DB, &dbirth(1001, 1, 10, 1), 0));
+    assert!(matches!(plain.decide(DD, &payload(1002, 2, vec![code(1)]), 0).action,
+                     Action::DeadLetter(r) if r.contains("name the codes in the work center's sparkplug state_codes")));
+}
+
+#[test]
+fn state_codes_are_checked_when_the_plant_is_loaded() {
+    for (codes, expected) in [
+        ("state_codes = { 01 = \"running\" },", "state_codes key `01` must be an integer"),
+        ("state_codes = { x = \"running\" },", "state_codes key `x` must be an integer"),
+        ("state_codes = { 2 = \"exploded\" },", "state_codes `2` = `exploded` is not a state"),
+    ] {
+        let bad = PLANT.replace("state = \"State\",", &format!("state = \"State\", {codes}"));
+        let e = Plant::parse(&bad, "t", None).expect_err(codes).to_string();
+        assert!(e.contains(expected), "{codes}: {e}");
+    }
+    let orphan = PLANT.replace("state = \"State\",", "state_codes = { 1 = \"running\" },");
+    let e = Plant::parse(&orphan, "t", None).expect_err("orphan").to_string();
+    assert!(e.contains("state_codes without a state metric"), "{e}");
+}
