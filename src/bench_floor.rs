@@ -103,7 +103,10 @@ pub async fn start(broker: &str, store: Store, devices: &[String], prefix: &str,
 }
 
 /// One session: hands each publish to the store loop and writes the acknowledgements it
-/// gets back, a batch at a time, taking them before the next poll (as the MES's loop).
+/// gets back, a batch at a time, taking them before the next poll (as the MES's loop). The
+/// client is held so that its event loop keeps running. A floor does not outlive its
+/// connection: acknowledgements of a lost connection must not reach the next one, so the
+/// session ends, and the run waiting for its count fails at its deadline.
 async fn session_loop(
     _client: AsyncClient,
     mut el: rumqttc::EventLoop,
@@ -137,7 +140,10 @@ async fn session_loop(
                 }
             }
             Ok(_) => {}
-            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+            Err(e) => {
+                eprintln!("floor: session {i} lost its connection ({e}); it ends");
+                return;
+            }
         }
     }
 }
