@@ -407,6 +407,14 @@ pub async fn run_background(st: web::Data<AppState>, mut shutdown: tokio::sync::
     let system = Caller { name: "mes".into(), role: Role::Admin };
     // A single node keeps the live OEE's counts from new rows only (`oee_live`).
     let mut counts = st.cluster.is_none().then(LiveCounts::default);
+    // An order that ends hands its work center to the next one at once, not at the next
+    // refresh: a line at a promo's pace makes hundreds of parts in 5 s.
+    let mut events = Some(st.events.subscribe());
+    let advance = || async {
+        if let Err(e) = advance_queues(&st, &system).await {
+            tracing::warn!(error = %e, "work-center queues not advanced");
+        }
+    };
     loop {
         let refreshed = match counts.as_mut() {
             Some(c) => refresh_oee_incremental(&st, c).await,
@@ -415,14 +423,40 @@ pub async fn run_background(st: web::Data<AppState>, mut shutdown: tokio::sync::
         if let Err(e) = refreshed {
             tracing::warn!(error = %e, "live OEE not refreshed");
         }
-        if let Err(e) = advance_queues(&st, &system).await {
-            tracing::warn!(error = %e, "work-center queues not advanced");
-        }
-        tokio::select! {
-            _ = shutdown.changed() => return,
-            _ = tokio::time::sleep(REFRESH) => {}
+        advance().await;
+        let next = tokio::time::Instant::now() + REFRESH;
+        loop {
+            use tokio::sync::broadcast::error::RecvError;
+            let ended = async {
+                match events.as_mut() {
+                    Some(rx) => Some(rx.recv().await),
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                _ = shutdown.changed() => return,
+                _ = tokio::time::sleep_until(next) => break,
+                e = ended => match e {
+                    Some(Ok(e)) if ends_an_order(&e) => advance().await,
+                    // Missed events may have held one.
+                    Some(Err(RecvError::Lagged(_))) => advance().await,
+                    Some(Err(RecvError::Closed)) | None => events = None,
+                    Some(Ok(_)) => {}
+                },
+            }
         }
     }
+}
+
+/// Whether a live event tells of an order that ended (completed, closed or cancelled), so
+/// its work center may take the next order of its queue.
+fn ends_an_order(e: &serde_json::Value) -> bool {
+    let status = match e["type"].as_str() {
+        Some("order_status") => &e["to"],
+        Some("order") => &e["status"],
+        _ => return false,
+    };
+    matches!(status.as_str(), Some("completed" | "closed" | "cancelled"))
 }
 
 /// Live OEE: the last hour up to now, or up to the device's latest reading when its clock
@@ -484,4 +518,29 @@ pub async fn advance_queues(st: &AppState, by: &Caller) -> Result<(), ApiError> 
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ends_an_order;
+    use serde_json::json;
+
+    #[test]
+    fn an_order_ends_when_it_completes_or_is_closed_or_cancelled() {
+        for e in [
+            json!({"type": "order_status", "order": "PO-1", "from": "running", "to": "completed"}),
+            json!({"type": "order", "order": "PO-1", "status": "closed"}),
+            json!({"type": "order", "order": "PO-1", "status": "cancelled"}),
+        ] {
+            assert!(ends_an_order(&e), "{e}");
+        }
+        for e in [
+            json!({"type": "order_status", "order": "PO-1", "from": "released", "to": "running"}),
+            json!({"type": "order", "order": "PO-1", "status": "released"}),
+            json!({"type": "counts", "work_center": "BLANK-1", "status": "completed"}),
+            json!("completed"),
+        ] {
+            assert!(!ends_an_order(&e), "{e}");
+        }
+    }
 }
