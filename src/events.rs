@@ -109,30 +109,26 @@ impl RelayQueue {
 }
 
 /// Packs queued events into notifications of at most [`NOTIFY_MAX_BYTES`]:
-/// `{"node": …, "events": [ … ]}`. An event too large for one notification alone is
-/// dropped (counted); `next` carries the event that did not fit into the next payload.
+/// `{"node": …, "events": [ … ]}`. A `first` event too large for a notification alone
+/// packs nothing (count 0: the caller drops and counts it); `next` carries the event that
+/// did not fit into the next payload.
 fn pack(node: &str, first: String, rx: &mut mpsc::Receiver<Value>, next: &mut Option<String>) -> (String, usize) {
-    let head = format!("{{\"node\":{},\"events\":[", Value::String(node.to_string()));
-    let mut payload = head.clone();
-    let mut count = 0;
-    let mut add = |payload: &mut String, e: &str| {
-        if count > 0 {
-            payload.push(',');
-        }
-        payload.push_str(e);
-        count += 1;
-    };
-    if head.len() + first.len() + 2 > NOTIFY_MAX_BYTES {
-        return (format!("{head}]}}"), 0);
+    let mut payload = format!("{{\"node\":{},\"events\":[", Value::String(node.to_string()));
+    if payload.len() + first.len() + 2 > NOTIFY_MAX_BYTES {
+        payload.push_str("]}");
+        return (payload, 0);
     }
-    add(&mut payload, &first);
+    payload.push_str(&first);
+    let mut count = 1;
     while let Ok(e) = rx.try_recv() {
         let e = e.to_string();
         if payload.len() + e.len() + 3 > NOTIFY_MAX_BYTES {
             *next = Some(e);
             break;
         }
-        add(&mut payload, &e);
+        payload.push(',');
+        payload.push_str(&e);
+        count += 1;
     }
     payload.push_str("]}");
     (payload, count)

@@ -2,7 +2,6 @@
 
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use serde_json::Value;
-use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -72,21 +71,11 @@ pub fn counted_delta(work_center: &str, device: &str, seq: u64, good: u64, scrap
     }
 }
 
-/// A port free on loopback now and never handed out before in this process: the kernel
-/// may offer a port again as soon as its probe is closed, and two ports taken one after
-/// the other for one MES (its broker and its HTTP) once came back equal.
+/// A port free on loopback now and never handed out before in this process: the
+/// product's own (`mes::free_port`), so the tests and the bench code they call share one
+/// record of the ports given.
 pub fn free_port() -> u16 {
-    static GIVEN: std::sync::Mutex<BTreeSet<u16>> = std::sync::Mutex::new(BTreeSet::new());
-    for _ in 0..1_000 {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .map(|a| a.port())
-            .expect("free port");
-        if GIVEN.lock().expect("ports").insert(port) {
-            return port;
-        }
-    }
-    panic!("no fresh free port in 1,000 tries")
+    mes::free_port().expect("free port")
 }
 
 fn unique() -> String {
