@@ -294,7 +294,7 @@ pub async fn observe(
 }
 
 /// The figures of one phase.
-#[derive(Clone, Debug, serde::Serialize)]
+#[derive(Clone, Debug, Default, serde::Serialize)]
 pub struct PhaseFigures {
     pub name: String,
     pub messages: u64,

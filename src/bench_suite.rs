@@ -31,6 +31,8 @@ pub struct Options {
     pub stations: usize,
     /// Messages sent to the Node-RED flow.
     pub peer_messages: u64,
+    /// ingest: also measure the contract floors (`--no-floors` skips them).
+    pub floors: bool,
 }
 
 /// Where PostgreSQL is looked for when a scenario measures it (`MES_BENCH_POSTGRES`).
@@ -187,17 +189,21 @@ impl WriterFigures {
 async fn ingest_one(url: String, o: &Options) -> anyhow::Result<IngestFigures> {
     let label = db_label(&url);
     let (cfg, broker, devices, prefix) = in_process(url.clone(), "mes-bench-ingest")?;
-    let (n, secs) = (o.messages, o.seconds.max(1) as f64);
+    let (n, secs, with_floors) = (o.messages, o.seconds.max(1) as f64, o.floors);
     crate::app::run_with(cfg, move |handle: Handle| async move {
         // The observer's own connections, not the MES's pool.
         let obs = crate::db::Store::connect(&url, 2).await?;
         eprintln!("[ingest {label}] raw broker: {n} messages to a no-op subscriber ...");
         let raw = crate::bench::baseline(&broker, &devices, n).await?;
         eprintln!("[ingest {label}] raw broker: {raw:.0} msg/s");
-        eprintln!("[ingest {label}] contract floor: {n} messages stored and acknowledged, nothing more ...");
-        let floor = floor_flood(&broker, &url, &devices, n, &format!("floor {label}")).await?;
-        eprintln!("[ingest {label}] contract floor: {:.0} msg/s", floor.committed_per_s);
-        let floors = floor_rates(&broker, &url, &devices, n, label).await?;
+        let (floor, floors) = if with_floors {
+            eprintln!("[ingest {label}] contract floor: {n} messages stored and acknowledged, nothing more ...");
+            let floor = floor_flood(&broker, &url, &devices, n, &format!("floor {label}")).await?;
+            eprintln!("[ingest {label}] contract floor: {:.0} msg/s", floor.committed_per_s);
+            (floor, floor_rates(&broker, &url, &devices, n, label).await?)
+        } else {
+            Default::default()
+        };
         let load = Load::new(devices.clone(), &prefix, 1, vec![Phase::flood("flood", n)]);
         let before = WriterFigures::now(&handle, 0.0);
         let (mut f, _) = bench_load::run(&broker, &obs.pool, load.clone(), &format!("ingest {label}"), None).await?;

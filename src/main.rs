@@ -71,6 +71,10 @@ enum Cmd {
         /// node-red: messages sent to the Node-RED flow.
         #[arg(long, default_value_t = 20_000)]
         peer_messages: u64,
+        /// ingest: only the raw broker and the MES, without the contract floors (quicker,
+        /// for profiling a change).
+        #[arg(long)]
+        no_floors: bool,
         /// Messages per measurement.
         #[arg(long, default_value_t = 100_000)]
         messages: u64,
@@ -283,12 +287,22 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
                 Ok(ExitCode::from(1))
             }
         },
-        Cmd::Bench { scenario: Some(scenario), messages, database, seconds, stations, peer_messages, .. } => {
+        Cmd::Bench {
+            scenario: Some(scenario),
+            messages,
+            database,
+            seconds,
+            stations,
+            peer_messages,
+            no_floors,
+            ..
+        } => {
             // Progress lines on stderr stay readable: the in-process MES logs warnings only.
             let mut quiet = Config::load(None)?;
             quiet.log.filter = "warn".into();
             init_logging(Some(&quiet), cli.log_json);
-            let o = mes::bench_suite::Options { messages, database, seconds, stations, peer_messages };
+            let o =
+                mes::bench_suite::Options { messages, database, seconds, stations, peer_messages, floors: !no_floors };
             runtime()?.block_on(mes::bench_suite::run(&scenario, o))?;
             Ok(ExitCode::SUCCESS)
         }

@@ -69,6 +69,20 @@ impl LiveCounts {
         }
     }
 
+    /// Takes in good units already summed per minute (`minute_ms` a minute's start), with
+    /// the latest reading time among them: the same as [`LiveCounts::add`] of each reading.
+    pub fn add_good(&mut self, wc: &str, minute_ms: i64, good: u64, latest_ms: i64) {
+        debug_assert_eq!(minute_ms.rem_euclid(MINUTE_MS), 0, "a minute's start");
+        let c = match self.wcs.get_mut(wc) {
+            Some(c) => c,
+            None => self.wcs.entry(wc.to_string()).or_default(),
+        };
+        c.latest_ms = Some(c.latest_ms.map_or(latest_ms, |l| l.max(latest_ms)));
+        if good > 0 {
+            *c.good.entry(minute_ms).or_default() += good;
+        }
+    }
+
     /// The latest reading time of a work center seen.
     pub fn latest(&self, wc: &str) -> Option<i64> {
         self.wcs.get(wc).and_then(|c| c.latest_ms)
@@ -134,6 +148,25 @@ mod tests {
         // The same totals as the readings in the window: good 2 + 3 + 4 + 5, scrap 3.
         assert_eq!(c.iter().map(|c| c.good).sum::<u64>(), 14);
         assert_eq!(c.iter().map(|c| c.scrap).sum::<u64>(), 3);
+    }
+
+    #[test]
+    fn good_summed_per_minute_counts_as_its_readings() {
+        let readings = [("A", 9 * H + 60_000, 2, 0), ("A", 9 * H + 61_500, 3, 1), ("A", 9 * H + 119_999, 4, 0)];
+        let mut each = LiveCounts::default();
+        for (wc, ts, g, s) in readings {
+            each.add(wc, ts, g, s);
+        }
+        let mut summed = LiveCounts::default();
+        summed.add_good("A", 9 * H + 60_000, 9, 9 * H + 119_999);
+        summed.add("A", 9 * H + 61_500, 0, 1);
+        let from = window_start(10 * H, H);
+        assert_eq!(summed.counts("A", from, 10 * H), each.counts("A", from, 10 * H));
+        assert_eq!(summed.latest("A"), Some(9 * H + 119_999));
+        assert_eq!(summed.entries(), 2);
+        // A minute with no good units still moves the latest time, and holds nothing.
+        summed.add_good("A", 10 * H, 0, 10 * H + 5);
+        assert_eq!((summed.latest("A"), summed.entries()), (Some(10 * H + 5), 2));
     }
 
     #[test]

@@ -351,27 +351,48 @@ impl Store {
         Ok(lo)
     }
 
-    /// Up to `limit` telemetry rows after row id `after`, in id order: `(id, work center,
-    /// device time or else receive time, good, scrap)`.
-    pub async fn telemetry_after(&self, after: i64, limit: i64) -> Result<Vec<(i64, String, i64, u64, u64)>, DbError> {
-        let rows = sqlx::query(
-            "SELECT id, work_center, COALESCE(ts_ms, received_ms) AS t, good, scrap FROM telemetry
-             WHERE id > $1 ORDER BY id LIMIT $2",
+    /// The highest telemetry row id (0: none yet).
+    pub async fn telemetry_max_id(&self) -> Result<i64, DbError> {
+        let r = sqlx::query("SELECT MAX(id) AS v FROM telemetry").fetch_one(&self.pool).await?;
+        Ok(opt_i64(&r, "v")?.unwrap_or(0))
+    }
+
+    /// The telemetry rows with ids in `(after, upto]`, summed in the database: good units per
+    /// work center and minute of their time (device time, else receive time) with the latest
+    /// time among them, and the rows with scrap one by one in id order (scrap keeps its
+    /// second). The live OEE's counts take these in (`oee_live`); summing in SQL spares
+    /// decoding every row, which under a flood was a twentieth of the process's CPU.
+    pub async fn telemetry_counts(&self, after: i64, upto: i64) -> Result<TelemetryCounts, DbError> {
+        // Minutes by floor division, also before the epoch (device clocks are not trusted).
+        let good = sqlx::query(
+            "SELECT work_center, m, CAST(SUM(good) AS BIGINT) AS good, MAX(t) AS latest FROM (
+               SELECT work_center, COALESCE(ts_ms, received_ms) AS t, good,
+                 CASE WHEN COALESCE(ts_ms, received_ms) >= 0 THEN COALESCE(ts_ms, received_ms) / 60000
+                      ELSE (COALESCE(ts_ms, received_ms) - 59999) / 60000 END AS m
+               FROM telemetry WHERE id > $1 AND id <= $2) r
+             GROUP BY work_center, m",
         )
         .bind(after)
-        .bind(limit)
+        .bind(upto)
         .fetch_all(&self.pool)
         .await?;
-        let mut out = Vec::with_capacity(rows.len());
-        for r in rows {
-            let (good, scrap): (i64, i64) = (r.try_get("good")?, r.try_get("scrap")?);
-            out.push((
-                r.try_get("id")?,
-                r.try_get("work_center")?,
-                r.try_get("t")?,
-                good.max(0) as u64,
-                scrap.max(0) as u64,
-            ));
+        let scrap = sqlx::query(
+            "SELECT work_center, COALESCE(ts_ms, received_ms) AS t, scrap FROM telemetry
+             WHERE id > $1 AND id <= $2 AND scrap > 0 ORDER BY id",
+        )
+        .bind(after)
+        .bind(upto)
+        .fetch_all(&self.pool)
+        .await?;
+        let mut out = TelemetryCounts::default();
+        for r in good {
+            let m: i64 = r.try_get("m")?;
+            let good: i64 = r.try_get("good")?;
+            out.good.push((r.try_get("work_center")?, m * 60_000, good.max(0) as u64, r.try_get("latest")?));
+        }
+        for r in scrap {
+            let scrap: i64 = r.try_get("scrap")?;
+            out.scrap.push((r.try_get("work_center")?, r.try_get("t")?, scrap.max(0) as u64));
         }
         Ok(out)
     }
@@ -493,4 +514,13 @@ impl Store {
         tx.commit().await?;
         Ok(())
     }
+}
+
+/// Telemetry summed for the live OEE (see [`Store::telemetry_counts`]).
+#[derive(Default, Debug)]
+pub struct TelemetryCounts {
+    /// (work center, minute start ms, good units, latest time ms)
+    pub good: Vec<(String, i64, u64, i64)>,
+    /// (work center, time ms, scrap) of each row with scrap, in id order
+    pub scrap: Vec<(String, i64, u64)>,
 }

@@ -533,16 +533,30 @@ impl Store {
         Ok(out)
     }
 
-    /// Per account: (code, name, total debits, total credits), from the journal.
+    /// Per account: (code, name, total debits, total credits): the running totals the
+    /// database keeps with every journal line (migration 0011), so the cost does not grow
+    /// with the journal. [`Store::trial_balance_from_journal`] sums the lines themselves.
     pub async fn trial_balance(&self) -> Result<Vec<(String, String, i64, i64)>, DbError> {
-        let rows = sqlx::query(
+        self.accounts_query(
+            "SELECT code, name, debit_total AS debit, credit_total AS credit FROM accounts ORDER BY code",
+        )
+        .await
+    }
+
+    /// The trial balance summed from every journal line (a full scan): the check of the
+    /// running totals, for tests and audits.
+    pub async fn trial_balance_from_journal(&self) -> Result<Vec<(String, String, i64, i64)>, DbError> {
+        self.accounts_query(
             "SELECT a.code AS code, a.name AS name,
                CAST(COALESCE((SELECT SUM(amount) FROM journal j WHERE j.debit = a.code), 0) AS BIGINT) AS debit,
                CAST(COALESCE((SELECT SUM(amount) FROM journal j WHERE j.credit = a.code), 0) AS BIGINT) AS credit
              FROM accounts a ORDER BY a.code",
         )
-        .fetch_all(&self.pool)
-        .await?;
+        .await
+    }
+
+    async fn accounts_query(&self, sql: &'static str) -> Result<Vec<(String, String, i64, i64)>, DbError> {
+        let rows = sqlx::query(sql).fetch_all(&self.pool).await?;
         let mut out = Vec::with_capacity(rows.len());
         for r in rows {
             out.push((r.try_get("code")?, r.try_get("name")?, r.try_get("debit")?, r.try_get("credit")?));

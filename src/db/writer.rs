@@ -441,21 +441,16 @@ impl Books {
         }
     }
 
-    /// Reads what pricing needs now; queues the writes on `tail`.
-    async fn write(&mut self, link: &mut Link<'_>, now: i64) -> Result<(), DbError> {
+    /// Queues the writes on `link`'s tail; `orders` holds what pricing needs (each order's
+    /// cumulative running time, read at the start of the commit).
+    async fn write(&mut self, link: &mut Link<'_>, now: i64, orders: &OrderRows) -> Result<(), DbError> {
         // Conversion for running time, from each order's cumulative running time.
         let running = std::mem::take(&mut self.running);
         let mut order_ms: BTreeMap<String, i64> = BTreeMap::new();
         for ((order, device), (ms, rate, src)) in running {
             let before = match order_ms.get(&order) {
                 Some(v) => *v,
-                None => sqlx::query("SELECT running_ms FROM order_costs WHERE order_id = $1")
-                    .bind(order.as_str())
-                    .fetch_optional(link.conn().await?)
-                    .await?
-                    .map(|r| r.try_get::<i64, _>("running_ms"))
-                    .transpose()?
-                    .unwrap_or(0),
+                None => orders.get(&order).map_or(0, |o| o.running_ms),
             };
             order_ms.insert(order.clone(), before + ms);
             let amount = mes_actors::ledger::conversion_between(rate, before, before + ms);
@@ -681,6 +676,58 @@ fn rows_sql_from(backend: Backend, rows: usize, cols: usize, first: usize) -> St
     sql
 }
 
+/// An order as the commit found it.
+#[derive(Clone, Copy)]
+struct OrderRow {
+    status: OrderStatus,
+    quantity: i64,
+    good: i64,
+    scrap: i64,
+}
+
+/// What the commit reads of one order named by its readings: its row (`None`: no such
+/// order) and its cumulative running time so far (`order_costs`, 0 if none).
+struct OrderRead {
+    order: Option<OrderRow>,
+    running_ms: i64,
+}
+
+type OrderRows = std::collections::HashMap<String, OrderRead>;
+
+/// Reads the named orders and their running time in one statement, which travels with
+/// whatever is pending on the link (the telemetry insert): one trip however many orders the
+/// batch touches (was three trips per order).
+async fn read_orders<'o>(link: &mut Link<'_>, ids: impl Iterator<Item = &'o str>) -> Result<OrderRows, DbError> {
+    let ids: Vec<&str> = ids.collect();
+    let mut out = OrderRows::with_capacity(ids.len());
+    for ids in ids.chunks(ROWS_PER_STATEMENT) {
+        let sql = format!(
+            "SELECT v.column1 AS id, o.status AS status, o.quantity AS quantity, o.good AS good, o.scrap AS scrap,
+               c.running_ms AS running_ms
+             FROM (VALUES {}) AS v
+             LEFT JOIN orders o ON o.id = v.column1
+             LEFT JOIN order_costs c ON c.order_id = v.column1",
+            link.rows(ids.len(), 1).await?
+        );
+        let binds = ids.iter().map(|id| V::Text(id.to_string())).collect();
+        for r in link.read(sql, binds).await? {
+            let status: Option<String> = r.try_get("status")?;
+            let order = match status {
+                Some(s) => Some(OrderRow {
+                    status: s.parse().map_err(DbError::Other)?,
+                    quantity: r.try_get("quantity")?,
+                    good: r.try_get("good")?,
+                    scrap: r.try_get("scrap")?,
+                }),
+                None => None,
+            };
+            let running_ms = r.try_get::<Option<i64>, _>("running_ms")?.unwrap_or(0);
+            out.insert(r.try_get("id")?, OrderRead { order, running_ms });
+        }
+    }
+    Ok(out)
+}
+
 fn to_i64(v: u64, what: &str) -> Result<i64, DbError> {
     i64::try_from(v).map_err(|_| DbError::Other(format!("{what} {v} exceeds the storable range")))
 }
@@ -812,9 +859,12 @@ async fn steps(link: &mut Link<'_>, what: Batch<'_>) -> Result<Option<Summary>, 
         }
     }
     let now = crate::now_ms();
+    // What the batch's orders hold so far (counts, status, running time): one read for all
+    // of them, travelling with the telemetry insert.
+    let order_rows = read_orders(link, orders.keys().copied()).await?;
     // The commit's writes that need no answer but the new balances wait on the link (see
-    // [`Link`]): stock, books and costs, cursors, work centers, raw registers.
-    books.write(link, now).await?;
+    // [`Link`]): stock, books and costs, cursors, work centers, raw registers, orders.
+    books.write(link, now, &order_rows).await?;
 
     // 3. Device cursors, with where the previous boot stopped, move only forward (in the
     // order of `stored_cursor_key`; one statement per 2,000 devices).
@@ -909,35 +959,42 @@ async fn steps(link: &mut Link<'_>, what: Batch<'_>) -> Result<Option<Summary>, 
         link.pending.push(sql, binds, false);
     }
 
-    // 5. Orders: counts and the status that output implies.
+    // 5. Orders: counts and the status that output implies, from the rows read at the start
+    // of the commit. Only this writer changes an order's counts, and the counts are added,
+    // not set; a planner's status change committed since the read wins (the guard).
     for (order, (good, scrap)) in &orders {
-        let row = sqlx::query("SELECT status, quantity, good, scrap FROM orders WHERE id = $1")
-            .bind(*order)
-            .fetch_optional(link.conn().await?)
-            .await?;
-        let Some(row) = row else { continue };
-        let status: String = row.try_get("status")?;
-        let quantity: i64 = row.try_get("quantity")?;
-        let prev_good: i64 = row.try_get("good")?;
-        let from: OrderStatus = status.parse().map_err(DbError::Other)?;
+        let Some(row) = order_rows.get(*order).and_then(|o| o.order.as_ref()) else { continue };
+        let OrderRow { status: from, quantity, good: prev_good, scrap: prev_scrap } = *row;
         let to = if *good > 0 || *scrap > 0 {
             from.after_output((prev_good + good).max(0) as u64, quantity.max(0) as u64)
         } else {
             from
         };
-        // Guarded: a planner's close or cancel committed meanwhile wins.
-        sqlx::query(
-            "UPDATE orders SET good = good + $1, scrap = scrap + $2,
-               status = CASE WHEN status = $6 THEN $3 ELSE status END, updated_ms = $4 WHERE id = $5",
-        )
-        .bind(*good)
-        .bind(*scrap)
-        .bind(to.as_str())
-        .bind(now)
-        .bind(*order)
-        .bind(from.as_str())
-        .execute(link.conn().await?)
-        .await?;
+        let at = link.pending.next();
+        let sql = match link.backend {
+            Backend::Sqlite => "UPDATE orders SET good = good + ?, scrap = scrap + ?,
+               status = CASE WHEN status = ? THEN ? ELSE status END, updated_ms = ? WHERE id = ?"
+                .to_string(),
+            Backend::Postgres => format!(
+                "UPDATE orders SET good = good + ${}, scrap = scrap + ${},
+                   status = CASE WHEN status = ${} THEN ${} ELSE status END, updated_ms = ${} WHERE id = ${}",
+                at,
+                at + 1,
+                at + 2,
+                at + 3,
+                at + 4,
+                at + 5
+            ),
+        };
+        let binds = vec![
+            V::Int(*good),
+            V::Int(*scrap),
+            V::Static(from.as_str()),
+            V::Static(to.as_str()),
+            V::Int(now),
+            V::Text(order.to_string()),
+        ];
+        link.pending.push(sql, binds, false);
         // A progress document for each multiple of `progress_every` good units passed below
         // the quantity (one per multiple, however the readings were batched).
         if progress_every > 0 {
@@ -951,24 +1008,27 @@ async fn steps(link: &mut Link<'_>, what: Batch<'_>) -> Result<Option<Summary>, 
             crate::db::outbox::enqueue(link.conn().await?, "completion", order, now).await?;
         }
         // Status events come from the order actors once this commit is done.
-        summary.orders.push((
-            order.to_string(),
-            quantity,
-            prev_good + good,
-            row.try_get::<i64, _>("scrap")? + scrap,
-            to,
-        ));
+        summary.orders.push((order.to_string(), quantity, prev_good + good, prev_scrap + scrap, to));
     }
 
     // 6. State changes, for availability and the six big losses.
-    for (d, ts) in &state_changes {
-        sqlx::query("INSERT INTO state_changes (work_center, state, reason, ts_ms) VALUES ($1, $2, $3, $4)")
-            .bind(d.work_center.as_str())
-            .bind(d.state.as_str())
-            .bind(d.reason.as_deref())
-            .bind(*ts)
-            .execute(link.conn().await?)
-            .await?;
+    for changes in state_changes.chunks(ROWS_PER_STATEMENT) {
+        let sql = format!(
+            "INSERT INTO state_changes (work_center, state, reason, ts_ms) VALUES {}",
+            link.rows(changes.len(), 4).await?
+        );
+        let mut binds = Vec::with_capacity(changes.len() * 4);
+        for (d, ts) in changes {
+            binds.extend([
+                V::Text(d.work_center.clone()),
+                V::Static(d.state.as_str()),
+                V::OptText(d.reason.clone()),
+                V::Int(*ts),
+            ]);
+        }
+        link.pending.push(sql, binds, false);
+    }
+    for (d, _) in &state_changes {
         summary.events.push(serde_json::json!({"type": "state", "work_center": d.work_center, "state": d.state.as_str(), "reason": d.reason}));
     }
 
@@ -1134,6 +1194,15 @@ impl<'c> Link<'c> {
             self.flush().await?;
         }
         Ok(self.pending.rows(rows, cols))
+    }
+
+    /// Runs a statement that returns rows, in the same trip as what is pending (inside
+    /// the transaction, opened first if need be); its rows.
+    async fn read(&mut self, sql: String, binds: Vec<V>) -> Result<Vec<sqlx::any::AnyRow>, DbError> {
+        debug_assert!(self.answer.is_empty() && !self.pending.parts.iter().any(|p| p.2), "one answer at a time");
+        self.pending.push(sql, binds, true);
+        self.flush().await?;
+        Ok(std::mem::take(&mut self.answer))
     }
 
     /// The connection, once everything pending has run (inside the transaction).

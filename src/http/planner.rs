@@ -471,8 +471,8 @@ async fn refresh_oee(st: &AppState) -> Result<(), ApiError> {
     Ok(())
 }
 
-/// Rows taken in per read of new telemetry.
-const LIVE_ROWS_PER_READ: i64 = 5_000;
+/// Row ids summed per read of new telemetry (a bound on each read's time).
+const LIVE_IDS_PER_READ: i64 = 50_000;
 /// Rows received this long before the window are read at the first fill too (a device's
 /// time may lag its receive time).
 const LIVE_FILL_SLACK_MS: i64 = 600_000;
@@ -485,16 +485,18 @@ async fn refresh_oee_incremental(st: &AppState, counts: &mut LiveCounts) -> Resu
         Some(id) => id,
         None => st.store.telemetry_id_since(now - LIVE_OEE_WINDOW_MS - LIVE_FILL_SLACK_MS).await? - 1,
     };
-    loop {
-        let rows = st.store.telemetry_after(after, LIVE_ROWS_PER_READ).await?;
-        for (id, wc, ts_ms, good, scrap) in &rows {
-            counts.add(wc, *ts_ms, *good, *scrap);
-            after = *id;
+    let top = st.store.telemetry_max_id().await?;
+    while after < top {
+        let upto = top.min(after.saturating_add(LIVE_IDS_PER_READ));
+        let c = st.store.telemetry_counts(after, upto).await?;
+        for (wc, minute, good, latest) in &c.good {
+            counts.add_good(wc, *minute, *good, *latest);
         }
+        for (wc, ts_ms, scrap) in &c.scrap {
+            counts.add(wc, *ts_ms, 0, *scrap);
+        }
+        after = upto;
         counts.last_id = Some(after);
-        if (rows.len() as i64) < LIVE_ROWS_PER_READ {
-            break;
-        }
     }
     for w in st.store.work_centers().await? {
         let to = counts.latest(&w.id).map_or(now, |t| t.saturating_add(1).max(now));

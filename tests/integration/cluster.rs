@@ -81,6 +81,7 @@ async fn node_with(id: &str, db: &str, broker: &str, prefix: &str, plant: &std::
         child: None,
         dir,
         config,
+        database: db.to_string(),
         http: format!("http://127.0.0.1:{http_port}"),
         mqtt_host: host.to_string(),
         mqtt_port: port.parse().expect("port"),

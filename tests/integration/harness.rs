@@ -128,6 +128,8 @@ pub struct Mes {
     pub child: Option<Child>,
     pub dir: PathBuf,
     pub config: PathBuf,
+    /// The database URL in its config.
+    pub database: String,
     pub http: String,
     pub mqtt_host: String,
     pub mqtt_port: u16,
@@ -172,6 +174,7 @@ impl Mes {
             child: None,
             dir,
             config,
+            database: db,
             http: format!("http://127.0.0.1:{http_port}"),
             mqtt_host: host,
             mqtt_port: port,

@@ -435,6 +435,19 @@ async fn adjustments_and_the_stock_ledger_recompute_every_balance() {
     let mut want = vec![id(&adj1), id(&adj2), id(&adj3)];
     want.sort();
     assert_eq!(targets, want);
+    // The trial balance reads running totals the database keeps per account; they equal
+    // the journal summed line by line, after telemetry, shipment and adjustment postings.
+    let store = mes::db::Store::connect(&mes.database, 1).await.expect("connect");
+    let running = store.trial_balance().await.expect("running totals");
+    assert_eq!(running, store.trial_balance_from_journal().await.expect("journal sums"));
+    let fg = running.iter().find(|a| a.0 == "1400").map(|a| (a.2, a.3));
+    assert!(fg.is_some_and(|(d, c)| d > 0 && c > 0), "finished goods moved both ways: {running:?}");
+    // The journal is append-only: a changed or deleted line is refused, the totals stand.
+    for sql in ["UPDATE journal SET amount = amount + 1", "DELETE FROM journal"] {
+        let e = sqlx::query(sql).execute(&store.pool).await.expect_err(sql).to_string();
+        assert!(e.contains("journal lines are never"), "{sql}: {e}");
+    }
+    assert_eq!(store.trial_balance().await.expect("running totals"), running);
     let (_, doc) = mes.get("/openapi.json").await;
     assert_eq!(doc["paths"]["/api/v1/inventory/adjustments"]["post"]["description"], "Role: planner or higher.");
     assert_eq!(doc["paths"]["/api/v1/inventory/{sku}/movements"]["get"]["description"], "Role: viewer or higher.");
