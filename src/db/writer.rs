@@ -465,7 +465,7 @@ impl Books {
             // Its returned rows are the only ones of the commit's tail: the new balances,
             // for the buffer actors (which raise alerts once the commit is done).
             let sql = format!(
-                "UPDATE buffers SET on_hand = buffers.on_hand + v.column2 FROM (VALUES {}) AS v
+                "UPDATE buffers SET on_hand = buffers.on_hand + v.column2 FROM ({}) AS v
                  WHERE buffers.id = v.column1 RETURNING buffers.id AS id, buffers.on_hand AS on_hand",
                 link.rows(buffers.len(), 2).await?
             );
@@ -473,14 +473,14 @@ impl Books {
             for (b, qty) in &buffers {
                 binds.extend([V::Text(b.to_string()), V::Int(**qty)]);
             }
-            link.pending.push(sql, binds, true);
+            link.pending.push_rows(sql, binds, 2, true);
         }
         let moves: Vec<_> = self.moves.iter().filter(|(_, (q, _))| *q != 0).collect();
         // Several rows per device: a batch spanning many devices is split so that no
         // statement takes more values than SQLite (32,766) or PostgreSQL (65,535) allow.
         for moves in moves.chunks(ROWS_PER_STATEMENT) {
             let sql = format!(
-                "INSERT INTO stock_movements (ts_ms, buffer, sku, qty, kind, order_id, source_kind, source_id) VALUES {}",
+                "INSERT INTO stock_movements (ts_ms, buffer, sku, qty, kind, order_id, source_kind, source_id) {}",
                 link.rows(moves.len(), 8).await?
             );
             let mut binds = Vec::with_capacity(moves.len() * 8);
@@ -496,12 +496,12 @@ impl Books {
                     V::Text(src.id()),
                 ]);
             }
-            link.pending.push(sql, binds, false);
+            link.pending.push_rows(sql, binds, 8, false);
         }
         let posts: Vec<_> = self.posts.iter().filter(|(_, (a, _))| *a != 0).collect();
         for posts in posts.chunks(ROWS_PER_STATEMENT) {
             let sql = format!(
-                "INSERT INTO journal (ts_ms, kind, debit, credit, amount, order_id, source_kind, source_id) VALUES {}",
+                "INSERT INTO journal (ts_ms, kind, debit, credit, amount, order_id, source_kind, source_id) {}",
                 link.rows(posts.len(), 8).await?
             );
             let mut binds = Vec::with_capacity(posts.len() * 8);
@@ -517,12 +517,12 @@ impl Books {
                     V::Text(src.id()),
                 ]);
             }
-            link.pending.push(sql, binds, false);
+            link.pending.push_rows(sql, binds, 8, false);
         }
         let costs: Vec<_> = self.costs.iter().collect();
         for costs in costs.chunks(ROWS_PER_STATEMENT) {
             let sql = format!(
-                "INSERT INTO order_costs (order_id, material, conversion, running_ms) VALUES {}
+                "INSERT INTO order_costs (order_id, material, conversion, running_ms) {}
                  ON CONFLICT (order_id) DO UPDATE SET material = order_costs.material + excluded.material,
                    conversion = order_costs.conversion + excluded.conversion,
                    running_ms = order_costs.running_ms + excluded.running_ms",
@@ -532,13 +532,14 @@ impl Books {
             for (order, (material, conversion, running)) in costs {
                 binds.extend([V::Text(order.to_string()), V::Int(*material), V::Int(*conversion), V::Int(*running)]);
             }
-            link.pending.push(sql, binds, false);
+            link.pending.push_rows(sql, binds, 4, false);
         }
         Ok(())
     }
 }
 
 /// A value bound to a statement of the commit's [`Tail`].
+#[derive(Clone)]
 enum V {
     Int(i64),
     OptInt(Option<i64>),
@@ -571,9 +572,15 @@ impl Tail {
         self.binds + 1
     }
 
-    /// Placeholders for a multi-row statement that goes next on this tail (see [`rows_sql`]).
+    /// The rows of a multi-row statement that goes next on this tail (see [`row_source`]).
     fn rows(&self, rows: usize, cols: usize) -> String {
-        rows_sql_from(self.backend, rows, cols, self.next())
+        row_source(self.backend, rows, cols, self.next())
+    }
+
+    /// Pushes a statement over [`row_source`] rows: `binds` row by row, `cols` a row.
+    fn push_rows(&mut self, sql: String, binds: Vec<V>, cols: usize, returns: bool) {
+        let binds = row_binds(self.backend, binds, cols);
+        self.push(sql, binds, returns);
     }
 
     fn push(&mut self, sql: String, binds: Vec<V>, returns: bool) {
@@ -618,9 +625,10 @@ impl Tail {
                 format!("WITH {} {last}", ctes.join(",\n"))
             }
         };
-        // Not kept in the connection's statement cache: the text changes with the batch, and
-        // a SQLite statement left mid-query by an error (the count check) must not linger.
-        let mut q = sqlx::query(AssertSqlSafe(sql)).persistent(false);
+        // On SQLite the text is the same from batch to batch (see [`row_source`]): kept in
+        // the connection's statement cache, prepared once (the driver resets a statement an
+        // error left mid-query). On PostgreSQL it changes with the row counts: not kept.
+        let mut q = sqlx::query(AssertSqlSafe(sql)).persistent(self.backend == Backend::Sqlite);
         for b in binds {
             q = Self::bind(q, b);
         }
@@ -648,6 +656,74 @@ struct WcAgg<'a> {
 /// scan per parameter, which makes large statements quadratic there.)
 pub(crate) fn rows_sql(backend: Backend, rows: usize, cols: usize) -> String {
     rows_sql_from(backend, rows, cols, 1)
+}
+
+/// The rows of a multi-row statement, to follow `INSERT INTO t (cols)` or to stand in
+/// `FROM (…) AS v` (columns `column1`, `column2`, …): on PostgreSQL `VALUES ($1, …), …`
+/// numbered from `$first`; on SQLite one JSON array of rows, one parameter,
+/// `SELECT value->>0 AS column1, … FROM jsonb_each(?) WHERE true` (the `WHERE` lets an
+/// upsert follow). The SQLite text depends on the column count only, so a commit's text
+/// is the same from batch to batch and SQLite prepares it once (kept in the connection's
+/// statement cache): with a placeholder per value, parsing each commit's statements had
+/// been two fifths of the SQLite thread's time under a flood.
+fn row_source(backend: Backend, rows: usize, cols: usize, first: usize) -> String {
+    match backend {
+        Backend::Postgres => format!("VALUES {}", rows_sql_from(backend, rows, cols, first)),
+        Backend::Sqlite => {
+            let mut sql = String::from("SELECT ");
+            for c in 0..cols {
+                if c > 0 {
+                    sql.push_str(", ");
+                }
+                sql.push_str(&format!("value->>{c} AS column{}", c + 1));
+            }
+            sql.push_str(" FROM jsonb_each(?) WHERE true");
+            sql
+        }
+    }
+}
+
+/// The values of [`row_source`] rows: as they are on PostgreSQL; on SQLite one JSON text,
+/// an array of rows, each an array of its `cols` values.
+fn row_binds(backend: Backend, binds: Vec<V>, cols: usize) -> Vec<V> {
+    if backend == Backend::Postgres {
+        return binds;
+    }
+    debug_assert!(cols > 0 && binds.len().is_multiple_of(cols), "whole rows");
+    let mut json = String::with_capacity(binds.len() * 12 + 2);
+    json.push('[');
+    for (i, v) in binds.iter().enumerate() {
+        match (i % cols, i) {
+            (0, 0) => json.push('['),
+            (0, _) => json.push_str("],["),
+            _ => json.push(','),
+        }
+        match v {
+            V::Int(n) | V::OptInt(Some(n)) => json.push_str(&n.to_string()),
+            V::OptInt(None) | V::OptText(None) => json.push_str("null"),
+            V::Text(t) | V::OptText(Some(t)) => json_string(&mut json, t),
+            V::Static(t) => json_string(&mut json, t),
+        }
+    }
+    if !binds.is_empty() {
+        json.push(']');
+    }
+    json.push(']');
+    vec![V::Text(json)]
+}
+
+/// Appends `s` as a JSON string.
+fn json_string(out: &mut String, s: &str) {
+    out.push('"');
+    for ch in s.chars() {
+        match ch {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
 }
 
 /// As [`rows_sql`], numbering PostgreSQL's placeholders from `$first` (for a statement that
@@ -704,13 +780,13 @@ async fn read_orders<'o>(link: &mut Link<'_>, ids: impl Iterator<Item = &'o str>
         let sql = format!(
             "SELECT v.column1 AS id, o.status AS status, o.quantity AS quantity, o.good AS good, o.scrap AS scrap,
                c.running_ms AS running_ms
-             FROM (VALUES {}) AS v
+             FROM ({}) AS v
              LEFT JOIN orders o ON o.id = v.column1
              LEFT JOIN order_costs c ON c.order_id = v.column1",
             link.rows(ids.len(), 1).await?
         );
         let binds = ids.iter().map(|id| V::Text(id.to_string())).collect();
-        for r in link.read(sql, binds).await? {
+        for r in link.read(sql, row_binds(link.backend, binds, 1)).await? {
             let status: Option<String> = r.try_get("status")?;
             let order = match status {
                 Some(s) => Some(OrderRow {
@@ -872,7 +948,7 @@ async fn steps(link: &mut Link<'_>, what: Batch<'_>) -> Result<Option<Summary>, 
     for cursors in cursors.chunks(ROWS_PER_STATEMENT) {
         let sql = format!(
             "INSERT INTO device_cursors (device, boot, seq, good, scrap, updated_ms, prev_boot, prev_seq, prev_good, prev_scrap)
-             VALUES {}
+             {}
              ON CONFLICT (device) DO UPDATE SET boot = excluded.boot, seq = excluded.seq, good = excluded.good,
                scrap = excluded.scrap, updated_ms = excluded.updated_ms, prev_boot = excluded.prev_boot,
                prev_seq = excluded.prev_seq, prev_good = excluded.prev_good, prev_scrap = excluded.prev_scrap
@@ -897,7 +973,7 @@ async fn steps(link: &mut Link<'_>, what: Batch<'_>) -> Result<Option<Summary>, 
                 V::OptInt(prev(|p| p.scrap, "previous boot's scrap")?),
             ]);
         }
-        link.pending.push(sql, binds, false);
+        link.pending.push_rows(sql, binds, 10, false);
     }
 
     // 4. Work center totals and last state (one statement per 2,000 work centers).
@@ -908,7 +984,7 @@ async fn steps(link: &mut Link<'_>, what: Batch<'_>) -> Result<Option<Summary>, 
                scrap_total = work_centers.scrap_total + v.column3, state = v.column4, reason = v.column5,
                current_order = COALESCE(v.column6, work_centers.current_order), last_seen_ms = v.column7,
                updated_ms = v.column7
-             FROM (VALUES {}) AS v WHERE work_centers.id = v.column1",
+             FROM ({}) AS v WHERE work_centers.id = v.column1",
             link.rows(wc_rows.len(), 7).await?
         );
         let mut binds = Vec::with_capacity(wc_rows.len() * 7);
@@ -929,7 +1005,7 @@ async fn steps(link: &mut Link<'_>, what: Batch<'_>) -> Result<Option<Summary>, 
                 }));
             }
         }
-        link.pending.push(sql, binds, false);
+        link.pending.push_rows(sql, binds, 7, false);
     }
 
     // 4b. Raw registers of polled devices (the next baseline): a device's newest poll in the
@@ -941,7 +1017,7 @@ async fn steps(link: &mut Link<'_>, what: Batch<'_>) -> Result<Option<Summary>, 
     let raws: Vec<(&str, &RawCounters)> = newest.into_iter().collect();
     for raws in raws.chunks(ROWS_PER_STATEMENT) {
         let sql = format!(
-            "INSERT INTO modbus_raw (device, good, scrap, boot, updated_ms) VALUES {}
+            "INSERT INTO modbus_raw (device, good, scrap, boot, updated_ms) {}
              ON CONFLICT (device) DO UPDATE SET good = excluded.good, scrap = excluded.scrap, boot = excluded.boot,
                updated_ms = excluded.updated_ms",
             link.rows(raws.len(), 5).await?
@@ -956,12 +1032,14 @@ async fn steps(link: &mut Link<'_>, what: Batch<'_>) -> Result<Option<Summary>, 
                 V::Int(now),
             ]);
         }
-        link.pending.push(sql, binds, false);
+        link.pending.push_rows(sql, binds, 5, false);
     }
 
     // 5. Orders: counts and the status that output implies, from the rows read at the start
     // of the commit. Only this writer changes an order's counts, and the counts are added,
     // not set; a planner's status change committed since the read wins (the guard).
+    let mut updates: Vec<V> = Vec::new();
+    let mut documents: Vec<(String, &str)> = Vec::new();
     for (order, (good, scrap)) in &orders {
         let Some(row) = order_rows.get(*order).and_then(|o| o.order.as_ref()) else { continue };
         let OrderRow { status: from, quantity, good: prev_good, scrap: prev_scrap } = *row;
@@ -970,51 +1048,48 @@ async fn steps(link: &mut Link<'_>, what: Batch<'_>) -> Result<Option<Summary>, 
         } else {
             from
         };
-        let at = link.pending.next();
-        let sql = match link.backend {
-            Backend::Sqlite => "UPDATE orders SET good = good + ?, scrap = scrap + ?,
-               status = CASE WHEN status = ? THEN ? ELSE status END, updated_ms = ? WHERE id = ?"
-                .to_string(),
-            Backend::Postgres => format!(
-                "UPDATE orders SET good = good + ${}, scrap = scrap + ${},
-                   status = CASE WHEN status = ${} THEN ${} ELSE status END, updated_ms = ${} WHERE id = ${}",
-                at,
-                at + 1,
-                at + 2,
-                at + 3,
-                at + 4,
-                at + 5
-            ),
-        };
-        let binds = vec![
+        updates.extend([
+            V::Text(order.to_string()),
             V::Int(*good),
             V::Int(*scrap),
             V::Static(from.as_str()),
             V::Static(to.as_str()),
             V::Int(now),
-            V::Text(order.to_string()),
-        ];
-        link.pending.push(sql, binds, false);
+        ]);
         // A progress document for each multiple of `progress_every` good units passed below
         // the quantity (one per multiple, however the readings were batched).
         if progress_every > 0 {
             let mut mark = (prev_good / progress_every + 1) * progress_every;
             while mark <= prev_good + good && mark < quantity {
-                crate::db::outbox::enqueue(link.conn().await?, &format!("progress-{mark}"), order, now).await?;
+                documents.push((format!("progress-{mark}"), *order));
                 mark += progress_every;
             }
         }
         if to == OrderStatus::Completed && from != OrderStatus::Completed {
-            crate::db::outbox::enqueue(link.conn().await?, "completion", order, now).await?;
+            documents.push(("completion".to_string(), *order));
         }
         // Status events come from the order actors once this commit is done.
         summary.orders.push((order.to_string(), quantity, prev_good + good, prev_scrap + scrap, to));
+    }
+    for updates in updates.chunks(ROWS_PER_STATEMENT * 6) {
+        let sql = format!(
+            "UPDATE orders SET good = orders.good + v.column2, scrap = orders.scrap + v.column3,
+               status = CASE WHEN orders.status = v.column4 THEN v.column5 ELSE orders.status END,
+               updated_ms = v.column6
+             FROM ({}) AS v WHERE orders.id = v.column1",
+            link.rows(updates.len() / 6, 6).await?
+        );
+        link.pending.push_rows(sql, updates.to_vec(), 6, false);
+    }
+    // ERP documents, read from the updated orders (rare: a trip each).
+    for (kind, order) in &documents {
+        crate::db::outbox::enqueue(link.conn().await?, kind, order, now).await?;
     }
 
     // 6. State changes, for availability and the six big losses.
     for changes in state_changes.chunks(ROWS_PER_STATEMENT) {
         let sql = format!(
-            "INSERT INTO state_changes (work_center, state, reason, ts_ms) VALUES {}",
+            "INSERT INTO state_changes (work_center, state, reason, ts_ms) {}",
             link.rows(changes.len(), 4).await?
         );
         let mut binds = Vec::with_capacity(changes.len() * 4);
@@ -1026,7 +1101,7 @@ async fn steps(link: &mut Link<'_>, what: Batch<'_>) -> Result<Option<Summary>, 
                 V::Int(*ts),
             ]);
         }
-        link.pending.push(sql, binds, false);
+        link.pending.push_rows(sql, binds, 4, false);
     }
     for (d, _) in &state_changes {
         summary.events.push(serde_json::json!({"type": "state", "work_center": d.work_center, "state": d.state.as_str(), "reason": d.reason}));
@@ -1077,9 +1152,13 @@ async fn insert_telemetry(
     debug_assert_eq!(chunk.len(), inserted.len());
     let deferred = link.own_tx && !careful;
     let mut sql = String::from(
-        "INSERT INTO telemetry (device, boot, seq, work_center, order_id, ts_ms, received_ms, good, scrap, state, metrics) VALUES ",
+        "INSERT INTO telemetry (device, boot, seq, work_center, order_id, ts_ms, received_ms, good, scrap, state, metrics) ",
     );
-    sql.push_str(&if deferred { link.rows(chunk.len(), 11).await? } else { rows_sql(link.backend, chunk.len(), 11) });
+    sql.push_str(&if deferred {
+        link.rows(chunk.len(), 11).await?
+    } else {
+        row_source(link.backend, chunk.len(), 11, 1)
+    });
     sql.push_str(" ON CONFLICT (device, boot, seq) DO NOTHING");
     if careful {
         sql.push_str(" RETURNING device, boot, seq");
@@ -1108,22 +1187,28 @@ async fn insert_telemetry(
         if link.backend == Backend::Postgres {
             sql.push_str(" RETURNING 1");
         }
-        link.pending.push(sql, binds, false);
-        let check = match link.backend {
+        link.pending.push_rows(sql, binds, 11, false);
+        let (check, binds) = match link.backend {
             // `changes()`: the rows the statement before (the insert) stored.
-            Backend::Sqlite => format!("INSERT INTO commit_checks (ok) SELECT 0 WHERE changes() <> {}", chunk.len()),
+            Backend::Sqlite => (
+                "INSERT INTO commit_checks (ok) SELECT 0 WHERE changes() <> ?".to_string(),
+                vec![V::Int(chunk.len() as i64)],
+            ),
             // A CTE reads another's returned rows (`w{i}`: the insert's name, see `Tail::run`).
-            Backend::Postgres => format!(
-                "INSERT INTO commit_checks (ok) SELECT false WHERE (SELECT COUNT(*) FROM w{}) <> {}",
-                link.pending.parts.len() - 1,
-                chunk.len()
+            Backend::Postgres => (
+                format!(
+                    "INSERT INTO commit_checks (ok) SELECT false WHERE (SELECT COUNT(*) FROM w{}) <> {}",
+                    link.pending.parts.len() - 1,
+                    chunk.len()
+                ),
+                Vec::new(),
             ),
         };
-        link.pending.push(check, Vec::new(), false);
+        link.pending.push(check, binds, false);
         inserted.fill(true);
         return Ok(true);
     }
-    let q = Tail::bind(sqlx::query(AssertSqlSafe(sql)), binds);
+    let q = Tail::bind(sqlx::query(AssertSqlSafe(sql)), row_binds(link.backend, binds, 11));
     let conn = link.conn().await?;
     if !careful {
         let n = q.execute(&mut *conn).await?.rows_affected();
@@ -1311,4 +1396,49 @@ async fn fenced_jobs(conn: &mut sqlx::AnyConnection, node: &str, batch: &[Job]) 
 /// below any: `None` sorts first here).
 fn stored_cursor_key(d: &Delta) -> (u64, u64, Option<(u64, u64)>) {
     (d.cursor.boot, d.cursor.seq, d.prev_boot.map(|p| (p.boot, p.seq)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Rows packed as JSON come back out of SQLite's `jsonb_each` exactly as bound: texts
+    /// with quotes, backslashes, control characters and non-ASCII, nulls, and the extreme
+    /// integers.
+    #[tokio::test]
+    async fn rows_packed_as_json_read_back_exactly_in_sqlite() {
+        let dir = std::env::temp_dir().join(format!("mes-rows-{}", std::process::id()));
+        let store = Store::connect(&format!("sqlite://{}/rows.db", dir.display()), 1).await.expect("connect");
+        let texts = ["plain", "quote \" and \\ backslash", "line\nfeed\ttab\u{1}", "Präge-Linie 冲压", ""];
+        let mut binds = Vec::new();
+        for (i, t) in texts.iter().enumerate() {
+            let n = [i64::MIN, -1, 0, 42, i64::MAX][i];
+            binds.extend([V::Text(t.to_string()), V::Int(n), V::OptInt(None), V::OptText(None), V::Static("idle")]);
+        }
+        let json = row_binds(Backend::Sqlite, binds.clone(), 5);
+        assert_eq!(json.len(), 1, "one parameter");
+        let sql = format!("SELECT * FROM ({}) AS v", row_source(Backend::Sqlite, texts.len(), 5, 1));
+        let rows = Tail::bind(sqlx::query(AssertSqlSafe(sql)), json).fetch_all(&store.pool).await.expect("query");
+        assert_eq!(rows.len(), texts.len());
+        for (i, r) in rows.iter().enumerate() {
+            let got: (String, i64, Option<i64>, Option<String>, String) = (
+                r.try_get("column1").expect("c1"),
+                r.try_get("column2").expect("c2"),
+                r.try_get("column3").expect("c3"),
+                r.try_get("column4").expect("c4"),
+                r.try_get("column5").expect("c5"),
+            );
+            let n = [i64::MIN, -1, 0, 42, i64::MAX][i];
+            assert_eq!(got, (texts[i].to_string(), n, None, None, "idle".to_string()));
+        }
+        // No rows: an empty array, no row out.
+        let empty = row_binds(Backend::Sqlite, Vec::new(), 5);
+        let sql = format!("SELECT * FROM ({}) AS v", row_source(Backend::Sqlite, 0, 5, 1));
+        let rows = Tail::bind(sqlx::query(AssertSqlSafe(sql)), empty).fetch_all(&store.pool).await.expect("query");
+        assert!(rows.is_empty());
+        // PostgreSQL keeps a placeholder per value, numbered from where the statement starts.
+        assert_eq!(row_source(Backend::Postgres, 2, 2, 3), "VALUES ($3,$4),($5,$6)");
+        assert_eq!(row_binds(Backend::Postgres, binds, 5).len(), 25);
+        let _ = std::fs::remove_dir_all(dir);
+    }
 }
