@@ -399,8 +399,10 @@ async fn any_node_answers_and_modbus_work_goes_to_the_owner() {
     // Created through the non-owner: the owner's stream shows it, tagged with where it was.
     let created = owner_events.until(|e| e["type"] == "order_created").await;
     assert_eq!(created, json!({"type": "order_created", "order": "PO-C", "node": other_id}));
-    assert!(other.metric("mes_events_relayed_total").await >= 1);
-    assert!(owner.metric("mes_events_remote_total").await >= 1);
+    // Counted once the notification's statement returns, which may be after the other node
+    // has it: waited for, not read once.
+    assert!(other.wait_metric("mes_events_relayed_total", 1).await >= 1);
+    assert!(owner.wait_metric("mes_events_remote_total", 1).await >= 1);
     assert_eq!(other.metric("mes_events_relay_dropped_total").await, 0);
     let (s, _) = other.post("/api/v1/orders/PO-C/release", serde_json::json!({}), &[]).await;
     assert_eq!(s, 200);
