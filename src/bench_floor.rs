@@ -80,7 +80,8 @@ pub async fn start(broker: &str, store: Store, devices: &[String], prefix: &str,
     let mut ready = Vec::new();
     let mut acks = Vec::new();
     for (i, device) in devices.iter().enumerate() {
-        let mut o = crate::bench_load::mqtt_options(&format!("bench-floor-{i}-{}", crate::now_ms()), broker)?;
+        let mut o =
+            crate::bench_load::mqtt_options(&crate::bench_load::client_id(&format!("bench-floor-{i}")), broker)?;
         o.set_manual_acks(true);
         let (client, el) = AsyncClient::new(o, 64);
         client.subscribe(format!("{prefix}/devices/{device}/telemetry"), QoS::AtLeastOnce).await?;

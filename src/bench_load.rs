@@ -123,6 +123,15 @@ pub fn payload(device_seq: u64) -> Vec<u8> {
     .into_bytes()
 }
 
+/// A client id no other client of this process (nor, by the process id, of another
+/// process on the machine) uses at the same time: `{prefix}-{pid}-{n}`. A broker closes an
+/// older connection when a second one brings its id, so ids drawn from the clock alone
+/// collided when two runs (concurrent tests) started in the same millisecond.
+pub fn client_id(prefix: &str) -> String {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    format!("{prefix}-{}-{}", std::process::id(), NEXT.fetch_add(1, Relaxed))
+}
+
 pub fn mqtt_options(id: &str, addr: &str) -> anyhow::Result<MqttOptions> {
     let (host, port) = addr.rsplit_once(':').ok_or_else(|| anyhow::anyhow!("bad broker address {addr}"))?;
     let mut o = MqttOptions::new(id, host, port.parse()?);
@@ -133,7 +142,7 @@ pub fn mqtt_options(id: &str, addr: &str) -> anyhow::Result<MqttOptions> {
 /// Plays the plan against the broker at `addr` (QoS 1); returns once the broker has
 /// acknowledged every message.
 pub async fn publish(addr: &str, load: Arc<Load>) -> anyhow::Result<()> {
-    let (client, mut el) = AsyncClient::new(mqtt_options(&format!("bench-pub-{}", crate::now_ms()), addr)?, 10_000);
+    let (client, mut el) = AsyncClient::new(mqtt_options(&client_id("bench-pub"), addr)?, 10_000);
     let acked = Arc::new(AtomicU64::new(0));
     let a = acked.clone();
     let poller = tokio::spawn(async move {
