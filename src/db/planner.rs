@@ -332,10 +332,7 @@ impl Store {
             let r = sqlx::query(sql).fetch_one(&self.pool).await?;
             Ok::<i64, DbError>(opt_i64(&r, "v")?.unwrap_or(0))
         };
-        let (mut lo, mut hi) = (
-            bound("SELECT MIN(id) AS v FROM telemetry").await?,
-            bound("SELECT MAX(id) AS v FROM telemetry").await? + 1,
-        );
+        let (mut lo, mut hi) = (bound("SELECT MIN(id) AS v FROM telemetry").await?, self.telemetry_max_id().await? + 1);
         // Invariant: rows before `lo` were received before `received_ms`; `hi` is past it.
         while lo < hi {
             let mid = lo + (hi - lo) / 2;

@@ -690,40 +690,22 @@ fn row_binds(backend: Backend, binds: Vec<V>, cols: usize) -> Vec<V> {
         return binds;
     }
     debug_assert!(cols > 0 && binds.len().is_multiple_of(cols), "whole rows");
-    let mut json = String::with_capacity(binds.len() * 12 + 2);
-    json.push('[');
-    for (i, v) in binds.iter().enumerate() {
-        match (i % cols, i) {
-            (0, 0) => json.push('['),
-            (0, _) => json.push_str("],["),
-            _ => json.push(','),
-        }
-        match v {
-            V::Int(n) | V::OptInt(Some(n)) => json.push_str(&n.to_string()),
-            V::OptInt(None) | V::OptText(None) => json.push_str("null"),
-            V::Text(t) | V::OptText(Some(t)) => json_string(&mut json, t),
-            V::Static(t) => json_string(&mut json, t),
-        }
-    }
-    if !binds.is_empty() {
-        json.push(']');
-    }
-    json.push(']');
+    let rows: Vec<&[V]> = binds.chunks(cols).collect();
+    // Writing to memory cannot fail, nor can these values fail to serialize.
+    let json = serde_json::to_string(&rows).unwrap_or_default();
     vec![V::Text(json)]
 }
 
-/// Appends `s` as a JSON string.
-fn json_string(out: &mut String, s: &str) {
-    out.push('"');
-    for ch in s.chars() {
-        match ch {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
-            c => out.push(c),
+/// A value as JSON: integers as numbers, texts as strings, an absent value as `null`.
+impl serde::Serialize for V {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            V::Int(n) | V::OptInt(Some(n)) => s.serialize_i64(*n),
+            V::OptInt(None) | V::OptText(None) => s.serialize_none(),
+            V::Text(t) | V::OptText(Some(t)) => s.serialize_str(t),
+            V::Static(t) => s.serialize_str(t),
         }
     }
-    out.push('"');
 }
 
 /// As [`rows_sql`], numbering PostgreSQL's placeholders from `$first` (for a statement that
@@ -1038,7 +1020,7 @@ async fn steps(link: &mut Link<'_>, what: Batch<'_>) -> Result<Option<Summary>, 
     // 5. Orders: counts and the status that output implies, from the rows read at the start
     // of the commit. Only this writer changes an order's counts, and the counts are added,
     // not set; a planner's status change committed since the read wins (the guard).
-    let mut updates: Vec<V> = Vec::new();
+    let mut updates: Vec<(&str, i64, i64, OrderStatus, OrderStatus)> = Vec::new();
     let mut documents: Vec<(String, &str)> = Vec::new();
     for (order, (good, scrap)) in &orders {
         let Some(row) = order_rows.get(*order).and_then(|o| o.order.as_ref()) else { continue };
@@ -1048,14 +1030,7 @@ async fn steps(link: &mut Link<'_>, what: Batch<'_>) -> Result<Option<Summary>, 
         } else {
             from
         };
-        updates.extend([
-            V::Text(order.to_string()),
-            V::Int(*good),
-            V::Int(*scrap),
-            V::Static(from.as_str()),
-            V::Static(to.as_str()),
-            V::Int(now),
-        ]);
+        updates.push((order, *good, *scrap, from, to));
         // A progress document for each multiple of `progress_every` good units passed below
         // the quantity (one per multiple, however the readings were batched).
         if progress_every > 0 {
@@ -1071,15 +1046,26 @@ async fn steps(link: &mut Link<'_>, what: Batch<'_>) -> Result<Option<Summary>, 
         // Status events come from the order actors once this commit is done.
         summary.orders.push((order.to_string(), quantity, prev_good + good, prev_scrap + scrap, to));
     }
-    for updates in updates.chunks(ROWS_PER_STATEMENT * 6) {
+    for updates in updates.chunks(ROWS_PER_STATEMENT) {
         let sql = format!(
             "UPDATE orders SET good = orders.good + v.column2, scrap = orders.scrap + v.column3,
                status = CASE WHEN orders.status = v.column4 THEN v.column5 ELSE orders.status END,
                updated_ms = v.column6
              FROM ({}) AS v WHERE orders.id = v.column1",
-            link.rows(updates.len() / 6, 6).await?
+            link.rows(updates.len(), 6).await?
         );
-        link.pending.push_rows(sql, updates.to_vec(), 6, false);
+        let mut binds = Vec::with_capacity(updates.len() * 6);
+        for (order, good, scrap, from, to) in updates {
+            binds.extend([
+                V::Text(order.to_string()),
+                V::Int(*good),
+                V::Int(*scrap),
+                V::Static(from.as_str()),
+                V::Static(to.as_str()),
+                V::Int(now),
+            ]);
+        }
+        link.pending.push_rows(sql, binds, 6, false);
     }
     // ERP documents, read from the updated orders (rare: a trip each).
     for (kind, order) in &documents {
