@@ -166,7 +166,7 @@ async fn changed_session_count_drains_the_retired_sessions() {
     for (_, wc) in DEVICES {
         assert_eq!(mes.wait_totals(wc, expect(seq)).await, expect(seq));
     }
-    // Down; the devices go on, into the 4 partition sessions (the default) the broker keeps.
+    // Down; the devices go on, into the partition sessions of the default count the broker keeps.
     assert!(mes.terminate().0.success());
     round(&mut dev, &mut seq).await;
     set_sessions(&mes, 3);
@@ -175,8 +175,10 @@ async fn changed_session_count_drains_the_retired_sessions() {
         assert_eq!(mes.wait_totals(wc, expect(seq)).await, expect(seq), "log:\n{}", mes.log());
     }
     // Every retired partition session was drained and removed.
-    let old: std::collections::BTreeSet<usize> =
-        DEVICES.iter().map(|(d, _)| mes::ingest::sessions::partition_of(d, 4)).collect();
+    let old: std::collections::BTreeSet<usize> = DEVICES
+        .iter()
+        .map(|(d, _)| mes::ingest::sessions::partition_of(d, usize::from(mes::config::DEFAULT_SESSIONS)))
+        .collect();
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     loop {
         let removed = mes
@@ -191,7 +193,8 @@ async fn changed_session_count_drains_the_retired_sessions() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     for i in &old {
-        assert!(mes.log().contains(&format!("-in-{i}of4")), "session {i} of 4 not named in the log");
+        let n = mes::config::DEFAULT_SESSIONS;
+        assert!(mes.log().contains(&format!("-in-{i}of{n}")), "session {i} of {n} not named in the log");
     }
     // Down again: now only the 3 current sessions queue; nothing is counted twice.
     assert!(mes.terminate().0.success());
