@@ -125,9 +125,9 @@ fn default_keep_alive() -> u64 {
     15
 }
 /// Default `mqtt.sessions`. A session moves at most its broker window per commit, and a
-/// hash puts devices unevenly into few sessions (the demo line's 4 devices took 3 of 4,
-/// one session carrying half the traffic): 16 spread small plants one device a session
-/// more often and give large ones 16 windows (docs/BENCHMARKS.md, session 11).
+/// hash puts few devices unevenly into few sessions (the MQTT line's 4 devices took 3 of 4,
+/// one session carrying half the traffic): with 16 a small plant's devices mostly get a
+/// session each, and a large plant gets 16 windows (docs/BENCHMARKS.md, session 11).
 pub const DEFAULT_SESSIONS: u16 = 16;
 
 fn default_sessions() -> u16 {
