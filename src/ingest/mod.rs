@@ -18,8 +18,10 @@ use mes_actors::actor::{ApplyThen, WorkCenterActor};
 use mes_actors::counter::RawCounters;
 use mes_actors::{Outcome, Reading};
 use std::collections::HashMap;
-use std::sync::atomic::Ordering::Relaxed;
+use std::sync::atomic::AtomicUsize;
+use std::sync::atomic::Ordering::{AcqRel, Acquire, Relaxed};
 use std::sync::Arc;
+use tokio::sync::mpsc::error::TrySendError;
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 
 /// Routes a device's readings to its work center's actor. Work centers come and go while
@@ -111,10 +113,43 @@ pub struct Pipeline {
     pub metrics: Arc<Metrics>,
     /// Bounds the inputs received but not yet committed.
     pub in_flight: Arc<Semaphore>,
-    /// Applied readings, in the order their actors applied them, on their way to the
-    /// writer. Unbounded as a channel but bounded in fact: every job holds an
-    /// [`InFlight`] permit, so it never holds more than `max_in_flight` jobs.
+    /// How applied jobs reach the writer, in the order their actors applied them.
+    handoff: Arc<Handoff>,
+}
+
+/// The way from the actors to the writer's queue. A job goes straight into the queue
+/// while no job waits to be forwarded; otherwise (the queue was full) it waits in
+/// `applied` behind the others, and a task passes them on in order. Either way a device's
+/// jobs reach the writer in the order its actor applied them.
+struct Handoff {
+    writer: mpsc::Sender<Job>,
+    /// Unbounded as a channel but bounded in fact: every job holds an [`InFlight`] permit,
+    /// so it never holds more than `max_in_flight` jobs.
     applied: mpsc::UnboundedSender<Job>,
+    /// Jobs handed to `applied` and not yet in the writer's queue (shared with the task
+    /// that forwards them, which holds no sender of `applied`: it stops when the pipeline
+    /// is dropped, and the writer with it).
+    forwarding: Arc<AtomicUsize>,
+}
+
+impl Handoff {
+    /// Queues an applied job for the writer, after every job queued before it. Called from
+    /// the actor that applied it.
+    fn send(&self, job: Job) {
+        let job = if self.forwarding.load(Acquire) == 0 {
+            match self.writer.try_send(job) {
+                Ok(()) => return,
+                Err(TrySendError::Full(job) | TrySendError::Closed(job)) => job,
+            }
+        } else {
+            job
+        };
+        self.forwarding.fetch_add(1, AcqRel);
+        if self.applied.send(job).is_err() {
+            self.forwarding.fetch_sub(1, AcqRel);
+            tracing::error!("ingest pipeline stopped; input left unacknowledged");
+        }
+    }
 }
 
 impl Pipeline {
@@ -122,16 +157,19 @@ impl Pipeline {
     /// readings to the writer in apply order.
     pub fn new(router: Arc<Router>, writer: mpsc::Sender<Job>, metrics: Arc<Metrics>, max_in_flight: usize) -> Self {
         let (applied, mut rx) = mpsc::unbounded_channel::<Job>();
-        let to_writer = writer.clone();
+        let forwarding = Arc::new(AtomicUsize::new(0));
+        let (to_writer, forwarded) = (writer.clone(), forwarding.clone());
         tokio::spawn(async move {
             while let Some(job) = rx.recv().await {
                 if to_writer.send(job).await.is_err() {
                     tracing::error!("writer stopped; input will be redelivered by its source");
                     return;
                 }
+                forwarded.fetch_sub(1, AcqRel);
             }
         });
-        Self { router, writer, metrics, in_flight: Arc::new(Semaphore::new(max_in_flight)), applied }
+        let handoff = Arc::new(Handoff { writer: writer.clone(), applied, forwarding });
+        Self { router, writer, metrics, in_flight: Arc::new(Semaphore::new(max_in_flight)), handoff }
     }
 
     /// Waits for room for one more input in flight (back-pressure on the source).
@@ -177,7 +215,7 @@ impl Pipeline {
         // applied the readings. A device's jobs must reach the writer in that order: a
         // commit that moved the device's cursor past a reading whose delta is still
         // waiting would make that reading look stale after a crash, and its units lost.
-        let applied = self.applied.clone();
+        let handoff = self.handoff.clone();
         let metrics = self.metrics.clone();
         // Stored with the telemetry row and exported after its commit (`src/influx`).
         let device_metrics = reading.metrics.clone();
@@ -210,9 +248,7 @@ impl Pipeline {
                 };
                 let done = taken.lock().ok().and_then(|mut d| d.take()).unwrap_or(Completion::None);
                 let job = Job { work, received_ms, done, slot: Some(slot), raw, metrics: device_metrics, lease };
-                if applied.send(job).is_err() {
-                    tracing::error!("ingest pipeline stopped; input left unacknowledged");
-                }
+                handoff.send(job);
             }),
         );
         let submit = async {
@@ -279,5 +315,48 @@ impl Pipeline {
         if self.writer.send(job).await.is_err() {
             tracing::error!("writer stopped; input will be redelivered by its source");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::db::writer::Work;
+
+    fn job(tag: i64) -> Job {
+        Job {
+            work: Work::Duplicate,
+            received_ms: tag,
+            done: Completion::None,
+            slot: None,
+            raw: None,
+            metrics: Default::default(),
+            lease: None,
+        }
+    }
+
+    /// A job goes straight into the writer's queue only while nothing waits to be forwarded:
+    /// once one had to wait (the queue was full), the next ones queue behind it even when the
+    /// writer's queue has room again, so their order is kept.
+    #[test]
+    fn jobs_queue_behind_those_waiting_to_be_forwarded() {
+        let (writer, mut queue) = mpsc::channel::<Job>(1);
+        let (applied, mut waiting) = mpsc::unbounded_channel::<Job>();
+        let h = Handoff { writer, applied, forwarding: Default::default() };
+        h.send(job(1));
+        h.send(job(2));
+        assert_eq!(h.forwarding.load(Relaxed), 1, "the queue was full: job 2 waits");
+        assert_eq!(queue.try_recv().map(|j| j.received_ms).ok(), Some(1));
+        h.send(job(3));
+        assert!(queue.try_recv().is_err(), "job 3 must not pass job 2");
+        assert_eq!(h.forwarding.load(Relaxed), 2);
+        let order: Vec<i64> = std::iter::from_fn(|| waiting.try_recv().ok()).map(|j| j.received_ms).collect();
+        assert_eq!(order, vec![2, 3]);
+        // Once the forwarder has passed both on (what its loop counts after each send), the
+        // writer's queue is taken directly again.
+        h.forwarding.store(0, Relaxed);
+        h.send(job(4));
+        assert_eq!(queue.try_recv().map(|j| j.received_ms).ok(), Some(4));
+        assert_eq!(h.forwarding.load(Relaxed), 0);
     }
 }
