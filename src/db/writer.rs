@@ -77,8 +77,9 @@ pub struct MqttAck {
     pub generation: u64,
     /// Position among the QoS 1 publishes received on that connection.
     pub n: u64,
-    /// `None`: not committed (abandoned); let later acknowledgements pass.
-    pub publish: Option<rumqttc::Publish>,
+    /// The publish's packet id; `None`: not committed (abandoned), let later
+    /// acknowledgements pass.
+    pub pkid: Option<u16>,
     /// A copy the main session passes to a partition session (`ingest::sessions`): its
     /// acknowledgement confirms no commit, so it is not counted as one.
     pub pass: bool,
@@ -297,7 +298,7 @@ impl Writer {
         for (i, job) in batch.drain(..).enumerate() {
             if refused.next_if_eq(&&i).is_some() {
                 if let Completion::Mqtt(mut p) = job.done {
-                    p.publish = None; // lets later acknowledgements of the session pass
+                    p.pkid = None; // lets later acknowledgements of the session pass
                     push_ack(&mut publishes, p);
                 }
                 continue;

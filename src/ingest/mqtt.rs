@@ -280,7 +280,7 @@ pub fn start(
                 biased;
                 _ = shutdown.changed() => break,
                 Some(acks) = wire_rx.recv() => {
-                    write_acks(&mut eventloop, &generation, acks).await;
+                    write_acks(&mut eventloop, &generation, gather(acks, &mut wire_rx)).await;
                     continue;
                 }
                 ev = eventloop.poll() => ev,
@@ -413,7 +413,7 @@ pub fn start(
                             let a = MqttAck {
                                 generation: generation.load(Relaxed),
                                 n: received_qos1 - 1,
-                                publish: Some(p),
+                                pkid: Some(p.pkid),
                                 pass: true,
                                 acker: ack_tx.clone(),
                             };
@@ -433,7 +433,7 @@ pub fn start(
                         Completion::Mqtt(MqttAck {
                             generation: generation.load(Relaxed),
                             n,
-                            publish: Some(p.clone()),
+                            pkid: Some(p.pkid),
                             pass: false,
                             acker: ack_tx.clone(),
                         })
@@ -526,7 +526,7 @@ async fn drain(
         let polled = tokio::select! {
             biased;
             Some(acks) = wire.recv() => {
-                write_acks(eventloop, generation, acks).await;
+                write_acks(eventloop, generation, gather(acks, wire)).await;
                 continue;
             }
             p = tokio::time::timeout(Duration::from_millis(50), eventloop.poll()) => p,
@@ -546,6 +546,22 @@ async fn drain(
 /// Packet ids of committed publishes, in the order they were received on the connection of
 /// the given generation.
 type WireAcks = (u64, Vec<u16>);
+
+/// Joins to `first` the acknowledgement batches already queued behind it (up to
+/// [`ACKER_BATCHES`]), so that they leave in one write; a batch of a newer connection
+/// replaces what was gathered of an older one.
+fn gather(first: WireAcks, rx: &mut mpsc::UnboundedReceiver<WireAcks>) -> WireAcks {
+    let (mut of, mut pkids) = first;
+    for _ in 0..ACKER_BATCHES {
+        let Ok((g, more)) = rx.try_recv() else { break };
+        if g == of {
+            pkids.extend(more);
+        } else if g > of {
+            (of, pkids) = (g, more);
+        }
+    }
+    (of, pkids)
+}
 
 /// Writes a batch of acknowledgements to the connection and flushes them with one write.
 /// (Through the client, each acknowledgement was a request of its own, written and flushed
@@ -611,7 +627,7 @@ async fn handle_publish(
             let abandoned = pipeline.submit_reading(reading, received_ms, done, slot, None).instrument(span).await;
             if let Some(Completion::Mqtt(mut a)) = abandoned {
                 // Not committed, so not acknowledged; later publishes may still be.
-                a.publish = None;
+                a.pkid = None;
                 let _ = ack_tx.send(vec![a]).await;
             }
         }
@@ -641,6 +657,10 @@ impl AckProgress {
     }
 }
 
+/// Queued acknowledgement batches the acker takes at once into one write (a bound on the
+/// time before the first of them leaves).
+const ACKER_BATCHES: usize = 256;
+
 /// Acknowledges committed publishes in the order they were received on the current
 /// connection (MQTT 3.1.1 §4.6; some brokers drop a client that acknowledges out of
 /// order). Commits complete out of order, so acknowledgements wait in a reorder buffer
@@ -655,41 +675,50 @@ async fn acker(
 ) {
     let mut current = 0u64;
     let mut next = 0u64;
-    let mut waiting: BTreeMap<u64, (Option<rumqttc::Publish>, bool)> = BTreeMap::new();
-    while let Some(batch) = rx.recv().await {
-        let live = generation.load(Relaxed);
-        if live != current {
-            current = live;
-            next = 0;
-            waiting.clear();
-        }
-        for a in batch {
-            if a.generation == current && a.n >= next {
-                waiting.insert(a.n, (a.publish, a.pass));
+    let mut waiting: BTreeMap<u64, (Option<u16>, bool)> = BTreeMap::new();
+    let mut pkids = Vec::new();
+    let mut counted = 0u64;
+    while let Some(first) = rx.recv().await {
+        // Everything already queued is taken too, so that acknowledgements that became due
+        // together leave in one write (the main session passes each of its copies alone).
+        let batches = std::iter::once(first).chain(std::iter::from_fn(|| rx.try_recv().ok())).take(ACKER_BATCHES);
+        for batch in batches {
+            let live = generation.load(Relaxed);
+            if live != current {
+                // Due on the connection that just ended: the broker redelivers those (the
+                // session loop would drop them as of an older connection).
+                pkids.clear();
+                counted = 0;
+                current = live;
+                next = 0;
+                waiting.clear();
             }
-        }
-        let mut pkids = Vec::new();
-        let mut counted = 0u64;
-        while let Some((p, pass)) = waiting.remove(&next) {
-            next += 1;
-            match p {
-                Some(p) => {
-                    pkids.push(p.pkid);
-                    counted += u64::from(!pass);
-                }
-                None => {
-                    progress.abandoned.fetch_add(1, Relaxed);
+            for a in batch {
+                if a.generation == current && a.n >= next {
+                    waiting.insert(a.n, (a.pkid, a.pass));
                 }
             }
-            progress.settled.fetch_add(1, Relaxed);
+            while let Some((p, pass)) = waiting.remove(&next) {
+                next += 1;
+                match p {
+                    Some(pkid) => {
+                        pkids.push(pkid);
+                        counted += u64::from(!pass);
+                    }
+                    None => {
+                        progress.abandoned.fetch_add(1, Relaxed);
+                    }
+                }
+                progress.settled.fetch_add(1, Relaxed);
+            }
         }
         if pkids.is_empty() {
             continue;
         }
         let n = pkids.len() as u64;
-        match wire.send((current, pkids)) {
+        match wire.send((current, std::mem::take(&mut pkids))) {
             Ok(()) => {
-                metrics.acks_sent.fetch_add(counted, Relaxed);
+                metrics.acks_sent.fetch_add(std::mem::take(&mut counted), Relaxed);
             }
             Err(_) => {
                 tracing::warn!(
@@ -721,6 +750,55 @@ mod tests {
         assert!(!c.is_ours(CatchUp::new("n-0".into()).marker().as_bytes()), "an older connection's");
         assert!(!c.is_ours(b"{\"boot\":1}"));
         assert!(!c.is_ours(b"\xff not json"));
+    }
+
+    fn ack(tx: &AckSender, generation: u64, n: u64, pkid: Option<u16>, pass: bool) -> MqttAck {
+        MqttAck { generation, n, pkid, pass, acker: tx.clone() }
+    }
+
+    /// Acknowledgements that became due together leave as one batch, in receive order: the
+    /// acker takes every batch already queued (the main session's copies come one by one),
+    /// holds back those whose predecessors are not settled, and counts only committed ones.
+    #[tokio::test]
+    async fn acker_joins_what_is_queued_into_one_batch_in_receive_order() {
+        let (tx, rx) = mpsc::channel::<Vec<MqttAck>>(16);
+        let (wire_tx, mut wire_rx) = mpsc::unbounded_channel::<WireAcks>();
+        let generation = Arc::new(AtomicU64::new(1));
+        let progress = Arc::new(AckProgress::default());
+        let metrics = Arc::new(Metrics::default());
+        // Queued before the acker runs: n = 2 and 0 (a commit), 1 (a pass), 4 (waits for 3),
+        // an abandoned 5, and one of an older connection.
+        tx.send(vec![ack(&tx, 1, 2, Some(12), false), ack(&tx, 1, 0, Some(10), false)]).await.expect("send");
+        tx.send(vec![ack(&tx, 1, 1, Some(11), true)]).await.expect("send");
+        tx.send(vec![ack(&tx, 1, 4, Some(14), false), ack(&tx, 1, 5, None, false)]).await.expect("send");
+        tx.send(vec![ack(&tx, 0, 3, Some(99), false)]).await.expect("send");
+        let task = tokio::spawn(acker(wire_tx, rx, generation, progress.clone(), metrics.clone()));
+        let first = tokio::time::timeout(Duration::from_secs(5), wire_rx.recv()).await.expect("in time");
+        assert_eq!(first, Some((1, vec![10, 11, 12])), "one batch, in receive order, up to the gap at 3");
+        assert_eq!(metrics.acks_sent.load(Relaxed), 2, "the pass confirms no commit");
+        // 3 arrives: 3 and 4 leave together; 5 was abandoned (settled, not acknowledged).
+        tx.send(vec![ack(&tx, 1, 3, Some(13), false)]).await.expect("send");
+        let second = tokio::time::timeout(Duration::from_secs(5), wire_rx.recv()).await.expect("in time");
+        assert_eq!(second, Some((1, vec![13, 14])));
+        assert_eq!(metrics.acks_sent.load(Relaxed), 4);
+        assert_eq!((progress.settled.load(Relaxed), progress.abandoned.load(Relaxed)), (6, 1));
+        drop(tx);
+        task.await.expect("acker ends with its senders");
+    }
+
+    /// The session loop writes the batches queued behind the first as one; a newer
+    /// connection's batch replaces an older one's, and an older batch behind it is dropped.
+    #[test]
+    fn queued_acknowledgement_batches_are_gathered_into_one_write() {
+        let (tx, mut rx) = mpsc::unbounded_channel::<WireAcks>();
+        for b in [(3, vec![4, 5]), (3, vec![6]), (4, vec![1]), (3, vec![7]), (4, vec![2, 3])] {
+            tx.send(b).expect("send");
+        }
+        assert_eq!(gather((3, vec![1, 2, 3]), &mut rx), (4, vec![1, 2, 3]));
+        assert!(rx.try_recv().is_err(), "everything queued was taken");
+        tx.send((5, vec![9])).expect("send");
+        assert_eq!(gather((5, vec![8]), &mut rx), (5, vec![8, 9]));
+        assert_eq!(gather((5, vec![10]), &mut rx), (5, vec![10]), "nothing queued: the batch alone");
     }
 
     /// Found by tests/integration/hostile.rs: a 3 MiB publish forwarded by Mosquitto (which

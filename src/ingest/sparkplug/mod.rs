@@ -680,7 +680,7 @@ pub async fn handle(
             let span = tracing::debug_span!("sparkplug", device = %reading.device, seq = reading.seq);
             let abandoned = pipeline.submit_reading(reading, received_ms, done, slot, None).instrument(span).await;
             if let Some(Completion::Mqtt(mut a)) = abandoned {
-                a.publish = None;
+                a.pkid = None;
                 let _ = ack_tx.send(vec![a]).await;
             }
         }
