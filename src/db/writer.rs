@@ -254,6 +254,9 @@ impl Writer {
                     self.metrics.scrap_units.fetch_add(summary.scrap, Relaxed);
                     self.metrics.dead_letters.fetch_add(summary.dead_letters, Relaxed);
                     self.metrics.writer_healthy.store(true, Relaxed);
+                    // The sources first: each acknowledgement frees a place in a broker's
+                    // window, and the next messages wait for it.
+                    self.complete(batch, &summary.inserted, &summary.fenced).await;
                     for e in summary.events {
                         self.events.publish(e);
                     }
@@ -269,7 +272,6 @@ impl Writer {
                         self.metrics.cluster_fenced.fetch_add(summary.fenced.len() as u64, Relaxed);
                         tracing::warn!(jobs = summary.fenced.len(), "commit refused for work centers this node no longer owns (fenced); their sources are not acknowledged");
                     }
-                    self.complete(batch, &summary.inserted, &summary.fenced).await;
                     return;
                 }
                 Err(e) => {
@@ -286,6 +288,10 @@ impl Writer {
         }
     }
 
+    /// Completes a committed batch: its sources first (acknowledgements, notifications),
+    /// since each message's broker window waits for them; then what is left of the jobs
+    /// (their in-flight places, the exporter's copies) is let go.
+    ///
     /// `inserted`: positions in `batch` of the counted jobs whose telemetry rows were
     /// inserted, ascending.
     /// `fenced`: positions of the jobs refused by the lease check, ascending: not committed,
@@ -293,28 +299,21 @@ impl Writer {
     async fn complete(&mut self, batch: &mut Vec<Job>, inserted: &[usize], fenced: &[usize]) {
         let mut publishes: Vec<(AckSender, Vec<MqttAck>)> = Vec::new();
         let mut refused = fenced.iter().peekable();
-        let mut exported = Vec::with_capacity(if self.tap.is_some() { inserted.len() } else { 0 });
-        let mut next = inserted.iter().peekable();
-        for (i, job) in batch.drain(..).enumerate() {
-            if refused.next_if_eq(&&i).is_some() {
-                if let Completion::Mqtt(mut p) = job.done {
-                    p.pkid = None; // lets later acknowledgements of the session pass
+        for (i, job) in batch.iter_mut().enumerate() {
+            let committed = refused.next_if_eq(&&i).is_none();
+            match std::mem::replace(&mut job.done, Completion::None) {
+                Completion::None => {}
+                Completion::Mqtt(mut p) => {
+                    if !committed {
+                        p.pkid = None; // lets later acknowledgements of the session pass
+                    }
                     push_ack(&mut publishes, p);
                 }
-                continue;
-            }
-            if next.next_if_eq(&&i).is_some() && self.tap.is_some() {
-                if let Work::Counted(delta) = job.work {
-                    let (metrics, received_ms) = (job.metrics, job.received_ms);
-                    exported.push(crate::influx::Committed { delta, metrics, received_ms });
-                }
-            }
-            match job.done {
-                Completion::None => {}
-                Completion::Mqtt(p) => push_ack(&mut publishes, p),
-                Completion::Notify(tx) => {
+                // A refused job's notification is dropped: its receiver learns it failed.
+                Completion::Notify(tx) if committed => {
                     let _ = tx.send(());
                 }
+                Completion::Notify(_) => {}
             }
         }
         for (acker, acks) in publishes {
@@ -325,9 +324,25 @@ impl Writer {
                 tracing::debug!("ack channel closed; the broker will redeliver (deduplicated)");
             }
         }
-        if let Some(tap) = &self.tap {
-            tap.committed(exported);
+        let Some(tap) = &self.tap else {
+            batch.clear();
+            return;
+        };
+        let mut exported = Vec::with_capacity(inserted.len());
+        let mut refused = fenced.iter().peekable();
+        let mut next = inserted.iter().peekable();
+        for (i, job) in batch.drain(..).enumerate() {
+            if refused.next_if_eq(&&i).is_some() {
+                continue;
+            }
+            if next.next_if_eq(&&i).is_some() {
+                if let Work::Counted(delta) = job.work {
+                    let (metrics, received_ms) = (job.metrics, job.received_ms);
+                    exported.push(crate::influx::Committed { delta, metrics, received_ms });
+                }
+            }
         }
+        tap.committed(exported);
     }
 }
 
