@@ -177,7 +177,7 @@ pub fn settle(spec: &WorkCenterSpec, good: i64, scrap: i64, running_ms: i64) -> 
             kind: "production",
         });
     }
-    s.conversion = spec.conversion_per_hour * running_ms / 3_600_000;
+    s.conversion = conversion(spec.conversion_per_hour, running_ms);
     let mut post = |kind, debit, credit, amount: i64| {
         if amount != 0 {
             s.postings.push(Posting { kind, debit, credit, amount });
@@ -187,6 +187,12 @@ pub fn settle(spec: &WorkCenterSpec, good: i64, scrap: i64, running_ms: i64) -> 
     post("completion", Account::FinishedGoods, Account::Wip, good * spec.standard_unit_cost);
     post("scrap", Account::Scrap, Account::Wip, scrap * spec.standard_unit_cost);
     s
+}
+
+/// Conversion applied for one reading's running time, on its own (readings without an
+/// order; an order's is priced from its cumulative running time, [`conversion_between`]).
+pub fn conversion(per_hour: i64, running_ms: i64) -> i64 {
+    per_hour * running_ms / 3_600_000
 }
 
 /// Conversion applied for running time between two cumulative running times. Computing

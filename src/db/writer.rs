@@ -12,7 +12,7 @@ use crate::events::Events;
 use crate::metrics::Metrics;
 use crate::settlement::Ledger;
 use mes_actors::counter::{Cursor, RawCounters};
-use mes_actors::ledger::{settle, Account};
+use mes_actors::ledger::{settle, Account, WorkCenterSpec};
 use mes_actors::{Delta, OrderStatus};
 use sqlx::{AssertSqlSafe, Row};
 use std::collections::{BTreeMap, HashSet};
@@ -414,10 +414,27 @@ impl Source {
 type MoveKey = (String, String, &'static str, Option<String>, String);
 type PostKey = (&'static str, Account, Account, Option<String>, String);
 
-/// A batch's stock movements, postings and order costs, summed per reading and then
-/// grouped (per buffer, order and device), so batching never changes the books.
+/// A batch's counted output of one device for one order (or none), settled once: stock
+/// movements, material and standard postings are linear in good and scrap, so settling
+/// the sum books what settling each reading would. Running time is priced as each reading
+/// would be: per order from its cumulative running time (in [`Books::write`]), and without
+/// an order reading by reading (summed here).
+struct Output<'a> {
+    spec: &'a WorkCenterSpec,
+    good: i64,
+    scrap: i64,
+    /// Running time of readings that name an order.
+    running_ms: i64,
+    /// Conversion of readings without an order, priced one by one.
+    conversion: i64,
+    src: Source,
+}
+
+/// A batch's stock movements, postings and order costs, grouped per buffer, order and
+/// device, so batching never changes the books.
 #[derive(Default)]
-struct Books {
+struct Books<'a> {
+    outputs: BTreeMap<(&'a str, Option<&'a str>), Output<'a>>,
     moves: BTreeMap<MoveKey, (i64, Source)>,
     posts: BTreeMap<PostKey, (i64, Source)>,
     costs: BTreeMap<String, (i64, i64, i64)>,
@@ -426,33 +443,58 @@ struct Books {
     running: BTreeMap<(String, String), (i64, i64, Source)>,
 }
 
-impl Books {
-    fn add(&mut self, d: &Delta, s: &mes_actors::ledger::Settlement, conversion_per_hour: i64) {
-        for m in &s.movements {
-            let key = (m.buffer.clone(), m.sku.clone(), m.kind, d.order.clone(), d.device.clone());
-            let e = self.moves.entry(key).or_insert_with(|| (0, Source::new(d)));
-            e.0 += m.qty;
-            e.1.extend(d);
-            *self.buffers.entry(m.buffer.clone()).or_default() += m.qty;
+impl<'a> Books<'a> {
+    /// Counts one reading's output (settled with the rest of its group in [`Books::settle`]).
+    fn count(&mut self, d: &'a Delta, spec: &'a WorkCenterSpec) {
+        let key = (d.device.as_str(), d.order.as_deref());
+        let o = self.outputs.entry(key).or_insert_with(|| Output {
+            spec,
+            good: 0,
+            scrap: 0,
+            running_ms: 0,
+            conversion: 0,
+            src: Source::new(d),
+        });
+        o.good += d.good as i64;
+        o.scrap += d.scrap as i64;
+        if d.order.is_some() {
+            o.running_ms += d.running_ms;
+        } else {
+            o.conversion += mes_actors::ledger::conversion(spec.conversion_per_hour, d.running_ms);
         }
-        for p in &s.postings {
-            if p.kind == "conversion" && d.order.is_some() {
-                continue; // priced per order from cumulative running time in `write`
+        o.src.extend(d);
+    }
+
+    /// Settles each device's and order's output of the batch into movements and postings.
+    fn settle(&mut self) {
+        for ((device, order), o) in std::mem::take(&mut self.outputs) {
+            let s = settle(o.spec, o.good, o.scrap, 0);
+            let order = order.map(str::to_string);
+            for m in s.movements {
+                *self.buffers.entry(m.buffer.clone()).or_default() += m.qty;
+                let key = (m.buffer, m.sku, m.kind, order.clone(), device.to_string());
+                self.moves.entry(key).or_insert_with(|| (0, o.src.clone())).0 += m.qty;
             }
-            let key = (p.kind, p.debit, p.credit, d.order.clone(), d.device.clone());
-            let e = self.posts.entry(key).or_insert_with(|| (0, Source::new(d)));
-            e.0 += p.amount;
-            e.1.extend(d);
-        }
-        if let Some(o) = &d.order {
-            self.costs.entry(o.clone()).or_default().0 += s.material;
-            if d.running_ms > 0 {
-                let e = self
-                    .running
-                    .entry((o.clone(), d.device.clone()))
-                    .or_insert_with(|| (0, conversion_per_hour, Source::new(d)));
-                e.0 += d.running_ms;
-                e.2.extend(d);
+            for p in s.postings {
+                let key = (p.kind, p.debit, p.credit, order.clone(), device.to_string());
+                self.posts.entry(key).or_insert_with(|| (0, o.src.clone())).0 += p.amount;
+            }
+            match &order {
+                Some(id) => {
+                    self.costs.entry(id.clone()).or_default().0 += s.material;
+                    if o.running_ms > 0 {
+                        let e = self
+                            .running
+                            .entry((id.clone(), device.to_string()))
+                            .or_insert_with(|| (0, o.spec.conversion_per_hour, o.src.clone()));
+                        e.0 += o.running_ms;
+                    }
+                }
+                None if o.conversion != 0 => {
+                    let key = ("conversion", Account::Wip, Account::AppliedConversion, None, device.to_string());
+                    self.posts.entry(key).or_insert_with(|| (0, o.src.clone())).0 += o.conversion;
+                }
+                None => {}
             }
         }
     }
@@ -460,6 +502,7 @@ impl Books {
     /// Queues the writes on `link`'s tail; `orders` holds what pricing needs (each order's
     /// cumulative running time, read at the start of the commit).
     async fn write(&mut self, link: &mut Link<'_>, now: i64, orders: &OrderRows) -> Result<(), DbError> {
+        self.settle();
         // Conversion for running time, from each order's cumulative running time.
         let running = std::mem::take(&mut self.running);
         let mut order_ms: BTreeMap<String, i64> = BTreeMap::new();
@@ -929,7 +972,7 @@ async fn steps(link: &mut Link<'_>, what: Batch<'_>) -> Result<Option<Summary>, 
         summary.good += d.good;
         summary.scrap += d.scrap;
         if let Some(spec) = ledger.by_wc.get(&d.work_center) {
-            books.add(d, &settle(spec, d.good as i64, d.scrap as i64, d.running_ms), spec.conversion_per_hour);
+            books.count(d, spec);
         }
     }
     let now = crate::now_ms();
@@ -1403,6 +1446,117 @@ fn stored_cursor_key(d: &Delta) -> (u64, u64, Option<(u64, u64)>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A batch's output settled per device and order books exactly what settling it
+    /// reading by reading did (the writer's way before session 12): every movement,
+    /// posting, balance, order cost and running time, over readings of two devices with
+    /// and without orders, zero output, scrap only and odd running times (whose
+    /// per-reading conversion rounds down one by one).
+    #[test]
+    fn output_settled_per_device_and_order_books_what_each_reading_would() {
+        use mes_actors::ledger::Input;
+        let spec = WorkCenterSpec::new(
+            "WIDGET".into(),
+            "FG".into(),
+            vec![
+                Input {
+                    sku: "SHEET".into(),
+                    per_unit: 2,
+                    buffer: "RM".into(),
+                    account: Account::RawMaterials,
+                    unit_cost: 12_345,
+                },
+                Input {
+                    sku: "BOLT".into(),
+                    per_unit: 3,
+                    buffer: "RM2".into(),
+                    account: Account::RawMaterials,
+                    unit_cost: 7,
+                },
+            ],
+            600_001,
+            1_000,
+        );
+        let mut seed = 7u64;
+        let mut next = move |m: u64| {
+            seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            (seed >> 33) % m
+        };
+        let deltas: Vec<Delta> = (0..400u64)
+            .map(|i| Delta {
+                work_center: "WC".into(),
+                device: format!("d{}", i % 2),
+                boot: 1,
+                seq: i,
+                ts_ms: None,
+                good: next(5),
+                scrap: next(3) / 2,
+                order: match next(3) {
+                    0 => None,
+                    1 => Some("PO-1".into()),
+                    _ => Some("PO-2".into()),
+                },
+                state: mes_actors::MachineState::Running,
+                state_changed: false,
+                reason: None,
+                restarted: false,
+                running_ms: next(2_000) as i64,
+                cursor: mes_actors::counter::Cursor { boot: 1, seq: i, good: 0, scrap: 0 },
+                prev_boot: None,
+            })
+            .collect();
+        let mut books = Books::default();
+        for d in &deltas {
+            books.count(d, &spec);
+        }
+        books.settle();
+        // Reading by reading, as the writer booked before.
+        let (mut moves, mut posts) = (BTreeMap::new(), BTreeMap::new());
+        let (mut costs, mut buffers, mut running) = (BTreeMap::new(), BTreeMap::new(), BTreeMap::new());
+        for d in &deltas {
+            let s = settle(&spec, d.good as i64, d.scrap as i64, d.running_ms);
+            for m in &s.movements {
+                let key = (m.buffer.clone(), m.sku.clone(), m.kind, d.order.clone(), d.device.clone());
+                *moves.entry(key).or_insert(0) += m.qty;
+                *buffers.entry(m.buffer.clone()).or_insert(0) += m.qty;
+            }
+            for p in &s.postings {
+                if p.kind == "conversion" && d.order.is_some() {
+                    continue;
+                }
+                *posts.entry((p.kind, p.debit, p.credit, d.order.clone(), d.device.clone())).or_insert(0) += p.amount;
+            }
+            if let Some(o) = &d.order {
+                *costs.entry(o.clone()).or_insert(0) += s.material;
+                if d.running_ms > 0 {
+                    *running.entry((o.clone(), d.device.clone())).or_insert(0) += d.running_ms;
+                }
+            }
+        }
+        let sums =
+            |m: &BTreeMap<MoveKey, (i64, Source)>| m.iter().map(|(k, v)| (k.clone(), v.0)).collect::<BTreeMap<_, _>>();
+        assert_eq!(sums(&books.moves), moves);
+        let got_posts: BTreeMap<PostKey, i64> = books.posts.iter().map(|(k, v)| (k.clone(), v.0)).collect();
+        let want_posts: BTreeMap<PostKey, i64> = posts.into_iter().collect();
+        assert_eq!(got_posts.values().filter(|a| **a != 0).count(), want_posts.values().filter(|a| **a != 0).count());
+        for (k, v) in &want_posts {
+            assert_eq!(got_posts.get(k).copied().unwrap_or(0), *v, "{k:?}");
+        }
+        assert!(want_posts.keys().any(|k| k.0 == "conversion"), "order-less running time was priced");
+        assert_eq!(books.buffers, buffers);
+        assert_eq!(books.costs.iter().map(|(k, v)| (k.clone(), v.0)).collect::<BTreeMap<_, _>>(), costs);
+        assert_eq!(books.running.iter().map(|(k, v)| (k.clone(), v.0)).collect::<BTreeMap<_, _>>(), running);
+        // Each line names the first and last reading of its device and order in the batch.
+        let mut ranges: BTreeMap<(String, Option<String>), (u64, u64)> = BTreeMap::new();
+        for d in &deltas {
+            let r = ranges.entry((d.device.clone(), d.order.clone())).or_insert((d.seq, d.seq));
+            *r = (r.0.min(d.seq), r.1.max(d.seq));
+        }
+        for ((_, _, _, order, device), (_, src)) in &books.moves {
+            let (first, last) = ranges[&(device.clone(), order.clone())];
+            assert_eq!((src.device.as_str(), src.first, src.last), (device.as_str(), (1, first), (1, last)));
+        }
+    }
 
     /// Rows packed as JSON come back out of SQLite's `jsonb_each` exactly as bound: texts
     /// with quotes, backslashes, control characters and non-ASCII, nulls, and the extreme
