@@ -10,8 +10,9 @@
 //! session at once after the commit, as the MES writes them. No actors, deltas,
 //! settlement or metrics. What is committed is a [`Keep`]:
 //!
-//! - [`Keep::Rows`], the floor of the MES's design: one row per reading in the MES's
-//!   `telemetry` table under its `(device, boot, seq)` key, one multi-row
+//! - [`Keep::Rows`], the floor of the MES's design before session 13: one row per reading
+//!   in a `telemetry` table under its `(device, boot, seq)` key (the floor's database
+//!   keeps that table in place of the view over packs), one multi-row
 //!   `INSERT … ON CONFLICT DO NOTHING` per batch;
 //! - [`Keep::Cursors`], the floor of any design: what a cumulative counter needs to be
 //!   counted once, the greatest `(boot, seq, good, scrap)` per device, one conditional
@@ -276,7 +277,8 @@ fn cursors_statement(backend: crate::db::Backend, readings: &[Reading], received
 }
 
 /// A fresh database for the floor next to the MES's: a SQLite file beside it, or a
-/// PostgreSQL database `<name>_floor` on the same server; migrated.
+/// PostgreSQL database `<name>_floor` on the same server; migrated, with a `telemetry`
+/// table of a row per reading.
 pub async fn store_beside(mes_url: &str) -> anyhow::Result<Store> {
     let url = if mes_url.starts_with("sqlite:") {
         let path = mes_url.trim_start_matches("sqlite://").trim_start_matches("sqlite:");
@@ -300,5 +302,36 @@ pub async fn store_beside(mes_url: &str) -> anyhow::Result<Store> {
     };
     let store = Store::connect(&url, 8).await?;
     store.migrate().await?;
+    // The row-per-reading table the MES kept before packing (migrations 0001–0011), in
+    // place of the view over packs; and for the bench observer, which follows packs, a
+    // view of its rows as packs of one.
+    let (id, pack) = match store.backend {
+        crate::db::Backend::Sqlite => ("id INTEGER PRIMARY KEY AUTOINCREMENT", "json_array(json_array"),
+        crate::db::Backend::Postgres => {
+            ("id BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY", "CAST(json_build_array(json_build_array")
+        }
+    };
+    let close = match store.backend {
+        crate::db::Backend::Sqlite => ")",
+        crate::db::Backend::Postgres => ") AS TEXT)",
+    };
+    for sql in [
+        "DROP VIEW telemetry".to_string(),
+        "DROP TABLE telemetry_packs".to_string(),
+        format!(
+            "CREATE TABLE telemetry ({id}, device TEXT NOT NULL, boot BIGINT NOT NULL, seq BIGINT NOT NULL,
+               work_center TEXT NOT NULL, order_id TEXT, ts_ms BIGINT, received_ms BIGINT NOT NULL,
+               good BIGINT NOT NULL, scrap BIGINT NOT NULL, state TEXT NOT NULL, metrics TEXT,
+               UNIQUE (device, boot, seq))"
+        ),
+        "CREATE INDEX telemetry_wc_time ON telemetry(work_center, (COALESCE(ts_ms, received_ms)))".to_string(),
+        format!(
+            "CREATE VIEW telemetry_packs AS SELECT id, device,
+               {pack}(boot, seq, order_id, ts_ms, received_ms, good, scrap, state, NULL){close} AS readings
+             FROM telemetry"
+        ),
+    ] {
+        sqlx::query(sqlx::AssertSqlSafe(sql)).execute(&store.pool).await?;
+    }
     Ok(store)
 }

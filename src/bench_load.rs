@@ -10,6 +10,7 @@
 
 use anyhow::Context;
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use serde::de::IgnoredAny;
 use sqlx::Row;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
@@ -210,19 +211,27 @@ pub fn proc_kib(pid: u32, field: &str) -> Option<u64> {
     })
 }
 
-/// The highest row id of the `telemetry` table (0 when empty): taken before the
+/// The highest pack id of `telemetry_packs` (0 when empty): taken before the
 /// publisher starts, so that no row of the run is mistaken for an earlier one.
 pub async fn last_id(pool: &sqlx::AnyPool) -> anyhow::Result<i64> {
-    Ok(sqlx::query("SELECT COALESCE(MAX(id), 0) AS m FROM telemetry").fetch_one(pool).await?.try_get::<i64, _>("m")?)
+    Ok(sqlx::query("SELECT COALESCE(MAX(id), 0) AS m FROM telemetry_packs")
+        .fetch_one(pool)
+        .await?
+        .try_get::<i64, _>("m")?)
 }
 
-/// Follows the `telemetry` table in `pool`, from row id `after_id` on, until every message of `load` is seen or
+/// Follows `telemetry_packs` in `pool`, from pack id `after_id` on, until every message of `load` is seen or
 /// nothing new arrived for `stall` after publishing ended; prints progress on stderr.
 /// `rss_of`: a process whose resident set is sampled every 100 ms.
-/// Rows the observer reads a poll. Not more: on a PostgreSQL table not analyzed yet (a
-/// fresh bench database) a limit of 20,000 made the planner scan the whole table and sort
-/// it, ~20 ms a poll at 180,000 rows, which it added to every latency it timed.
-const OBSERVED_PER_POLL: usize = 5000;
+/// Packs the observer reads a poll (a few hundred readings under a flood; each pack at
+/// most a commit's readings of one device). Bounded: on a PostgreSQL table not analyzed
+/// yet (a fresh bench database) a large limit made the planner scan the whole table and
+/// sort it, ~20 ms a poll at 180,000 rows, which it added to every latency it timed.
+const PACKS_PER_POLL: usize = 256;
+
+/// A reading as a pack stores it (migration 0012); the observer reads its seq and receive
+/// time.
+type PackedReading = (i64, i64, IgnoredAny, IgnoredAny, i64, IgnoredAny, IgnoredAny, IgnoredAny, IgnoredAny);
 
 pub async fn observe(
     pool: &sqlx::AnyPool,
@@ -233,36 +242,34 @@ pub async fn observe(
     stall: Duration,
 ) -> anyhow::Result<Vec<Sample>> {
     let positions: HashMap<&str, usize> = load.devices.iter().enumerate().map(|(i, d)| (d.as_str(), i)).collect();
-    // One row per poll, the new rows folded into a text: reading and decoding a row per
-    // message cost the observer a tenth of both cores during a flood (measured with perf),
+    // The new packs as stored, their readings decoded here: unpacking them in SQL (the
+    // `telemetry` view) cost the observer a fifth of the samples of a flood (perf),
     // charged to the system under test while the raw baseline runs without an observer.
-    let concat = match pool.connect_options().database_url.scheme() {
-        "sqlite" => "group_concat(device || ' ' || seq || ' ' || received_ms, ' ')",
-        _ => "string_agg(device || ' ' || seq || ' ' || received_ms, ' ')",
-    };
     let mut last_id = after_id;
     let mut samples = Vec::new();
     let mut last_print = Instant::now();
     let mut last_sample = 0u64;
     let mut idle_since = Instant::now();
     loop {
-        let sql = format!(
-            "SELECT MAX(id) AS last, {concat} AS seen FROM
-               (SELECT id, device, seq, received_ms FROM telemetry WHERE id > {last_id} ORDER BY id LIMIT {OBSERVED_PER_POLL}) AS t"
-        );
-        let row = sqlx::query(sqlx::AssertSqlSafe(sql)).fetch_one(pool).await?;
+        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT id, device, readings FROM telemetry_packs WHERE id > {last_id} ORDER BY id LIMIT {PACKS_PER_POLL}"
+        )))
+        .fetch_all(pool)
+        .await?;
         let now = load.now_us();
-        let (last, seen): (Option<i64>, Option<String>) = (row.try_get("last")?, row.try_get("seen")?);
-        if let (Some(last), Some(seen)) = (last, seen) {
-            last_id = last_id.max(last);
+        if !rows.is_empty() {
             idle_since = Instant::now();
-            let mut words = seen.split(' ');
-            while let (Some(device), Some(seq), Some(received)) = (words.next(), words.next(), words.next()) {
-                let seq: i64 = seq.parse().with_context(|| format!("observer: seq `{seq}` of `{device}`"))?;
-                if let Some(i) = positions.get(device).and_then(|p| load.index(*p, seq)) {
+        }
+        for row in rows {
+            last_id = last_id.max(row.try_get("id")?);
+            let device: String = row.try_get("device")?;
+            let readings: String = row.try_get("readings")?;
+            let readings: Vec<PackedReading> =
+                serde_json::from_str(&readings).with_context(|| format!("observer: a pack of `{device}`"))?;
+            for (_, seq, _, _, received, ..) in readings {
+                if let Some(i) = positions.get(device.as_str()).and_then(|p| load.index(*p, seq)) {
                     if load.seen_us[i].compare_exchange(0, now, Relaxed, Relaxed).is_ok() {
                         load.committed.fetch_add(1, Relaxed);
-                        let received: i64 = received.parse().unwrap_or(0);
                         let after_t0 = received.saturating_sub(load.t0_ms).max(0) as u64;
                         load.received_ms[i].store(after_t0, Relaxed);
                     }

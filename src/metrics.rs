@@ -83,8 +83,8 @@ pub struct Metrics {
     pub commits: AtomicU64,
     pub committed_jobs: AtomicU64,
     pub commit_errors: AtomicU64,
-    /// Commits rolled back and redone because a telemetry row of the batch was stored
-    /// already (`db::writer::insert_telemetry`).
+    /// Commits rolled back and redone because a reading of the batch was committed
+    /// already (`db::writer::guard_cursors`).
     pub commits_redone: AtomicU64,
     pub commit_latency: Histogram,
     pub modbus_poll_to_commit: Histogram,
@@ -178,7 +178,7 @@ impl Metrics {
         counter(
             &mut out,
             "mes_commits_redone_total",
-            "Group commits redone because a telemetry row of the batch was already stored (a redelivery).",
+            "Group commits redone because a reading of the batch was already committed (a redelivery).",
             self.commits_redone.load(Relaxed),
         );
         counter(

@@ -205,7 +205,7 @@ impl Store {
         if d.status == "sent" {
             let r = sqlx::query(
                 "SELECT MIN(COALESCE(ts_ms, received_ms)) AS first FROM telemetry
-                 WHERE work_center = $1 AND order_id = $2 AND COALESCE(ts_ms, received_ms) >= $3",
+                 WHERE work_center = $1 AND pack_t_max >= $3 AND order_id = $2 AND COALESCE(ts_ms, received_ms) >= $3",
             )
             .bind(&d.work_center)
             .bind(order)
@@ -302,7 +302,8 @@ impl Store {
         let rows = sqlx::query(
             "SELECT (COALESCE(ts_ms, received_ms) - $5) / $6 AS b, CAST(SUM(good) AS BIGINT) AS g, CAST(SUM(scrap) AS BIGINT) AS s
              FROM telemetry
-             WHERE work_center = $1 AND COALESCE(ts_ms, received_ms) >= $2 AND COALESCE(ts_ms, received_ms) < $3
+             WHERE work_center = $1 AND pack_t_max >= $2 AND pack_t_min < $3
+               AND COALESCE(ts_ms, received_ms) >= $2 AND COALESCE(ts_ms, received_ms) < $3
                AND ($4 IS NULL OR order_id = $4) AND (good > 0 OR scrap > 0)
              GROUP BY (COALESCE(ts_ms, received_ms) - $5) / $6 ORDER BY b LIMIT 1000000",
         )
@@ -324,19 +325,20 @@ impl Store {
         Ok(out)
     }
 
-    /// The first telemetry row id received at or after `received_ms` (ids grow with commit
-    /// order, and so, nearly, do receive times): a binary search over the row ids, a few
-    /// dozen indexed lookups however long the table.
+    /// The first telemetry id (a pack's, see migration 0012) received at or after
+    /// `received_ms` (ids grow with commit order, and so, nearly, do receive times): a
+    /// binary search over the ids, a few dozen indexed lookups however long the table.
     pub async fn telemetry_id_since(&self, received_ms: i64) -> Result<i64, DbError> {
         let bound = |sql: &'static str| async move {
             let r = sqlx::query(sql).fetch_one(&self.pool).await?;
             Ok::<i64, DbError>(opt_i64(&r, "v")?.unwrap_or(0))
         };
-        let (mut lo, mut hi) = (bound("SELECT MIN(id) AS v FROM telemetry").await?, self.telemetry_max_id().await? + 1);
+        let (mut lo, mut hi) =
+            (bound("SELECT MIN(id) AS v FROM telemetry_packs").await?, self.telemetry_max_id().await? + 1);
         // Invariant: rows before `lo` were received before `received_ms`; `hi` is past it.
         while lo < hi {
             let mid = lo + (hi - lo) / 2;
-            let r = sqlx::query("SELECT id, received_ms FROM telemetry WHERE id >= $1 ORDER BY id LIMIT 1")
+            let r = sqlx::query("SELECT id, received_ms FROM telemetry WHERE id >= $1 ORDER BY id, pos LIMIT 1")
                 .bind(mid)
                 .fetch_optional(&self.pool)
                 .await?;
@@ -348,13 +350,13 @@ impl Store {
         Ok(lo)
     }
 
-    /// The highest telemetry row id (0: none yet).
+    /// The highest telemetry id (a pack's; 0: none yet).
     pub async fn telemetry_max_id(&self) -> Result<i64, DbError> {
-        let r = sqlx::query("SELECT MAX(id) AS v FROM telemetry").fetch_one(&self.pool).await?;
+        let r = sqlx::query("SELECT MAX(id) AS v FROM telemetry_packs").fetch_one(&self.pool).await?;
         Ok(opt_i64(&r, "v")?.unwrap_or(0))
     }
 
-    /// The telemetry rows with ids in `(after, upto]`, summed in the database: good units per
+    /// The telemetry readings with (pack) ids in `(after, upto]`, summed in the database: good units per
     /// work center and minute of their time (device time, else receive time) with the latest
     /// time among them, and the rows with scrap one by one in id order (scrap keeps its
     /// second). The live OEE's counts take these in (`oee_live`); summing in SQL spares
@@ -375,7 +377,7 @@ impl Store {
         .await?;
         let scrap = sqlx::query(
             "SELECT work_center, COALESCE(ts_ms, received_ms) AS t, scrap FROM telemetry
-             WHERE id > $1 AND id <= $2 AND scrap > 0 ORDER BY id",
+             WHERE id > $1 AND id <= $2 AND scrap > 0 ORDER BY id, pos",
         )
         .bind(after)
         .bind(upto)
@@ -396,7 +398,7 @@ impl Store {
 
     /// The latest device time (receive time where none) of a work center's readings.
     pub async fn latest_time(&self, wc: &str) -> Result<Option<i64>, DbError> {
-        let r = sqlx::query("SELECT MAX(COALESCE(ts_ms, received_ms)) AS t FROM telemetry WHERE work_center = $1")
+        let r = sqlx::query("SELECT MAX(t_max) AS t FROM telemetry_packs WHERE work_center = $1")
             .bind(wc)
             .fetch_one(&self.pool)
             .await?;

@@ -4,8 +4,9 @@
 //! `batch_max`), commits it in one transaction, and only then hands each job's
 //! acknowledgement on. A failed commit is retried with capped backoff: nothing is dropped
 //! and nothing is acknowledged until it is committed. Idempotency lives in the database:
-//! a telemetry row is unique per `(device, boot, seq)` and only rows actually inserted
-//! move totals, so a replay after a crash is a no-op.
+//! a device's readings are stored (packed, one row per device and commit) and counted only
+//! beyond its committed cursor, which moves in the same transaction, so a replay after a
+//! crash is a no-op.
 
 use super::{Backend, DbError, Store};
 use crate::events::Events;
@@ -15,14 +16,12 @@ use mes_actors::counter::{Cursor, RawCounters};
 use mes_actors::ledger::{settle, Account, WorkCenterSpec};
 use mes_actors::{Delta, OrderStatus};
 use sqlx::{AssertSqlSafe, Row};
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot};
 
-/// Most rows in one multi-row INSERT.
-const INSERT_CHUNK: usize = 250;
 /// Backoff bounds for retrying a failed commit.
 const RETRY_MIN: Duration = Duration::from_millis(50);
 const RETRY_MAX: Duration = Duration::from_secs(5);
@@ -237,8 +236,8 @@ impl Writer {
             }
             match result {
                 Ok(None) => {
-                    // Some telemetry row of the batch was stored already (a redelivery the
-                    // actors could not tell): rolled back; once more, telling rows apart.
+                    // Some reading of the batch was committed already (a redelivery the
+                    // actors could not tell): rolled back; once more, leaving it out.
                     debug_assert!(!careful, "a careful commit always completes");
                     self.metrics.commits_redone.fetch_add(1, Relaxed);
                     careful = true;
@@ -292,8 +291,8 @@ impl Writer {
     /// since each message's broker window waits for them; then what is left of the jobs
     /// (their in-flight places, the exporter's copies) is let go.
     ///
-    /// `inserted`: positions in `batch` of the counted jobs whose telemetry rows were
-    /// inserted, ascending.
+    /// `inserted`: positions in `batch` of the counted jobs whose readings were new
+    /// (stored and counted), ascending.
     /// `fenced`: positions of the jobs refused by the lease check, ascending: not committed,
     /// so never acknowledged.
     async fn complete(&mut self, batch: &mut Vec<Job>, inserted: &[usize], fenced: &[usize]) {
@@ -386,7 +385,7 @@ struct Summary {
     good: u64,
     scrap: u64,
     events: Vec<serde_json::Value>,
-    /// Positions in the batch of the counted jobs whose telemetry rows were inserted.
+    /// Positions in the batch of the counted jobs whose readings were new (stored, counted).
     inserted: Vec<usize>,
 }
 
@@ -862,17 +861,20 @@ async fn commit(conn: &mut sqlx::AnyConnection, backend: Backend, what: Batch<'_
         let mut link = Link::new(conn, backend);
         link.own_tx = true;
         let done = match steps(&mut link, what).await {
-            Ok(Some(summary)) => link.finish().await.map(|()| Some(summary)),
-            other => other,
+            Ok(summary) => link.finish().await.map(|()| summary),
+            Err(e) => Err(e),
         };
-        let Ok(Some(mut summary)) = done else {
-            // Whatever ran of the batch goes back; the connection stays usable.
-            link.rollback().await;
-            return match done {
-                Err(e) if !is_short_insert(&e) => Err(e),
-                // A telemetry row was stored already: redo the batch carefully.
-                _ => Ok(None),
-            };
+        let mut summary = match done {
+            Ok(summary) => summary,
+            Err(e) => {
+                // Whatever ran of the batch goes back; the connection stays usable.
+                link.rollback().await;
+                return match is_short_insert(&e) {
+                    // A reading was committed already: redo the batch carefully.
+                    true => Ok(None),
+                    false => Err(e),
+                };
+            }
         };
         summary.balances = link.balances();
         return Ok(Some(summary));
@@ -880,16 +882,10 @@ async fn commit(conn: &mut sqlx::AnyConnection, backend: Backend, what: Batch<'_
     let mut tx = sqlx::Connection::begin(conn).await?;
     let summary = {
         let mut link = Link::new(&mut tx, backend);
-        match steps(&mut link, what).await? {
-            Some(mut summary) => {
-                link.flush().await?;
-                summary.balances = link.balances();
-                summary
-            }
-            // A row was stored already: roll back (dropping the transaction) and redo the
-            // batch carefully, learning which rows are new.
-            None => return Ok(None),
-        }
+        let mut summary = steps(&mut link, what).await?;
+        link.flush().await?;
+        summary.balances = link.balances();
+        summary
     };
     tx.commit().await?;
     Ok(Some(summary))
@@ -909,10 +905,9 @@ struct Batch<'a> {
 }
 
 /// The steps of one commit, in order, on `link` (which [`commit`] chose and which decides
-/// when they travel). `None`: a telemetry row of the batch was already stored, found by the
-/// row count of a fenced commit's insert (in the commit's own transaction the count is
-/// checked in SQL and fails the query instead).
-async fn steps(link: &mut Link<'_>, what: Batch<'_>) -> Result<Option<Summary>, DbError> {
+/// when they travel). In the commit's own transaction a reading committed already fails
+/// the query (see [`guard_cursors`]); otherwise such readings are found and left out.
+async fn steps(link: &mut Link<'_>, what: Batch<'_>) -> Result<Summary, DbError> {
     let Batch { ledger, progress_every, jobs: batch, fence, careful } = what;
     let mut summary = Summary::default();
     // 0. Fencing (cluster mode): the jobs of a work center commit only while this node
@@ -924,7 +919,8 @@ async fn steps(link: &mut Link<'_>, what: Batch<'_>) -> Result<Option<Summary>, 
     let refused: HashSet<usize> = summary.fenced.iter().copied().collect();
     let live: Vec<(usize, &Job)> = batch.iter().enumerate().filter(|(i, _)| !refused.contains(i)).collect();
 
-    // 1. Telemetry rows; only the rows actually inserted count (database idempotency).
+    // 1. Telemetry, packed per device; only readings beyond the committed device cursors
+    // count (database idempotency).
     // (delta, received, position in the batch, device metrics)
     let counted: Vec<CountedRow> = live
         .iter()
@@ -933,14 +929,14 @@ async fn steps(link: &mut Link<'_>, what: Batch<'_>) -> Result<Option<Summary>, 
             _ => None,
         })
         .collect();
-    let mut inserted = vec![false; counted.len()];
-    let mut at = 0;
-    for chunk in counted.chunks(INSERT_CHUNK) {
-        if !insert_telemetry(link, chunk, &mut inserted[at..at + chunk.len()], careful).await? {
-            return Ok(None);
-        }
-        at += chunk.len();
+    let mut inserted = vec![true; counted.len()];
+    if link.own_tx && !careful && in_cursor_order(&counted) {
+        // Checked in SQL, travelling with the rest of the commit.
+        guard_cursors(link, &counted).await?;
+    } else {
+        beyond_cursors(link, &counted, &mut inserted).await?;
     }
+    insert_packs(link, &counted, &inserted).await?;
 
     // 2. Aggregate what was inserted.
     let mut cursors: BTreeMap<&str, &Delta> = BTreeMap::new();
@@ -1173,105 +1169,179 @@ async fn steps(link: &mut Link<'_>, what: Batch<'_>) -> Result<Option<Summary>, 
         }
     }
 
-    Ok(Some(summary))
+    Ok(summary)
 }
 
-/// A counted reading on its way into the telemetry table: delta, receive time, position in
+/// A counted reading on its way into a telemetry pack: delta, receive time, position in
 /// the batch, device metrics.
 type CountedRow<'a> = (&'a Delta, i64, usize, &'a BTreeMap<String, f64>);
 
-/// Inserts one chunk of telemetry rows and marks in `inserted` the rows that were new
-/// (a row already stored, from a redelivery, is not inserted again and counts nothing).
-///
-/// Nearly always every row is new: the actors drop what the committed cursors already
-/// cover. So the insert first runs without returning its rows (returning every row costs
-/// about a fifth of the commit), and its row count confirms that all were new. If the count
-/// falls short, this returns `false`: the caller rolls the whole batch back and commits it
-/// again `careful`ly, with the insert returning the rows it inserted.
-async fn insert_telemetry(
-    link: &mut Link<'_>,
-    chunk: &[CountedRow<'_>],
-    inserted: &mut [bool],
-    careful: bool,
-) -> Result<bool, DbError> {
-    debug_assert_eq!(chunk.len(), inserted.len());
-    let deferred = link.own_tx && !careful;
-    let mut sql = String::from(
-        "INSERT INTO telemetry (device, boot, seq, work_center, order_id, ts_ms, received_ms, good, scrap, state, metrics) ",
-    );
-    sql.push_str(&if deferred {
-        link.rows(chunk.len(), 11).await?
-    } else {
-        row_source(link.backend, chunk.len(), 11, 1)
-    });
-    sql.push_str(" ON CONFLICT (device, boot, seq) DO NOTHING");
-    if careful {
-        sql.push_str(" RETURNING device, boot, seq");
-    }
-    let mut binds = Vec::with_capacity(chunk.len() * 11);
-    for (d, received, _, metrics) in chunk {
-        binds.extend([
-            V::Text(d.device.clone()),
-            V::Int(to_i64(d.boot, "boot")?),
-            V::Int(to_i64(d.seq, "seq")?),
-            V::Text(d.work_center.clone()),
-            V::OptText(d.order.clone()),
-            V::OptInt(d.ts_ms),
-            V::Int(*received),
-            V::Int(to_i64(d.good, "good")?),
-            V::Int(to_i64(d.scrap, "scrap")?),
-            V::Static(d.state.as_str()),
-            V::OptText((!metrics.is_empty()).then(|| serde_json::to_string(metrics).ok()).flatten()),
-        ]);
-    }
-    if deferred {
-        // In the commit's own transaction: the insert and its count check travel with the
-        // rest of the commit. Fewer rows than given (a reading already stored) make the
-        // check insert a row that `commit_checks` refuses, failing the whole query; the
-        // commit then rolls back and is redone carefully.
-        if link.backend == Backend::Postgres {
-            sql.push_str(" RETURNING 1");
-        }
-        link.pending.push_rows(sql, binds, 11, false);
-        let (check, binds) = match link.backend {
-            // `changes()`: the rows the statement before (the insert) stored.
-            Backend::Sqlite => (
-                "INSERT INTO commit_checks (ok) SELECT 0 WHERE changes() <> ?".to_string(),
-                vec![V::Int(chunk.len() as i64)],
-            ),
-            // A CTE reads another's returned rows (`w{i}`: the insert's name, see `Tail::run`).
-            Backend::Postgres => (
-                format!(
-                    "INSERT INTO commit_checks (ok) SELECT false WHERE (SELECT COUNT(*) FROM w{}) <> {}",
-                    link.pending.parts.len() - 1,
-                    chunk.len()
-                ),
-                Vec::new(),
-            ),
-        };
-        link.pending.push(check, binds, false);
-        inserted.fill(true);
-        return Ok(true);
-    }
-    let q = Tail::bind(sqlx::query(AssertSqlSafe(sql)), row_binds(link.backend, binds, 11));
-    let conn = link.conn().await?;
-    if !careful {
-        let n = q.execute(&mut *conn).await?.rows_affected();
-        inserted.fill(true);
-        return Ok(n == chunk.len() as u64);
-    }
-    let mut new: HashSet<(String, i64, i64)> = HashSet::with_capacity(chunk.len());
-    for row in q.fetch_all(&mut *conn).await? {
-        new.insert((row.try_get("device")?, row.try_get("boot")?, row.try_get("seq")?));
-    }
-    // A key twice in the chunk was inserted once: only its first row is new.
-    for ((d, ..), slot) in chunk.iter().zip(inserted.iter_mut()) {
-        *slot = new.remove(&(d.device.clone(), d.boot as i64, d.seq as i64));
-    }
-    Ok(true)
+type CursorKey = (u64, u64, Option<(u64, u64)>);
+
+/// Whether each device's readings come in strictly growing cursor order, as the actors
+/// send them: then a device's first reading in the batch is its lowest, and checking it
+/// against the committed cursor ([`guard_cursors`]) checks them all.
+fn in_cursor_order(counted: &[CountedRow<'_>]) -> bool {
+    let mut last: HashMap<&str, CursorKey> = HashMap::new();
+    counted.iter().all(|(d, ..)| {
+        let k = stored_cursor_key(d);
+        last.insert(d.device.as_str(), k).is_none_or(|prev| prev < k)
+    })
 }
 
-/// Whether a commit failed on the telemetry insert's count check (`commit_checks`).
+/// Queues the check that each device's first reading in the batch lies beyond the
+/// device's committed cursor, i.e. that no reading of the batch was committed before (a
+/// redelivery the actors could not tell, a batch whose acknowledgements were lost).
+///
+/// The check travels with the rest of the commit, before the cursors move: a reading
+/// committed already makes it insert a row that `commit_checks` refuses, failing the whole
+/// query; the commit then rolls back and is redone carefully ([`beyond_cursors`]).
+async fn guard_cursors(link: &mut Link<'_>, counted: &[CountedRow<'_>]) -> Result<(), DbError> {
+    let mut firsts: BTreeMap<&str, &Delta> = BTreeMap::new();
+    for (d, ..) in counted {
+        firsts.entry(d.device.as_str()).or_insert(d);
+    }
+    let firsts: Vec<&Delta> = firsts.into_values().collect();
+    let refuse = match link.backend {
+        Backend::Sqlite => "0",
+        Backend::Postgres => "false",
+    };
+    for firsts in firsts.chunks(ROWS_PER_STATEMENT) {
+        let sql = format!(
+            "INSERT INTO commit_checks (ok) SELECT {refuse} FROM ({}) AS v JOIN device_cursors c ON c.device = v.column1
+             WHERE (v.column2, v.column3, COALESCE(v.column4, -1), COALESCE(v.column5, -1))
+                <= (c.boot, c.seq, COALESCE(c.prev_boot, -1), COALESCE(c.prev_seq, -1))
+             LIMIT 1",
+            link.rows(firsts.len(), 5).await?
+        );
+        let mut binds = Vec::with_capacity(firsts.len() * 5);
+        for d in firsts {
+            let (boot, seq, prev) = stored_cursor_key(d);
+            binds.extend([
+                V::Text(d.device.clone()),
+                V::Int(to_i64(boot, "boot")?),
+                V::Int(to_i64(seq, "seq")?),
+                V::OptInt(prev.map(|p| to_i64(p.0, "previous boot")).transpose()?),
+                V::OptInt(prev.map(|p| to_i64(p.1, "previous boot's seq")).transpose()?),
+            ]);
+        }
+        link.pending.push_rows(sql, binds, 5, false);
+    }
+    Ok(())
+}
+
+/// Marks in `inserted` the readings beyond their device's committed cursor and beyond the
+/// batch's earlier readings of the device; the others were counted already and count
+/// nothing now. Reads the cursors in the commit's transaction (the careful way, and the
+/// fenced one).
+async fn beyond_cursors(link: &mut Link<'_>, counted: &[CountedRow<'_>], inserted: &mut [bool]) -> Result<(), DbError> {
+    debug_assert_eq!(counted.len(), inserted.len());
+    let devices: Vec<&str> = counted
+        .iter()
+        .map(|(d, ..)| d.device.as_str())
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    let mut stored: HashMap<String, CursorKey> = HashMap::with_capacity(devices.len());
+    let int = |r: &sqlx::any::AnyRow, c: &str| -> Result<Option<u64>, DbError> {
+        Ok(r.try_get::<Option<i64>, _>(c)?.map(|v| v.max(0) as u64))
+    };
+    for devices in devices.chunks(ROWS_PER_STATEMENT) {
+        let sql = format!(
+            "SELECT c.device AS device, c.boot AS boot, c.seq AS seq, c.prev_boot AS prev_boot, c.prev_seq AS prev_seq
+             FROM ({}) AS v JOIN device_cursors c ON c.device = v.column1",
+            link.rows(devices.len(), 1).await?
+        );
+        let binds = devices.iter().map(|d| V::Text(d.to_string())).collect();
+        for r in link.read(sql, row_binds(link.backend, binds, 1)).await? {
+            let prev = match (int(&r, "prev_boot")?, int(&r, "prev_seq")?) {
+                (Some(b), Some(s)) => Some((b, s)),
+                _ => None,
+            };
+            let key = (int(&r, "boot")?.unwrap_or(0), int(&r, "seq")?.unwrap_or(0), prev);
+            stored.insert(r.try_get("device")?, key);
+        }
+    }
+    for ((d, ..), slot) in counted.iter().zip(inserted.iter_mut()) {
+        let k = stored_cursor_key(d);
+        *slot = stored.get(&d.device).is_none_or(|s| k > *s);
+        if *slot {
+            stored.insert(d.device.clone(), k);
+        }
+    }
+    Ok(())
+}
+
+/// A device's new readings of the batch, packed into one `telemetry_packs` row.
+struct Pack {
+    t_min: i64,
+    t_max: i64,
+    last: (u64, u64),
+    n: i64,
+    /// The readings as a JSON array (see migration 0012).
+    readings: String,
+}
+
+/// Queues the packs of the batch's new readings: one row per device (and work center),
+/// its readings in batch order, each `[boot, seq, order_id, ts_ms, received_ms, good,
+/// scrap, state, metrics]`.
+async fn insert_packs(link: &mut Link<'_>, counted: &[CountedRow<'_>], inserted: &[bool]) -> Result<(), DbError> {
+    let mut packs: BTreeMap<(&str, &str), Pack> = BTreeMap::new();
+    for ((d, received, _, metrics), _) in counted.iter().zip(inserted).filter(|(_, new)| **new) {
+        let t = d.ts_ms.unwrap_or(*received);
+        let p = packs.entry((d.device.as_str(), d.work_center.as_str())).or_insert_with(|| Pack {
+            t_min: t,
+            t_max: t,
+            last: (d.boot, d.seq),
+            n: 0,
+            readings: String::from("["),
+        });
+        if p.n > 0 {
+            p.readings.push(',');
+        }
+        let reading = (
+            to_i64(d.boot, "boot")?,
+            to_i64(d.seq, "seq")?,
+            &d.order,
+            d.ts_ms,
+            *received,
+            to_i64(d.good, "good")?,
+            to_i64(d.scrap, "scrap")?,
+            d.state.as_str(),
+            (!metrics.is_empty()).then_some(*metrics),
+        );
+        // Writing to memory cannot fail; these values always serialize.
+        p.readings.push_str(&serde_json::to_string(&reading).unwrap_or_default());
+        p.t_min = p.t_min.min(t);
+        p.t_max = p.t_max.max(t);
+        p.last = p.last.max((d.boot, d.seq));
+        p.n += 1;
+    }
+    let packs: Vec<_> = packs.into_iter().collect();
+    for packs in packs.chunks(ROWS_PER_STATEMENT) {
+        let sql = format!(
+            "INSERT INTO telemetry_packs (device, work_center, t_min, t_max, last_boot, last_seq, n, readings) {}",
+            link.rows(packs.len(), 8).await?
+        );
+        let mut binds = Vec::with_capacity(packs.len() * 8);
+        for ((device, wc), p) in packs {
+            binds.extend([
+                V::Text(device.to_string()),
+                V::Text(wc.to_string()),
+                V::Int(p.t_min),
+                V::Int(p.t_max),
+                V::Int(to_i64(p.last.0, "boot")?),
+                V::Int(to_i64(p.last.1, "seq")?),
+                V::Int(p.n),
+                V::Text(format!("{}]", p.readings)),
+            ]);
+        }
+        link.pending.push_rows(sql, binds, 8, false);
+    }
+    Ok(())
+}
+
+/// Whether a commit failed on its check that every reading is new ([`guard_cursors`]).
 fn is_short_insert(e: &DbError) -> bool {
     match e {
         DbError::Sqlx(sqlx::Error::Database(d)) => d.message().contains("telemetry_rows_all_new"),

@@ -14,6 +14,8 @@ use std::time::{Duration, Instant};
 
 /// Rows read per query (keyset pagination keeps memory bounded).
 const PAGE: i64 = 5_000;
+/// Telemetry packs read a page (each holds up to a commit's readings of one device).
+const PAGE_PACKS: i64 = 64;
 /// Attempts per batch before the backfill gives up (it can be run again).
 const ATTEMPTS: u32 = 8;
 
@@ -131,29 +133,41 @@ pub async fn run(settings: &Settings, store: &Store, from_ms: i64, to_ms: i64) -
         .map_err(sq)?;
     for wc in &wcs {
         let mut minutes = BTreeSet::new();
-        // Readings, in (time, id) order.
-        let (mut at, mut id) = (i64::MIN, i64::MIN);
+        // Readings, a page of packs at a time in commit order (see migration 0012).
+        let mut after = i64::MIN;
         loop {
-            let rows = sqlx::query(
-                "SELECT id, device, seq, order_id, COALESCE(ts_ms, received_ms) AS t, good, scrap, state, metrics
-                 FROM telemetry
-                 WHERE work_center = $1 AND COALESCE(ts_ms, received_ms) >= $2 AND COALESCE(ts_ms, received_ms) < $3
-                   AND (COALESCE(ts_ms, received_ms) > $4 OR (COALESCE(ts_ms, received_ms) = $4 AND id > $5))
-                 ORDER BY COALESCE(ts_ms, received_ms), id LIMIT $6",
+            let page = sqlx::query(
+                "SELECT id FROM telemetry_packs WHERE work_center = $1 AND id > $2 AND t_max >= $3 AND t_min < $4
+                 ORDER BY id LIMIT $5",
             )
             .bind(wc.as_str())
+            .bind(after)
             .bind(from_ms)
             .bind(to_ms)
-            .bind(at)
-            .bind(id)
-            .bind(PAGE)
+            .bind(PAGE_PACKS)
             .fetch_all(&store.pool)
             .await
             .map_err(sq)?;
+            let (Some(first), Some(last)) = (page.first(), page.last()) else { break };
+            let (first, last): (i64, i64) = (first.try_get("id").map_err(sq)?, last.try_get("id").map_err(sq)?);
+            let rows = sqlx::query(
+                "SELECT device, seq, order_id, COALESCE(ts_ms, received_ms) AS t, good, scrap, state, metrics
+                 FROM telemetry
+                 WHERE id >= $1 AND id <= $2 AND work_center = $3
+                   AND COALESCE(ts_ms, received_ms) >= $4 AND COALESCE(ts_ms, received_ms) < $5
+                 ORDER BY id, pos",
+            )
+            .bind(first)
+            .bind(last)
+            .bind(wc.as_str())
+            .bind(from_ms)
+            .bind(to_ms)
+            .fetch_all(&store.pool)
+            .await
+            .map_err(sq)?;
+            after = last;
             for r in &rows {
                 let t: i64 = r.try_get("t").map_err(sq)?;
-                id = r.try_get("id").map_err(sq)?;
-                at = t;
                 let metrics = parse_metrics(r.try_get::<Option<String>, _>("metrics").map_err(sq)?.as_deref());
                 let device: String = r.try_get("device").map_err(sq)?;
                 let order: Option<String> = r.try_get("order_id").map_err(sq)?;
@@ -174,7 +188,7 @@ pub async fn run(settings: &Settings, store: &Store, from_ms: i64, to_ms: i64) -
                 minutes.insert(Minute::start_of(t));
                 b.added(n).await?;
             }
-            if (rows.len() as i64) < PAGE {
+            if (page.len() as i64) < PAGE_PACKS {
                 break;
             }
         }

@@ -23,7 +23,8 @@ pub async fn minute(store: &Store, work_center: &str, start_ms: i64) -> Result<O
         "SELECT CAST(COALESCE(SUM(good), 0) AS BIGINT) AS good, CAST(COALESCE(SUM(scrap), 0) AS BIGINT) AS scrap,
            COUNT(*) AS n
          FROM telemetry
-         WHERE work_center = $1 AND COALESCE(ts_ms, received_ms) >= $2 AND COALESCE(ts_ms, received_ms) < $3",
+         WHERE work_center = $1 AND pack_t_max >= $2 AND pack_t_min < $3
+           AND COALESCE(ts_ms, received_ms) >= $2 AND COALESCE(ts_ms, received_ms) < $3",
     )
     .bind(work_center)
     .bind(start_ms)
