@@ -611,6 +611,11 @@ const NODE_RED_TABLE: &str = "CREATE TABLE telemetry (id INTEGER PRIMARY KEY AUT
      boot BIGINT NOT NULL, seq BIGINT NOT NULL, good BIGINT NOT NULL, scrap BIGINT NOT NULL, state TEXT NOT NULL, \
      ts TEXT, received_ms BIGINT NOT NULL, UNIQUE (device, boot, seq))";
 
+/// The Node-RED table's rows as packs of one reading, as the bench observer follows them
+/// (`telemetry_packs`, migration 0012).
+const NODE_RED_PACKS: &str = "CREATE VIEW telemetry_packs AS SELECT id, device, \
+     json_array(json_array(boot, seq, NULL, NULL, received_ms, good, scrap, state, NULL)) AS readings FROM telemetry";
+
 /// Node-RED on the broker at `broker_port`: installed, started, subscribed (a probe
 /// message reached its table). Returns the process and the database it writes.
 async fn start_node_red(broker: &str, prefix: &str) -> anyhow::Result<(Kill, crate::db::Store)> {
@@ -625,6 +630,7 @@ async fn start_node_red(broker: &str, prefix: &str) -> anyhow::Result<(Kill, cra
     let db_path = dir.join("telemetry.db");
     let store = crate::db::Store::connect(&format!("sqlite://{}", db_path.display()), 2).await?;
     sqlx::query(NODE_RED_TABLE).execute(&store.pool).await?;
+    sqlx::query(NODE_RED_PACKS).execute(&store.pool).await?;
     let port = broker.rsplit_once(':').map(|(_, p)| p).unwrap_or("1883").to_string();
     let http = free_port()?;
     let log = std::fs::File::create(dir.join("node-red.log"))?;
