@@ -525,7 +525,7 @@ impl<'a> Books<'a> {
             let sql = format!(
                 "UPDATE buffers SET on_hand = buffers.on_hand + v.column2 FROM ({}) AS v
                  WHERE buffers.id = v.column1 RETURNING buffers.id AS id, buffers.on_hand AS on_hand",
-                link.rows(buffers.len(), 2).await?
+                link.rows(2)
             );
             let mut binds = Vec::with_capacity(buffers.len() * 2);
             for (b, qty) in &buffers {
@@ -539,7 +539,7 @@ impl<'a> Books<'a> {
         for moves in moves.chunks(ROWS_PER_STATEMENT) {
             let sql = format!(
                 "INSERT INTO stock_movements (ts_ms, buffer, sku, qty, kind, order_id, source_kind, source_id) {}",
-                link.rows(moves.len(), 8).await?
+                link.rows(8)
             );
             let mut binds = Vec::with_capacity(moves.len() * 8);
             for ((buffer, sku, kind, order, _), (qty, src)) in moves {
@@ -560,7 +560,7 @@ impl<'a> Books<'a> {
         for posts in posts.chunks(ROWS_PER_STATEMENT) {
             let sql = format!(
                 "INSERT INTO journal (ts_ms, kind, debit, credit, amount, order_id, source_kind, source_id) {}",
-                link.rows(posts.len(), 8).await?
+                link.rows(8)
             );
             let mut binds = Vec::with_capacity(posts.len() * 8);
             for ((kind, debit, credit, order, _), (amount, src)) in posts {
@@ -584,7 +584,7 @@ impl<'a> Books<'a> {
                  ON CONFLICT (order_id) DO UPDATE SET material = order_costs.material + excluded.material,
                    conversion = order_costs.conversion + excluded.conversion,
                    running_ms = order_costs.running_ms + excluded.running_ms",
-                link.rows(costs.len(), 4).await?
+                link.rows(4)
             );
             let mut binds = Vec::with_capacity(costs.len() * 4);
             for (order, (material, conversion, running)) in costs {
@@ -630,15 +630,20 @@ impl Tail {
         self.binds + 1
     }
 
-    /// The rows of a multi-row statement that goes next on this tail (see [`row_source`]).
-    fn rows(&self, rows: usize, cols: usize) -> String {
-        row_source(self.backend, rows, cols, self.next())
-    }
-
     /// Pushes a statement over [`row_source`] rows: `binds` row by row, `cols` a row.
     fn push_rows(&mut self, sql: String, binds: Vec<V>, cols: usize, returns: bool) {
-        let binds = row_binds(self.backend, binds, cols);
+        let sql = self.typed(sql, &binds, cols);
+        let binds = row_binds(binds, cols);
         self.push(sql, binds, returns);
+    }
+
+    /// On PostgreSQL, the statement's rows typed by their values ([`pg_source`]) in place of
+    /// [`PG_ROWS`]; on SQLite the statement as it is.
+    fn typed(&self, sql: String, binds: &[V], cols: usize) -> String {
+        match self.backend {
+            Backend::Sqlite => sql,
+            Backend::Postgres => sql.replacen(PG_ROWS, &pg_source(binds, cols, self.next()), 1),
+        }
     }
 
     fn push(&mut self, sql: String, binds: Vec<V>, returns: bool) {
@@ -683,10 +688,10 @@ impl Tail {
                 format!("WITH {} {last}", ctes.join(",\n"))
             }
         };
-        // On SQLite the text is the same from batch to batch (see [`row_source`]): kept in
-        // the connection's statement cache, prepared once (the driver resets a statement an
-        // error left mid-query). On PostgreSQL it changes with the row counts: not kept.
-        let mut q = sqlx::query(AssertSqlSafe(sql)).persistent(self.backend == Backend::Sqlite);
+        // The text is the same from batch to batch whatever the row counts (see
+        // [`row_source`]): kept in the connection's statement cache, prepared (and on
+        // PostgreSQL planned) once; the driver resets a statement an error left mid-query.
+        let mut q = sqlx::query(AssertSqlSafe(sql)).persistent(true);
         for b in binds {
             q = Self::bind(q, b);
         }
@@ -717,16 +722,19 @@ pub(crate) fn rows_sql(backend: Backend, rows: usize, cols: usize) -> String {
 }
 
 /// The rows of a multi-row statement, to follow `INSERT INTO t (cols)` or to stand in
-/// `FROM (…) AS v` (columns `column1`, `column2`, …): on PostgreSQL `VALUES ($1, …), …`
-/// numbered from `$first`; on SQLite one JSON array of rows, one parameter,
-/// `SELECT value->>0 AS column1, … FROM jsonb_each(?) WHERE true` (the `WHERE` lets an
-/// upsert follow). The SQLite text depends on the column count only, so a commit's text
-/// is the same from batch to batch and SQLite prepares it once (kept in the connection's
-/// statement cache): with a placeholder per value, parsing each commit's statements had
-/// been two fifths of the SQLite thread's time under a flood.
-fn row_source(backend: Backend, rows: usize, cols: usize, first: usize) -> String {
+/// `FROM (…) AS v` (columns `column1`, `column2`, …), their values bound as one JSON array
+/// of rows ([`row_binds`]), so that the statement's text depends on the column count only:
+/// the same from batch to batch, prepared once and kept in the connection's statement cache
+/// (with a placeholder per value, parsing each commit's statements had been two fifths of
+/// the SQLite thread's time under a flood; on PostgreSQL, parsing and planning them each
+/// commit, a third of the commit, session 13).
+///
+/// On SQLite: `SELECT value->>0 AS column1, … FROM jsonb_each(?) WHERE true` (the `WHERE`
+/// lets an upsert follow). On PostgreSQL the columns need a type, which the values give:
+/// [`PG_ROWS`] stands in until the statement is pushed with them ([`Tail::typed`]).
+fn row_source(backend: Backend, cols: usize) -> String {
     match backend {
-        Backend::Postgres => format!("VALUES {}", rows_sql_from(backend, rows, cols, first)),
+        Backend::Postgres => PG_ROWS.to_string(),
         Backend::Sqlite => {
             let mut sql = String::from("SELECT ");
             for c in 0..cols {
@@ -741,12 +749,32 @@ fn row_source(backend: Backend, rows: usize, cols: usize, first: usize) -> Strin
     }
 }
 
-/// The values of [`row_source`] rows: as they are on PostgreSQL; on SQLite one JSON text,
-/// an array of rows, each an array of its `cols` values.
-fn row_binds(backend: Backend, binds: Vec<V>, cols: usize) -> Vec<V> {
-    if backend == Backend::Postgres {
-        return binds;
+/// Marks where a PostgreSQL statement's rows go until its values are known.
+const PG_ROWS: &str = "\u{1}rows\u{1}";
+
+/// The rows of a PostgreSQL statement from one JSON parameter, `$first`:
+/// `SELECT (e.value->>0)::bigint AS column1, e.value->>1 AS column2, … FROM
+/// json_array_elements($first::json) AS e`, a column `bigint` where its values are
+/// integers and `text` where they are texts (as the first row's are: a column's values are
+/// all of one kind).
+fn pg_source(binds: &[V], cols: usize, first: usize) -> String {
+    let mut sql = String::from("SELECT ");
+    for c in 0..cols {
+        if c > 0 {
+            sql.push_str(", ");
+        }
+        match binds.get(c) {
+            Some(V::Int(_) | V::OptInt(_)) => sql.push_str(&format!("(e.value->>{c})::bigint AS column{}", c + 1)),
+            _ => sql.push_str(&format!("e.value->>{c} AS column{}", c + 1)),
+        }
     }
+    sql.push_str(&format!(" FROM json_array_elements(${first}::json) AS e"));
+    sql
+}
+
+/// The values of [`row_source`] rows: one JSON text, an array of rows, each an array of
+/// its `cols` values.
+fn row_binds(binds: Vec<V>, cols: usize) -> Vec<V> {
     debug_assert!(cols > 0 && binds.len().is_multiple_of(cols), "whole rows");
     let rows: Vec<&[V]> = binds.chunks(cols).collect();
     // Writing to memory cannot fail, nor can these values fail to serialize.
@@ -823,10 +851,10 @@ async fn read_orders<'o>(link: &mut Link<'_>, ids: impl Iterator<Item = &'o str>
              FROM ({}) AS v
              LEFT JOIN orders o ON o.id = v.column1
              LEFT JOIN order_costs c ON c.order_id = v.column1",
-            link.rows(ids.len(), 1).await?
+            link.rows(1)
         );
         let binds = ids.iter().map(|id| V::Text(id.to_string())).collect();
-        for r in link.read(sql, row_binds(link.backend, binds, 1)).await? {
+        for r in link.read(sql, binds, 1).await? {
             let status: Option<String> = r.try_get("status")?;
             let order = match status {
                 Some(s) => Some(OrderRow {
@@ -992,7 +1020,7 @@ async fn steps(link: &mut Link<'_>, what: Batch<'_>) -> Result<Summary, DbError>
              WHERE (excluded.boot, excluded.seq, COALESCE(excluded.prev_boot, -1), COALESCE(excluded.prev_seq, -1))
                  > (device_cursors.boot, device_cursors.seq, COALESCE(device_cursors.prev_boot, -1),
                     COALESCE(device_cursors.prev_seq, -1))",
-            link.rows(cursors.len(), 10).await?
+            link.rows(10)
         );
         let mut binds = Vec::with_capacity(cursors.len() * 10);
         for d in cursors {
@@ -1022,7 +1050,7 @@ async fn steps(link: &mut Link<'_>, what: Batch<'_>) -> Result<Summary, DbError>
                current_order = COALESCE(v.column6, work_centers.current_order), last_seen_ms = v.column7,
                updated_ms = v.column7
              FROM ({}) AS v WHERE work_centers.id = v.column1",
-            link.rows(wc_rows.len(), 7).await?
+            link.rows(7)
         );
         let mut binds = Vec::with_capacity(wc_rows.len() * 7);
         for (wc, agg, last) in wc_rows {
@@ -1057,7 +1085,7 @@ async fn steps(link: &mut Link<'_>, what: Batch<'_>) -> Result<Summary, DbError>
             "INSERT INTO modbus_raw (device, good, scrap, boot, updated_ms) {}
              ON CONFLICT (device) DO UPDATE SET good = excluded.good, scrap = excluded.scrap, boot = excluded.boot,
                updated_ms = excluded.updated_ms",
-            link.rows(raws.len(), 5).await?
+            link.rows(5)
         );
         let mut binds = Vec::with_capacity(raws.len() * 5);
         for (device, r) in raws {
@@ -1107,7 +1135,7 @@ async fn steps(link: &mut Link<'_>, what: Batch<'_>) -> Result<Summary, DbError>
                status = CASE WHEN orders.status = v.column4 THEN v.column5 ELSE orders.status END,
                updated_ms = v.column6
              FROM ({}) AS v WHERE orders.id = v.column1",
-            link.rows(updates.len(), 6).await?
+            link.rows(6)
         );
         let mut binds = Vec::with_capacity(updates.len() * 6);
         for (order, good, scrap, from, to) in updates {
@@ -1129,10 +1157,7 @@ async fn steps(link: &mut Link<'_>, what: Batch<'_>) -> Result<Summary, DbError>
 
     // 6. State changes, for availability and the six big losses.
     for changes in state_changes.chunks(ROWS_PER_STATEMENT) {
-        let sql = format!(
-            "INSERT INTO state_changes (work_center, state, reason, ts_ms) {}",
-            link.rows(changes.len(), 4).await?
-        );
+        let sql = format!("INSERT INTO state_changes (work_center, state, reason, ts_ms) {}", link.rows(4));
         let mut binds = Vec::with_capacity(changes.len() * 4);
         for (d, ts) in changes {
             binds.extend([
@@ -1212,7 +1237,7 @@ async fn guard_cursors(link: &mut Link<'_>, counted: &[CountedRow<'_>]) -> Resul
              WHERE (v.column2, v.column3, COALESCE(v.column4, -1), COALESCE(v.column5, -1))
                 <= (c.boot, c.seq, COALESCE(c.prev_boot, -1), COALESCE(c.prev_seq, -1))
              LIMIT 1",
-            link.rows(firsts.len(), 5).await?
+            link.rows(5)
         );
         let mut binds = Vec::with_capacity(firsts.len() * 5);
         for d in firsts {
@@ -1250,10 +1275,10 @@ async fn beyond_cursors(link: &mut Link<'_>, counted: &[CountedRow<'_>], inserte
         let sql = format!(
             "SELECT c.device AS device, c.boot AS boot, c.seq AS seq, c.prev_boot AS prev_boot, c.prev_seq AS prev_seq
              FROM ({}) AS v JOIN device_cursors c ON c.device = v.column1",
-            link.rows(devices.len(), 1).await?
+            link.rows(1)
         );
         let binds = devices.iter().map(|d| V::Text(d.to_string())).collect();
-        for r in link.read(sql, row_binds(link.backend, binds, 1)).await? {
+        for r in link.read(sql, binds, 1).await? {
             let prev = match (int(&r, "prev_boot")?, int(&r, "prev_seq")?) {
                 (Some(b), Some(s)) => Some((b, s)),
                 _ => None,
@@ -1321,7 +1346,7 @@ async fn insert_packs(link: &mut Link<'_>, counted: &[CountedRow<'_>], inserted:
     for packs in packs.chunks(ROWS_PER_STATEMENT) {
         let sql = format!(
             "INSERT INTO telemetry_packs (device, work_center, t_min, t_max, last_boot, last_seq, n, readings) {}",
-            link.rows(packs.len(), 8).await?
+            link.rows(8)
         );
         let mut binds = Vec::with_capacity(packs.len() * 8);
         for ((device, wc), p) in packs {
@@ -1354,9 +1379,6 @@ fn is_short_insert(e: &DbError) -> bool {
 /// 8 values stay under SQLite's 32,766 values per statement, whatever `ingest.batch_max`.
 const ROWS_PER_STATEMENT: usize = 2_000;
 
-/// Values per pending PostgreSQL statement before it is sent (the protocol's limit is 65,535).
-const PG_MAX_BINDS: usize = 30_000;
-
 /// Where a commit's statements go: its connection, and the statements that need no answer
 /// yet ([`Tail`]), which travel together the next time something must reach the database
 /// (a read, a statement whose result counts, the end of the commit). Statements keep their
@@ -1385,22 +1407,17 @@ impl<'c> Link<'c> {
         Self { conn, backend, own_tx: false, open: false, pending: Tail::new(backend), answer: Vec::new() }
     }
 
-    /// Placeholders for a multi-row statement about to be pushed (see [`Tail::rows`]). On
-    /// PostgreSQL, whose statements take at most 65,535 values, what is pending is sent
-    /// first if the statement would take it past [`PG_MAX_BINDS`].
-    async fn rows(&mut self, rows: usize, cols: usize) -> Result<String, DbError> {
-        let full = self.pending.binds + rows * cols > PG_MAX_BINDS;
-        if self.backend == Backend::Postgres && full && !self.pending.parts.is_empty() {
-            self.flush().await?;
-        }
-        Ok(self.pending.rows(rows, cols))
+    /// The rows of a multi-row statement about to be pushed, `cols` values a row (see
+    /// [`row_source`]).
+    fn rows(&self, cols: usize) -> String {
+        row_source(self.backend, cols)
     }
 
-    /// Runs a statement that returns rows, in the same trip as what is pending (inside
-    /// the transaction, opened first if need be); its rows.
-    async fn read(&mut self, sql: String, binds: Vec<V>) -> Result<Vec<sqlx::any::AnyRow>, DbError> {
+    /// Runs a statement over [`row_source`] rows that returns rows, in the same trip as
+    /// what is pending (inside the transaction, opened first if need be); its rows.
+    async fn read(&mut self, sql: String, binds: Vec<V>, cols: usize) -> Result<Vec<sqlx::any::AnyRow>, DbError> {
         debug_assert!(self.answer.is_empty() && !self.pending.parts.iter().any(|p| p.2), "one answer at a time");
-        self.pending.push(sql, binds, true);
+        self.pending.push_rows(sql, binds, cols, true);
         self.flush().await?;
         Ok(std::mem::take(&mut self.answer))
     }
@@ -1641,9 +1658,9 @@ mod tests {
             let n = [i64::MIN, -1, 0, 42, i64::MAX][i];
             binds.extend([V::Text(t.to_string()), V::Int(n), V::OptInt(None), V::OptText(None), V::Static("idle")]);
         }
-        let json = row_binds(Backend::Sqlite, binds.clone(), 5);
+        let json = row_binds(binds.clone(), 5);
         assert_eq!(json.len(), 1, "one parameter");
-        let sql = format!("SELECT * FROM ({}) AS v", row_source(Backend::Sqlite, texts.len(), 5, 1));
+        let sql = format!("SELECT * FROM ({}) AS v", row_source(Backend::Sqlite, 5));
         let rows = Tail::bind(sqlx::query(AssertSqlSafe(sql)), json).fetch_all(&store.pool).await.expect("query");
         assert_eq!(rows.len(), texts.len());
         for (i, r) in rows.iter().enumerate() {
@@ -1658,13 +1675,22 @@ mod tests {
             assert_eq!(got, (texts[i].to_string(), n, None, None, "idle".to_string()));
         }
         // No rows: an empty array, no row out.
-        let empty = row_binds(Backend::Sqlite, Vec::new(), 5);
-        let sql = format!("SELECT * FROM ({}) AS v", row_source(Backend::Sqlite, 0, 5, 1));
+        let empty = row_binds(Vec::new(), 5);
+        let sql = format!("SELECT * FROM ({}) AS v", row_source(Backend::Sqlite, 5));
         let rows = Tail::bind(sqlx::query(AssertSqlSafe(sql)), empty).fetch_all(&store.pool).await.expect("query");
         assert!(rows.is_empty());
-        // PostgreSQL keeps a placeholder per value, numbered from where the statement starts.
-        assert_eq!(row_source(Backend::Postgres, 2, 2, 3), "VALUES ($3,$4),($5,$6)");
-        assert_eq!(row_binds(Backend::Postgres, binds, 5).len(), 25);
+        // PostgreSQL types each column by its values, the one parameter numbered from where
+        // the statement starts in its query.
+        assert_eq!(
+            pg_source(&binds, 5, 3),
+            "SELECT e.value->>0 AS column1, (e.value->>1)::bigint AS column2, (e.value->>2)::bigint AS column3, \
+             e.value->>3 AS column4, e.value->>4 AS column5 FROM json_array_elements($3::json) AS e"
+        );
+        let mut tail = Tail::new(Backend::Postgres);
+        tail.push_rows(format!("SELECT * FROM ({}) AS v", row_source(Backend::Postgres, 5)), binds.clone(), 5, false);
+        tail.push_rows(format!("SELECT * FROM ({}) AS v", row_source(Backend::Postgres, 5)), binds, 5, false);
+        assert!(tail.parts[1].0.contains("json_array_elements($2::json)"), "{}", tail.parts[1].0);
+        assert_eq!((tail.parts[1].1.len(), tail.binds), (1, 2));
         let _ = std::fs::remove_dir_all(dir);
     }
 }
