@@ -41,12 +41,14 @@ DROP TABLE telemetry;
 -- One row per reading, as the table was: `id` is its pack's (readings of one pack share
 -- it; ids grow with commit order), `pos` its place in the pack, `pack_t_min`/`pack_t_max`
 -- the pack's time bounds, which let a query by time skip packs without unpacking them.
+-- (`jsonb_each`: a reading's `value` stays binary JSON, each field a lookup; `json_each`
+-- would hand it back as text, parsed again for every field.)
 CREATE VIEW telemetry AS
 SELECT p.id AS id, p.device AS device, r.value->>0 AS boot, r.value->>1 AS seq, p.work_center AS work_center,
        r.value->>2 AS order_id, r.value->>3 AS ts_ms, r.value->>4 AS received_ms, r.value->>5 AS good,
        r.value->>6 AS scrap, r.value->>7 AS state, r.value->>8 AS metrics,
        p.t_min AS pack_t_min, p.t_max AS pack_t_max, r.key AS pos
-FROM telemetry_packs p, json_each(p.readings) r;
+FROM telemetry_packs p, jsonb_each(p.readings) r;
 
 -- `commit_checks` (0009) keeps its constraint's name, `telemetry_rows_all_new`; what inserts
 -- into it is now the check that each device's first reading of a commit lies beyond the

@@ -839,7 +839,7 @@ struct OrderRead {
 type OrderRows = std::collections::HashMap<String, OrderRead>;
 
 /// Reads the named orders and their running time in one statement, which travels with
-/// whatever is pending on the link (the telemetry insert): one trip however many orders the
+/// whatever is pending on the link (the telemetry packs): one trip however many orders the
 /// batch touches (was three trips per order).
 async fn read_orders<'o>(link: &mut Link<'_>, ids: impl Iterator<Item = &'o str>) -> Result<OrderRows, DbError> {
     let ids: Vec<&str> = ids.collect();
@@ -881,7 +881,7 @@ fn to_i64(v: u64, what: &str) -> Result<i64, DbError> {
 /// Unless `careful` (or fenced), the commit opens and closes its transaction itself, so that
 /// its statements travel in as few trips to the database as the steps allow (see [`Link`]):
 /// with no step that must read an answer first (orders, order costs, state changes, dead
-/// letters), the whole batch, telemetry insert and its row-count check included, is one
+/// letters), the whole batch, telemetry packs and the check that they are new included, is one
 /// trip. Under a flood each trip is a wait to be scheduled on a busy core, so trips, not
 /// statements, set the pace.
 async fn commit(conn: &mut sqlx::AnyConnection, backend: Backend, what: Batch<'_>) -> Result<Option<Summary>, DbError> {
@@ -928,7 +928,7 @@ struct Batch<'a> {
     jobs: &'a [Job],
     /// Cluster mode: this node's id, for the lease check.
     fence: Option<&'a str>,
-    /// Redo: the telemetry insert returns its rows, to tell stored ones apart.
+    /// Redo: the committed cursors are read, to leave out readings they cover.
     careful: bool,
 }
 
@@ -1001,7 +1001,7 @@ async fn steps(link: &mut Link<'_>, what: Batch<'_>) -> Result<Summary, DbError>
     }
     let now = crate::now_ms();
     // What the batch's orders hold so far (counts, status, running time): one read for all
-    // of them, travelling with the telemetry insert.
+    // of them, travelling with the telemetry packs.
     let order_rows = read_orders(link, orders.keys().copied()).await?;
     // The commit's writes that need no answer but the new balances wait on the link (see
     // [`Link`]): stock, books and costs, cursors, work centers, raw registers, orders.
@@ -1393,7 +1393,7 @@ struct Link<'c> {
     conn: &'c mut sqlx::AnyConnection,
     backend: Backend,
     /// The commit opens and ends its transaction itself (not careful, not fenced): the
-    /// telemetry insert is deferred too, its count checked in SQL.
+    /// check that the readings are new travels with the rest ([`guard_cursors`]).
     own_tx: bool,
     /// `own_tx`: the transaction has been opened (or its opening statement sent).
     open: bool,
