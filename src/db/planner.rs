@@ -338,10 +338,14 @@ impl Store {
         // Invariant: rows before `lo` were received before `received_ms`; `hi` is past it.
         while lo < hi {
             let mid = lo + (hi - lo) / 2;
-            let r = sqlx::query("SELECT id, received_ms FROM telemetry WHERE id >= $1 ORDER BY id, pos LIMIT 1")
-                .bind(mid)
-                .fetch_optional(&self.pool)
-                .await?;
+            // The first reading of the first pack from `mid` on: one pack unpacked.
+            let r = sqlx::query(
+                "SELECT id, received_ms FROM telemetry
+                 WHERE id = (SELECT MIN(id) FROM telemetry_packs WHERE id >= $1) ORDER BY pos LIMIT 1",
+            )
+            .bind(mid)
+            .fetch_optional(&self.pool)
+            .await?;
             match r {
                 Some(r) if r.try_get::<i64, _>("received_ms")? < received_ms => lo = r.try_get::<i64, _>("id")? + 1,
                 _ => hi = mid,
