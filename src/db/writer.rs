@@ -718,7 +718,27 @@ struct WcAgg<'a> {
 /// statement whose values are bound in order. (SQLite resolves `$n` names by a linear
 /// scan per parameter, which makes large statements quadratic there.)
 pub(crate) fn rows_sql(backend: Backend, rows: usize, cols: usize) -> String {
-    rows_sql_from(backend, rows, cols, 1)
+    let mut sql = String::with_capacity(rows * cols * 4);
+    for r in 0..rows {
+        if r > 0 {
+            sql.push(',');
+        }
+        sql.push('(');
+        for c in 0..cols {
+            if c > 0 {
+                sql.push(',');
+            }
+            match backend {
+                Backend::Sqlite => sql.push('?'),
+                Backend::Postgres => {
+                    sql.push('$');
+                    sql.push_str(&(1 + r * cols + c).to_string());
+                }
+            }
+        }
+        sql.push(')');
+    }
+    sql
 }
 
 /// The rows of a multi-row statement, to follow `INSERT INTO t (cols)` or to stand in
@@ -792,32 +812,6 @@ impl serde::Serialize for V {
             V::Static(t) => s.serialize_str(t),
         }
     }
-}
-
-/// As [`rows_sql`], numbering PostgreSQL's placeholders from `$first` (for a statement that
-/// follows others in one query, see [`Tail`]).
-fn rows_sql_from(backend: Backend, rows: usize, cols: usize, first: usize) -> String {
-    let mut sql = String::with_capacity(rows * cols * 4);
-    for r in 0..rows {
-        if r > 0 {
-            sql.push(',');
-        }
-        sql.push('(');
-        for c in 0..cols {
-            if c > 0 {
-                sql.push(',');
-            }
-            match backend {
-                Backend::Sqlite => sql.push('?'),
-                Backend::Postgres => {
-                    sql.push('$');
-                    sql.push_str(&(first + r * cols + c).to_string());
-                }
-            }
-        }
-        sql.push(')');
-    }
-    sql
 }
 
 /// An order as the commit found it.
@@ -960,11 +954,11 @@ async fn steps(link: &mut Link<'_>, what: Batch<'_>) -> Result<Summary, DbError>
     let mut inserted = vec![true; counted.len()];
     if link.own_tx && !careful && in_cursor_order(&counted) {
         // Checked in SQL, travelling with the rest of the commit.
-        guard_cursors(link, &counted).await?;
+        guard_cursors(link, &counted)?;
     } else {
         beyond_cursors(link, &counted, &mut inserted).await?;
     }
-    insert_packs(link, &counted, &inserted).await?;
+    insert_packs(link, &counted, &inserted)?;
 
     // 2. Aggregate what was inserted.
     let mut cursors: BTreeMap<&str, &Delta> = BTreeMap::new();
@@ -1221,7 +1215,7 @@ fn in_cursor_order(counted: &[CountedRow<'_>]) -> bool {
 /// The check travels with the rest of the commit, before the cursors move: a reading
 /// committed already makes it insert a row that `commit_checks` refuses, failing the whole
 /// query; the commit then rolls back and is redone carefully ([`beyond_cursors`]).
-async fn guard_cursors(link: &mut Link<'_>, counted: &[CountedRow<'_>]) -> Result<(), DbError> {
+fn guard_cursors(link: &mut Link<'_>, counted: &[CountedRow<'_>]) -> Result<(), DbError> {
     let mut firsts: BTreeMap<&str, &Delta> = BTreeMap::new();
     for (d, ..) in counted {
         firsts.entry(d.device.as_str()).or_insert(d);
@@ -1268,23 +1262,16 @@ async fn beyond_cursors(link: &mut Link<'_>, counted: &[CountedRow<'_>], inserte
         .into_iter()
         .collect();
     let mut stored: HashMap<String, CursorKey> = HashMap::with_capacity(devices.len());
-    let int = |r: &sqlx::any::AnyRow, c: &str| -> Result<Option<u64>, DbError> {
-        Ok(r.try_get::<Option<i64>, _>(c)?.map(|v| v.max(0) as u64))
-    };
     for devices in devices.chunks(ROWS_PER_STATEMENT) {
         let sql = format!(
-            "SELECT c.device AS device, c.boot AS boot, c.seq AS seq, c.prev_boot AS prev_boot, c.prev_seq AS prev_seq
-             FROM ({}) AS v JOIN device_cursors c ON c.device = v.column1",
+            "SELECT c.device AS device, {} FROM ({}) AS v JOIN device_cursors c ON c.device = v.column1",
+            super::queries::CURSOR_COLS,
             link.rows(1)
         );
         let binds = devices.iter().map(|d| V::Text(d.to_string())).collect();
         for r in link.read(sql, binds, 1).await? {
-            let prev = match (int(&r, "prev_boot")?, int(&r, "prev_seq")?) {
-                (Some(b), Some(s)) => Some((b, s)),
-                _ => None,
-            };
-            let key = (int(&r, "boot")?.unwrap_or(0), int(&r, "seq")?.unwrap_or(0), prev);
-            stored.insert(r.try_get("device")?, key);
+            let (cursor, prev) = super::queries::stored_cursor(&r)?;
+            stored.insert(r.try_get("device")?, cursor_key(&cursor, prev.as_ref()));
         }
     }
     for ((d, ..), slot) in counted.iter().zip(inserted.iter_mut()) {
@@ -1310,7 +1297,7 @@ struct Pack {
 /// Queues the packs of the batch's new readings: one row per device (and work center),
 /// its readings in batch order, each `[boot, seq, order_id, ts_ms, received_ms, good,
 /// scrap, state, metrics]`.
-async fn insert_packs(link: &mut Link<'_>, counted: &[CountedRow<'_>], inserted: &[bool]) -> Result<(), DbError> {
+fn insert_packs(link: &mut Link<'_>, counted: &[CountedRow<'_>], inserted: &[bool]) -> Result<(), DbError> {
     let mut packs: BTreeMap<(&str, &str), Pack> = BTreeMap::new();
     for ((d, received, _, metrics), _) in counted.iter().zip(inserted).filter(|(_, new)| **new) {
         let t = d.ts_ms.unwrap_or(*received);
@@ -1375,8 +1362,9 @@ fn is_short_insert(e: &DbError) -> bool {
 }
 
 /// Rows of a multi-row statement of the commit (stock movements and journal lines per
-/// device and kind, cursors, work centers, raw registers, order costs): 2,000 rows of at most
-/// 8 values stay under SQLite's 32,766 values per statement, whatever `ingest.batch_max`.
+/// device and kind, cursors, work centers, raw registers, order costs, packs): each
+/// statement's rows travel as one JSON parameter ([`row_binds`]), kept to 2,000 rows
+/// whatever `ingest.batch_max`.
 const ROWS_PER_STATEMENT: usize = 2_000;
 
 /// Where a commit's statements go: its connection, and the statements that need no answer
@@ -1526,8 +1514,14 @@ async fn fenced_jobs(conn: &mut sqlx::AnyConnection, node: &str, batch: &[Job]) 
 /// boot stopped (a late reading of that boot leaves the cursor and moves only this). The
 /// upsert of `device_cursors` compares the same four numbers (an absent previous boot as -1,
 /// below any: `None` sorts first here).
-fn stored_cursor_key(d: &Delta) -> (u64, u64, Option<(u64, u64)>) {
-    (d.cursor.boot, d.cursor.seq, d.prev_boot.map(|p| (p.boot, p.seq)))
+fn stored_cursor_key(d: &Delta) -> CursorKey {
+    cursor_key(&d.cursor, d.prev_boot.as_ref())
+}
+
+/// The order key of a cursor and where its device's previous boot stopped, as
+/// [`stored_cursor_key`] orders them.
+fn cursor_key(cursor: &Cursor, prev_boot: Option<&Cursor>) -> CursorKey {
+    (cursor.boot, cursor.seq, prev_boot.map(|p| (p.boot, p.seq)))
 }
 
 #[cfg(test)]
