@@ -14,7 +14,6 @@ use crate::http::{ApiError, Auth};
 use crate::ingest::{mqtt, Pipeline, Router};
 use crate::metrics::Metrics;
 use crate::plant::Plant;
-use actix::Actor;
 use actix_web::{web, HttpServer};
 use anyhow::Context;
 use mes_actors::actor::WorkCenterActor;
@@ -137,8 +136,7 @@ where
                 Some(_) => store.last_ts_of(&w.device_id).await?,
                 None => None,
             };
-            let addr = WorkCenterActor::new(work_center_state(&plant, &w, cursor, last_ts)).start();
-            router.insert(&w.id, &w.device_id, addr);
+            router.insert(&w.id, &w.device_id, WorkCenterActor::new(work_center_state(&plant, &w, cursor, last_ts)));
         }
     }
 

@@ -27,7 +27,6 @@ use crate::ingest::modbus::{StatusBoard, WriteTarget, Writers};
 use crate::ingest::{mqtt, Pipeline, Router};
 use crate::metrics::Metrics;
 use crate::plant::{Device, Plant};
-use actix::Actor;
 use mes_actors::actor::{SetOrder, WorkCenterActor};
 use std::collections::BTreeMap;
 use std::sync::atomic::Ordering::Relaxed;
@@ -273,8 +272,7 @@ impl Node {
         };
         let state = crate::app::work_center_state(&self.plant, &row, cursor, last_ts);
         let current_order = state.current_order.clone();
-        let addr = WorkCenterActor::new(state).start();
-        self.router.insert_fenced(wc, &row.device_id, addr, token);
+        self.router.insert_fenced(wc, &row.device_id, WorkCenterActor::new(state), token);
         let pipeline = self.pipeline.lock().ok().and_then(|p| p.clone()).ok_or("the node is leaving")?;
         let (stop, stop_rx) = watch::channel(false);
         let started = match self.plant.work_center(wc).map(|w| &w.device) {

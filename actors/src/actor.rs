@@ -8,18 +8,94 @@ use crate::order::{OrderProgress, OrderStatus, ProgressEvent};
 use crate::reading::Reading;
 use crate::work_center::{Held, Outcome, WorkCenterState};
 use actix::prelude::*;
+use std::sync::{Arc, Mutex, MutexGuard};
 
 /// Default bound of every actor mailbox.
 pub const MAILBOX_CAPACITY: usize = 1024;
 
-/// One actor per work center: owns its device cursor and current order.
+/// A work center's state, shared by its actor and the ingest path: readings are applied
+/// where they are received, under the lock, instead of crossing to the actor's thread and
+/// back (measured in docs/BENCHMARKS.md, session 14); the actor answers queries and planner
+/// commands on the same state. The lock is held only for one pure state transition.
+#[derive(Clone)]
+pub struct WorkCenterCell(Arc<Mutex<WorkCenterState>>);
+
+impl WorkCenterCell {
+    pub fn new(state: WorkCenterState) -> Self {
+        Self(Arc::new(Mutex::new(state)))
+    }
+
+    /// The state, locked. A panic while it was held (a defect in `then`, since `apply`'s
+    /// are caught) leaves a state that was consistent before it: it is used as it is.
+    fn lock(&self) -> MutexGuard<'_, WorkCenterState> {
+        self.0.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Applies a reading and hands the outcome to `then` while the state is still locked,
+    /// so that a work center's outcomes leave in the order they were applied, whichever
+    /// task applies them.
+    ///
+    /// A reading whose application panics (a defect, never expected) does not take the
+    /// work center down: its state goes back to what it was before that reading (which is
+    /// what is committed plus what is queued for commit, so the writer's queue stays
+    /// consistent with it), and the reading is held for review like an implausible one,
+    /// nothing booked. Rebuilding from the database instead would be wrong while the
+    /// writer still holds this work center's applied readings: the next delta would count
+    /// them again.
+    pub fn apply_then<R>(&self, reading: &Reading, then: impl FnOnce(Outcome) -> R) -> R {
+        let mut state = self.lock();
+        let before = state.clone();
+        let outcome = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| state.apply(reading))) {
+            Ok(o) => o,
+            Err(panic) => {
+                *state = before;
+                PANICS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let what = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "unknown panic".into());
+                Outcome::Held(Held {
+                    device: reading.device.clone(),
+                    reason: format!(
+                        "internal error applying this reading to {} ({what}); the work center went back to its state before it; held for review, nothing booked",
+                        state.id
+                    ),
+                    payload: format!(
+                        r#"{{"boot":{},"seq":{},"good":{},"scrap":{}}}"#,
+                        reading.boot, reading.seq, reading.good, reading.scrap
+                    ),
+                })
+            }
+        };
+        then(outcome)
+    }
+
+    /// A copy of the current state.
+    pub fn snapshot(&self) -> WorkCenterState {
+        self.lock().clone()
+    }
+
+    /// Sets (or clears) the order the work center is working on.
+    pub fn set_order(&self, order: Option<String>) {
+        self.lock().set_order(order);
+    }
+}
+
+/// One actor per work center: owns its device cursor and current order (through its
+/// [`WorkCenterCell`], which the ingest path applies readings to directly).
 pub struct WorkCenterActor {
-    state: WorkCenterState,
+    cell: WorkCenterCell,
 }
 
 impl WorkCenterActor {
     pub fn new(state: WorkCenterState) -> Self {
-        Self { state }
+        Self { cell: WorkCenterCell::new(state) }
+    }
+
+    /// The state this actor shares with the ingest path.
+    pub fn cell(&self) -> WorkCenterCell {
+        self.cell.clone()
     }
 }
 
@@ -44,40 +120,10 @@ pub static PANICS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::
 impl Handler<ApplyThen> for WorkCenterActor {
     type Result = ();
 
-    /// A reading whose application panics (a defect, never expected) does not take the
-    /// work center down: its state goes back to what it was before that reading (which is
-    /// what is committed plus what is queued for commit, so the writer's queue stays
-    /// consistent with it), and the reading is held for review like an implausible one,
-    /// nothing booked. Rebuilding from the database instead would be wrong while the
-    /// writer still holds this work center's applied readings: the next delta would
-    /// count them again.
+    /// See [`WorkCenterCell::apply_then`].
     fn handle(&mut self, msg: ApplyThen, _ctx: &mut Self::Context) {
-        let before = self.state.clone();
-        let reading = &msg.0;
-        let outcome = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.state.apply(reading))) {
-            Ok(o) => o,
-            Err(panic) => {
-                self.state = before;
-                PANICS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                let what = panic
-                    .downcast_ref::<&str>()
-                    .map(|s| s.to_string())
-                    .or_else(|| panic.downcast_ref::<String>().cloned())
-                    .unwrap_or_else(|| "unknown panic".into());
-                Outcome::Held(Held {
-                    device: reading.device.clone(),
-                    reason: format!(
-                        "internal error applying this reading to {} ({what}); the work center went back to its state before it; held for review, nothing booked",
-                        self.state.id
-                    ),
-                    payload: format!(
-                        r#"{{"boot":{},"seq":{},"good":{},"scrap":{}}}"#,
-                        reading.boot, reading.seq, reading.good, reading.scrap
-                    ),
-                })
-            }
-        };
-        (msg.1)(outcome);
+        let ApplyThen(reading, then) = msg;
+        self.cell.apply_then(&reading, then);
     }
 }
 
@@ -90,7 +136,7 @@ impl Handler<GetState> for WorkCenterActor {
     type Result = MessageResult<GetState>;
 
     fn handle(&mut self, _msg: GetState, _ctx: &mut Self::Context) -> Self::Result {
-        MessageResult(self.state.clone())
+        MessageResult(self.cell.snapshot())
     }
 }
 
@@ -103,7 +149,7 @@ impl Handler<SetOrder> for WorkCenterActor {
     type Result = ();
 
     fn handle(&mut self, msg: SetOrder, _ctx: &mut Self::Context) {
-        self.state.set_order(msg.0);
+        self.cell.set_order(msg.0);
     }
 }
 
@@ -284,5 +330,40 @@ mod tests {
         let s = addr.send(GetState).await.expect("actor alive");
         assert_eq!(s.good_total, 9);
         assert_eq!(s.cursor.map(|c| c.seq), Some(3));
+    }
+
+    /// Readings applied directly to the cell and through the actor change one state: the
+    /// actor's answers and orders see what the ingest path applied, and the other way round.
+    #[actix::test]
+    async fn cell_and_actor_share_one_state() {
+        let actor = WorkCenterActor::new(WorkCenterState::new("PRESS-1", "press-01"));
+        let cell = actor.cell();
+        let addr = actor.start();
+        let reading = |seq, good, order: Option<&str>| Reading {
+            device: "press-01".into(),
+            boot: 1,
+            seq,
+            ts_ms: None,
+            good,
+            scrap: 1,
+            state: Some(MachineState::Running),
+            reason: None,
+            order: order.map(String::from),
+            metrics: BTreeMap::new(),
+        };
+        let first = cell.apply_then(&reading(1, 4, None), |o| o);
+        assert!(matches!(&first, Outcome::Counted(d) if (d.good, d.scrap) == (4, 1)), "{first:?}");
+        addr.send(ApplyThen(reading(2, 10, None), Box::new(|_| {}))).await.expect("actor alive");
+        // Seen by the cell: a replay of seq 2 is a duplicate, seq 3 counts from 10.
+        assert!(matches!(cell.apply_then(&reading(2, 10, None), |o| o), Outcome::Duplicate));
+        addr.send(SetOrder(Some("PO-7".into()))).await.expect("actor alive");
+        let third = cell.apply_then(&reading(3, 15, None), |o| o);
+        assert!(
+            matches!(&third, Outcome::Counted(d) if d.good == 5 && d.order.as_deref() == Some("PO-7")),
+            "{third:?}"
+        );
+        let s = addr.send(GetState).await.expect("actor alive");
+        assert_eq!((s.good_total, s.cursor.map(|c| c.seq), s.current_order.as_deref()), (15, Some(3), Some("PO-7")));
+        assert_eq!(cell.snapshot().good_total, 15);
     }
 }

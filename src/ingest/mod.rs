@@ -12,9 +12,8 @@ pub mod sparkplug;
 
 use crate::db::writer::{Completion, Job, Work};
 use crate::metrics::Metrics;
-use actix::prelude::SendError;
 use actix::Addr;
-use mes_actors::actor::{ApplyThen, WorkCenterActor};
+use mes_actors::actor::{WorkCenterActor, WorkCenterCell};
 use mes_actors::counter::RawCounters;
 use mes_actors::{Outcome, Reading};
 use std::collections::HashMap;
@@ -38,23 +37,27 @@ struct Routes {
     by_wc: HashMap<String, Route>,
 }
 
-/// A work center's actor and the lease token its state was built under (0 on a single
-/// node). Every job the actor produces carries the token, and the writer commits it only
-/// while the node still holds that lease (fencing, `crate::cluster`).
+/// A work center's actor, the state it shares with the ingest path, and the lease token
+/// that state was built under (0 on a single node). Every job applied through the route
+/// carries the token, and the writer commits it only while the node still holds that
+/// lease (fencing, `crate::cluster`).
 #[derive(Clone)]
 pub struct Route {
     pub work_center: String,
     pub addr: Addr<WorkCenterActor>,
+    pub cell: WorkCenterCell,
     pub token: i64,
 }
 
 impl Router {
-    pub fn insert(&self, wc: &str, device: &str, addr: Addr<WorkCenterActor>) {
-        self.insert_fenced(wc, device, addr, 0);
+    /// Starts the work center's actor and routes its device to it.
+    pub fn insert(&self, wc: &str, device: &str, actor: WorkCenterActor) {
+        self.insert_fenced(wc, device, actor, 0);
     }
 
-    pub fn insert_fenced(&self, wc: &str, device: &str, addr: Addr<WorkCenterActor>, token: i64) {
-        let route = Route { work_center: wc.to_string(), addr, token };
+    pub fn insert_fenced(&self, wc: &str, device: &str, actor: WorkCenterActor, token: i64) {
+        let cell = actor.cell();
+        let route = Route { work_center: wc.to_string(), addr: actix::Actor::start(actor), cell, token };
         if let Ok(mut r) = self.inner.write() {
             r.by_device.insert(device.to_string(), route.clone());
             r.by_wc.insert(wc.to_string(), route);
@@ -71,6 +74,11 @@ impl Router {
 
     pub fn route(&self, device: &str) -> Option<Route> {
         self.inner.read().ok().and_then(|r| r.by_device.get(device).cloned())
+    }
+
+    /// Whether the device has a work center (no clone of its route).
+    pub fn knows(&self, device: &str) -> bool {
+        self.inner.read().is_ok_and(|r| r.by_device.contains_key(device))
     }
 
     pub fn device(&self, device: &str) -> Option<Addr<WorkCenterActor>> {
@@ -179,20 +187,20 @@ impl Pipeline {
         Some(InFlight { _permit: permit, metrics: self.metrics.clone() })
     }
 
-    /// Applies a reading through its work center, in the order readings are offered, and
-    /// queues the outcome for commit; `done` fires after the commit. Waits only while the
-    /// actor's mailbox is full (back-pressure on the source). Returns the completion back
-    /// when the reading could not be applied (unknown device, actor gone): the caller
-    /// decides what that means for its source.
+    /// Applies a reading to its work center's state, in the order readings are offered, and
+    /// queues the outcome for commit; `done` fires after the commit. Never waits: the
+    /// source waited for its place in flight ([`Pipeline::admit`]), which bounds the jobs
+    /// queued for the writer. Returns the completion back when the reading could not be
+    /// applied (unknown device): the caller decides what that means for its source.
     pub async fn submit_reading(
         &self,
-        reading: Reading,
+        mut reading: Reading,
         received_ms: i64,
         done: Completion,
         slot: InFlight,
         raw: Option<(String, RawCounters)>,
     ) -> Option<Completion> {
-        let Some(Route { addr, work_center, token }) = self.router.route(&reading.device) else {
+        let Some(Route { cell, work_center, token, .. }) = self.router.route(&reading.device) else {
             return Some(done);
         };
         // Work center and order on every event of this reading's way in (the device, boot
@@ -202,8 +210,10 @@ impl Pipeline {
             work_center = %work_center,
             order = reading.order.as_deref().unwrap_or("")
         );
-
+        let _entered = span.enter();
         let lease = Some((work_center, token));
+        // Stored with the telemetry row and exported after its commit (`src/influx`).
+        let device_metrics = std::mem::take(&mut reading.metrics);
         if let Some(ts) = reading.ts_ms {
             // A device clock far from ours: flagged (its counts are still exact; its times
             // drive running time and OEE, so an engineer should look).
@@ -211,72 +221,42 @@ impl Pipeline {
                 self.metrics.clock_skew.fetch_add(1, Relaxed);
             }
         }
-        // The outcome goes to the writer from inside the actor, in the order the actor
-        // applied the readings. A device's jobs must reach the writer in that order: a
-        // commit that moved the device's cursor past a reading whose delta is still
-        // waiting would make that reading look stale after a crash, and its units lost.
-        let handoff = self.handoff.clone();
-        let metrics = self.metrics.clone();
-        // Stored with the telemetry row and exported after its commit (`src/influx`).
-        let device_metrics = reading.metrics.clone();
-        // Shared so that the completion can be taken back if the actor is gone.
-        let done = Arc::new(std::sync::Mutex::new(Some(done)));
-        let taken = done.clone();
-        let mut msg = ApplyThen(
-            reading,
-            Box::new(move |o| {
-                metrics.mailbox_depth.fetch_sub(1, Relaxed);
-                let work = match o {
-                    Outcome::Duplicate => {
-                        metrics.telemetry_duplicates.fetch_add(1, Relaxed);
-                        Work::Duplicate
-                    }
-                    Outcome::Counted(d) => {
-                        metrics.telemetry_counted.fetch_add(1, Relaxed);
-                        Work::Counted(d)
-                    }
-                    Outcome::Held(h) => {
-                        metrics.readings_held.fetch_add(1, Relaxed);
-                        tracing::warn!(device = %h.device, reason = %h.reason, "reading held for review");
-                        Work::DeadLetter {
-                            topic: format!("held/{}", h.device),
-                            reason: h.reason,
-                            payload: h.payload,
-                            redelivered: false,
-                        }
-                    }
-                };
-                let done = taken.lock().ok().and_then(|mut d| d.take()).unwrap_or(Completion::None);
-                let job = Job { work, received_ms, done, slot: Some(slot), raw, metrics: device_metrics, lease };
-                handoff.send(job);
-            }),
-        );
-        let submit = async {
-            loop {
-                match addr.try_send(msg) {
-                    Ok(()) => {
-                        self.metrics.mailbox_depth.fetch_add(1, Relaxed);
-                        return None;
-                    }
-                    Err(SendError::Full(m)) => {
-                        self.metrics.mailbox_full.fetch_add(1, Relaxed);
-                        msg = m;
-                        tokio::time::sleep(std::time::Duration::from_millis(1)).await;
-                    }
-                    Err(SendError::Closed(m)) => {
-                        tracing::error!(device = %m.0.device, "work center actor gone; input left unacknowledged");
-                        drop(m);
-                        return done.lock().ok().and_then(|mut d| d.take());
+        // Applied here, under the work center's lock, and the outcome queued for the writer
+        // before the lock is let go: a device's jobs must reach the writer in the order they
+        // were applied (a commit that moved the device's cursor past a reading whose delta
+        // is still waiting would make that reading look stale after a crash, and its units
+        // lost), whichever session applies them.
+        let metrics = &self.metrics;
+        cell.apply_then(&reading, |o| {
+            let work = match o {
+                Outcome::Duplicate => {
+                    metrics.telemetry_duplicates.fetch_add(1, Relaxed);
+                    Work::Duplicate
+                }
+                Outcome::Counted(d) => {
+                    metrics.telemetry_counted.fetch_add(1, Relaxed);
+                    Work::Counted(d)
+                }
+                Outcome::Held(h) => {
+                    metrics.readings_held.fetch_add(1, Relaxed);
+                    tracing::warn!(device = %h.device, reason = %h.reason, "reading held for review");
+                    Work::DeadLetter {
+                        topic: format!("held/{}", h.device),
+                        reason: h.reason,
+                        payload: h.payload,
+                        redelivered: false,
                     }
                 }
-            }
-        };
-        tracing::Instrument::instrument(submit, span).await
+            };
+            let job = Job { work, received_ms, done, slot: Some(slot), raw, metrics: device_metrics, lease };
+            self.handoff.send(job);
+        });
+        None
     }
 
     /// Whether a device is known (its readings have a work center).
     pub fn knows(&self, device: &str) -> bool {
-        self.router.device(device).is_some()
+        self.router.knows(device)
     }
 
     /// Queues an invalid input to be kept as a dead letter; `redelivered` inputs already
