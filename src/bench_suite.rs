@@ -33,6 +33,8 @@ pub struct Options {
     pub peer_messages: u64,
     /// ingest: also measure the contract floors (`--no-floors` skips them).
     pub floors: bool,
+    /// ingest: every work center runs a released order ([`release_orders`]).
+    pub orders: bool,
 }
 
 /// Where PostgreSQL is looked for when a scenario measures it (`MES_BENCH_POSTGRES`).
@@ -189,8 +191,12 @@ impl WriterFigures {
 async fn ingest_one(url: String, o: &Options) -> anyhow::Result<IngestFigures> {
     let label = db_label(&url);
     let (cfg, broker, devices, prefix) = in_process(url.clone(), "mes-bench-ingest")?;
-    let (n, secs, with_floors) = (o.messages, o.seconds.max(1) as f64, o.floors);
+    let (n, secs, with_floors, with_orders) = (o.messages, o.seconds.max(1) as f64, o.floors, o.orders);
     crate::app::run_with(cfg, move |handle: Handle| async move {
+        if with_orders {
+            let released = release_orders(&handle).await?;
+            eprintln!("[ingest {label}] {released} production orders released, one per work center");
+        }
         // The observer's own connections, not the MES's pool.
         let obs = crate::db::Store::connect(&url, 2).await?;
         eprintln!("[ingest {label}] raw broker: {n} messages to a no-op subscriber ...");
@@ -231,6 +237,31 @@ async fn ingest_one(url: String, o: &Options) -> anyhow::Result<IngestFigures> {
         Ok(IngestFigures { database: label, raw_per_s: raw, floor, floors, flood, half: h.remove(0), writer, writer_half })
     })
     .await
+}
+
+/// Gives every work center of the bench line a released production order (quantity large
+/// enough never to complete), made its current order, so that each reading of the flood is
+/// counted, costed and settled against an order as on a line in production: through the
+/// planner API, as a planner would. Returns how many.
+async fn release_orders(handle: &Handle) -> anyhow::Result<usize> {
+    let plant = crate::plant::Plant::parse(crate::plant::MQTT_LINE, "line-mqtt", None)?;
+    let client = reqwest::Client::builder().timeout(Duration::from_secs(10)).build()?;
+    let base = format!("http://{}/api/v1/orders", handle.http_addr);
+    for (i, w) in plant.work_centers.iter().enumerate() {
+        let sku = plant
+            .buffers
+            .iter()
+            .find(|b| b.id == w.output)
+            .map(|b| b.sku.clone())
+            .with_context(|| format!("work center {}: no output buffer", w.id))?;
+        let id = format!("BENCH-{i}");
+        let order = json!({"id": id, "sku": sku, "quantity": 1_000_000_000, "work_center": w.id});
+        let r = client.post(&base).json(&order).send().await?;
+        anyhow::ensure!(r.status().is_success(), "creating order {id}: HTTP {}", r.status());
+        let r = client.post(format!("{base}/{id}/release")).send().await?;
+        anyhow::ensure!(r.status().is_success(), "releasing order {id}: HTTP {}", r.status());
+    }
+    Ok(plant.work_centers.len())
 }
 
 /// The floors' best rates (msg/s) over two rounds, each round every [`Keep`] in turn.

@@ -75,6 +75,11 @@ enum Cmd {
         /// for profiling a change).
         #[arg(long)]
         no_floors: bool,
+        /// ingest: every work center runs a released production order during the
+        /// measurement, so each reading is counted and costed against it (default: no
+        /// orders, as in the published runs before session 14).
+        #[arg(long)]
+        orders: bool,
         /// Messages per measurement.
         #[arg(long, default_value_t = 100_000)]
         messages: u64,
@@ -295,14 +300,22 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
             stations,
             peer_messages,
             no_floors,
+            orders,
             ..
         } => {
             // Progress lines on stderr stay readable: the in-process MES logs warnings only.
             let mut quiet = Config::load(None)?;
             quiet.log.filter = "warn".into();
             init_logging(Some(&quiet), cli.log_json);
-            let o =
-                mes::bench_suite::Options { messages, database, seconds, stations, peer_messages, floors: !no_floors };
+            let o = mes::bench_suite::Options {
+                messages,
+                database,
+                seconds,
+                stations,
+                peer_messages,
+                floors: !no_floors,
+                orders,
+            };
             runtime()?.block_on(mes::bench_suite::run(&scenario, o))?;
             Ok(ExitCode::SUCCESS)
         }

@@ -112,7 +112,12 @@ pub struct Writer {
     last_counted: std::collections::HashMap<String, (i64, u64, u64)>,
     /// Committed rows go on to the time-series exporter (never waits).
     tap: Option<crate::influx::Tap>,
+    /// The orders as this writer's commits left them (see [`guard_orders`]).
+    known_orders: OrderRows,
 }
+
+/// Orders remembered between commits; past this many the memory starts afresh.
+const KNOWN_ORDERS_MAX: usize = 4_096;
 
 impl Writer {
     /// An ERP progress document each time an order's good output passes `units` more.
@@ -161,6 +166,7 @@ impl Writer {
             progress_every: 0,
             last_counted: Default::default(),
             tap: None,
+            known_orders: OrderRows::new(),
         }
     }
 
@@ -223,6 +229,7 @@ impl Writer {
                 jobs: batch,
                 fence: self.fence.as_deref(),
                 careful,
+                known_orders: &self.known_orders,
             };
             let result = match connection(&mut self.conn, &self.store).await {
                 Ok(conn) => commit(conn, self.store.backend, what).await,
@@ -237,12 +244,18 @@ impl Writer {
             match result {
                 Ok(None) => {
                     // Some reading of the batch was committed already (a redelivery the
-                    // actors could not tell): rolled back; once more, leaving it out.
+                    // actors could not tell), or an order changed since this writer last
+                    // saw it: rolled back; once more, leaving the reading out and reading
+                    // the orders.
                     debug_assert!(!careful, "a careful commit always completes");
                     self.metrics.commits_redone.fetch_add(1, Relaxed);
                     careful = true;
                 }
-                Ok(Some(summary)) => {
+                Ok(Some(mut summary)) => {
+                    if self.known_orders.len() + summary.order_rows.len() > KNOWN_ORDERS_MAX {
+                        self.known_orders.clear();
+                    }
+                    self.known_orders.extend(std::mem::take(&mut summary.order_rows));
                     self.metrics.commit_latency.observe(started.elapsed().as_secs_f64());
                     self.metrics.commits.fetch_add(1, Relaxed);
                     let now = crate::now_ms();
@@ -387,6 +400,8 @@ struct Summary {
     events: Vec<serde_json::Value>,
     /// Positions in the batch of the counted jobs whose readings were new (stored, counted).
     inserted: Vec<usize>,
+    /// The batch's orders as the commit left them, for the next commits ([`guard_orders`]).
+    order_rows: Vec<(String, OrderRead)>,
 }
 
 /// Where a batch-aggregated row came from: the device and its first and last reading.
@@ -499,8 +514,14 @@ impl<'a> Books<'a> {
     }
 
     /// Queues the writes on `link`'s tail; `orders` holds what pricing needs (each order's
-    /// cumulative running time, read at the start of the commit).
-    async fn write(&mut self, link: &mut Link<'_>, now: i64, orders: &OrderRows) -> Result<(), DbError> {
+    /// cumulative running time before the commit). Returns each order's cumulative running
+    /// time after it, where the batch added some.
+    async fn write(
+        &mut self,
+        link: &mut Link<'_>,
+        now: i64,
+        orders: &OrderRows,
+    ) -> Result<BTreeMap<String, i64>, DbError> {
         self.settle();
         // Conversion for running time, from each order's cumulative running time.
         let running = std::mem::take(&mut self.running);
@@ -592,7 +613,7 @@ impl<'a> Books<'a> {
             }
             link.pending.push_rows(sql, binds, 4, false);
         }
-        Ok(())
+        Ok(order_ms)
     }
 }
 
@@ -610,8 +631,10 @@ enum V {
 /// one round trip instead of one per statement, which under a flood (both cores busy, each
 /// trip a wait to be scheduled) is most of a statement's cost. On SQLite the statements run
 /// as one multi-statement query; PostgreSQL takes no parameters in those, so there they are
-/// data-modifying CTEs of one statement. They touch distinct tables and read nothing the
-/// others write, so both forms mean the same as running them one by one.
+/// data-modifying CTEs of one statement. They write distinct tables; the checks that read
+/// what a later part writes (cursors, orders) come first, and PostgreSQL's parts all see
+/// the snapshot of the statement's start, so both forms mean the same as running them one
+/// by one.
 struct Tail {
     backend: Backend,
     /// (SQL, values, whether its rows are the tail's answer)
@@ -815,7 +838,7 @@ impl serde::Serialize for V {
 }
 
 /// An order as the commit found it.
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, Debug, PartialEq)]
 struct OrderRow {
     status: OrderStatus,
     quantity: i64,
@@ -825,6 +848,7 @@ struct OrderRow {
 
 /// What the commit reads of one order named by its readings: its row (`None`: no such
 /// order) and its cumulative running time so far (`order_costs`, 0 if none).
+#[derive(Clone, Copy, Debug, PartialEq)]
 struct OrderRead {
     order: Option<OrderRow>,
     running_ms: i64,
@@ -866,6 +890,46 @@ async fn read_orders<'o>(link: &mut Link<'_>, ids: impl Iterator<Item = &'o str>
     Ok(out)
 }
 
+/// Checks in SQL, travelling with the rest of the commit, that the orders are as `rows`
+/// say (as this writer's earlier commits left them): status, quantity, counts, running
+/// time, or absent. A planner's change (or another node's commit) since makes the check
+/// fail the query like a reading stored already ([`guard_cursors`]): the commit is rolled
+/// back and redone carefully, reading the orders.
+fn guard_orders(link: &mut Link<'_>, rows: &OrderRows) -> Result<(), DbError> {
+    let refuse = match link.backend {
+        Backend::Sqlite => "0",
+        Backend::Postgres => "false",
+    };
+    let rows: Vec<(&String, &OrderRead)> = rows.iter().collect();
+    for rows in rows.chunks(ROWS_PER_STATEMENT) {
+        let sql = format!(
+            "INSERT INTO commit_checks (ok) SELECT {refuse} FROM ({}) AS v
+               LEFT JOIN orders o ON o.id = v.column1
+               LEFT JOIN order_costs c ON c.order_id = v.column1
+             WHERE CASE WHEN v.column2 IS NULL THEN o.id IS NOT NULL
+                        ELSE o.id IS NULL OR o.status <> v.column2 OR o.quantity <> v.column3
+                          OR o.good <> v.column4 OR o.scrap <> v.column5 END
+                OR COALESCE(c.running_ms, 0) <> v.column6
+             LIMIT 1",
+            link.rows(6)
+        );
+        let mut binds = Vec::with_capacity(rows.len() * 6);
+        for (id, read) in rows {
+            let row = read.order.as_ref();
+            binds.extend([
+                V::Text(id.to_string()),
+                V::OptText(row.map(|r| r.status.as_str().to_string())),
+                V::OptInt(row.map(|r| r.quantity)),
+                V::OptInt(row.map(|r| r.good)),
+                V::OptInt(row.map(|r| r.scrap)),
+                V::Int(read.running_ms),
+            ]);
+        }
+        link.pending.push_rows(sql, binds, 6, false);
+    }
+    Ok(())
+}
+
 fn to_i64(v: u64, what: &str) -> Result<i64, DbError> {
     i64::try_from(v).map_err(|_| DbError::Other(format!("{what} {v} exceeds the storable range")))
 }
@@ -874,10 +938,11 @@ fn to_i64(v: u64, what: &str) -> Result<i64, DbError> {
 ///
 /// Unless `careful` (or fenced), the commit opens and closes its transaction itself, so that
 /// its statements travel in as few trips to the database as the steps allow (see [`Link`]):
-/// with no step that must read an answer first (orders, order costs, state changes, dead
-/// letters), the whole batch, telemetry packs and the check that they are new included, is one
-/// trip. Under a flood each trip is a wait to be scheduled on a busy core, so trips, not
-/// statements, set the pace.
+/// with no step that must read an answer first (orders this writer has not seen yet, ERP
+/// documents, dead letters), the whole batch, telemetry packs and the checks that they are
+/// new and that the orders are as this writer left them included, is one trip. Under a
+/// flood each trip is a wait to be scheduled on a busy core, so trips, not statements, set
+/// the pace.
 async fn commit(conn: &mut sqlx::AnyConnection, backend: Backend, what: Batch<'_>) -> Result<Option<Summary>, DbError> {
     if !what.careful && what.fence.is_none() {
         let mut link = Link::new(conn, backend);
@@ -924,13 +989,15 @@ struct Batch<'a> {
     fence: Option<&'a str>,
     /// Redo: the committed cursors are read, to leave out readings they cover.
     careful: bool,
+    /// The orders as the writer's earlier commits left them.
+    known_orders: &'a OrderRows,
 }
 
 /// The steps of one commit, in order, on `link` (which [`commit`] chose and which decides
 /// when they travel). In the commit's own transaction a reading committed already fails
 /// the query (see [`guard_cursors`]); otherwise such readings are found and left out.
 async fn steps(link: &mut Link<'_>, what: Batch<'_>) -> Result<Summary, DbError> {
-    let Batch { ledger, progress_every, jobs: batch, fence, careful } = what;
+    let Batch { ledger, progress_every, jobs: batch, fence, careful, known_orders } = what;
     let mut summary = Summary::default();
     // 0. Fencing (cluster mode): the jobs of a work center commit only while this node
     // holds its lease under the token their state was built with. The lease rows stay
@@ -996,10 +1063,36 @@ async fn steps(link: &mut Link<'_>, what: Batch<'_>) -> Result<Summary, DbError>
     let now = crate::now_ms();
     // What the batch's orders hold so far (counts, status, running time): one read for all
     // of them, travelling with the telemetry packs.
-    let order_rows = read_orders(link, orders.keys().copied()).await?;
+    // In the commit's own transaction, orders this writer's commits have seen are taken as
+    // they left them, checked in SQL with the rest of the commit (no trip of their own).
+    let remembered = link.own_tx && !careful && orders.keys().all(|o| known_orders.contains_key(*o));
+    let order_rows = match remembered {
+        true => {
+            let rows: OrderRows =
+                orders.keys().filter_map(|o| known_orders.get_key_value(*o)).map(|(k, v)| (k.clone(), *v)).collect();
+            guard_orders(link, &rows)?;
+            rows
+        }
+        false => read_orders(link, orders.keys().copied()).await?,
+    };
     // The commit's writes that need no answer but the new balances wait on the link (see
     // [`Link`]): stock, books and costs, cursors, work centers, raw registers, orders.
-    books.write(link, now, &order_rows).await?;
+    let order_ms = books.write(link, now, &order_rows).await?;
+    // What the orders will hold once this commit is in (the status as this writer moves it:
+    // a planner's change committed meanwhile wins in the database, and the next commit's
+    // check then finds the difference and reads the orders again).
+    for (order, read) in &order_rows {
+        let running_ms = order_ms.get(order).copied().unwrap_or(read.running_ms);
+        let row = read.order.map(|row| {
+            let (good, scrap) = orders.get(order.as_str()).copied().unwrap_or_default();
+            let status = match good > 0 || scrap > 0 {
+                true => row.status.after_output((row.good + good).max(0) as u64, row.quantity.max(0) as u64),
+                false => row.status,
+            };
+            OrderRow { status, good: row.good + good, scrap: row.scrap + scrap, ..row }
+        });
+        summary.order_rows.push((order.clone(), OrderRead { order: row, running_ms }));
+    }
 
     // 3. Device cursors, with where the previous boot stopped, move only forward (in the
     // order of `stored_cursor_key`; one statement per 2,000 devices).

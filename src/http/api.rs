@@ -728,7 +728,7 @@ fn parse_new_order(v: &Value) -> Result<NewOrder, ApiError> {
         Some(Value::Number(n)) => n.as_i64().filter(|q| *q > 0 && *q <= 1_000_000_000),
         _ => None,
     }
-    .ok_or_else(|| ApiError::unprocessable("invalid_field", "`quantity` must be a positive integer"))?;
+    .ok_or_else(|| ApiError::unprocessable("invalid_field", "`quantity` must be an integer from 1 to 1000000000"))?;
     let priority = match obj.get("priority") {
         None | Some(Value::Null) => 0,
         Some(Value::Number(n)) => {

@@ -172,8 +172,10 @@ async fn three_nodes_share_the_plant_survive_a_kill_and_a_pause_and_match_the_tr
     // SIGKILL n2 mid-surge: n1 and n3 take its work centers over once its leases expire.
     let killed = Instant::now();
     n2.kill9();
-    let (failover, after_kill) = wait_for(&n1, Duration::from_millis(LEASE_MS) * 4, "takeover after kill", |o| {
-        !o.contains_key("n2") && o.values().sum::<usize>() == WORK_CENTERS
+    // Both survivors end up with a share: under load one may see the other's heartbeat
+    // late, take everything, and hand back its excess a round later.
+    let (failover, after_kill) = wait_for(&n1, Duration::from_millis(LEASE_MS) * 6, "takeover after kill", |o| {
+        !o.contains_key("n2") && o.values().sum::<usize>() == WORK_CENTERS && o.len() == 2
     })
     .await;
     eprintln!("kill → every work center owned again: {failover:?} (lease {LEASE_MS} ms); {after_kill:?}");

@@ -608,6 +608,96 @@ async fn a_batch_with_an_already_stored_reading_is_redone_and_counts_once() {
     }
 }
 
+/// The writer takes the orders its own commits left as they are, checked in SQL with the
+/// commit: an order a planner changed since (here its quantity) fails the check, the batch
+/// is redone reading the orders, and the change counts (the order completes at its new
+/// quantity); the next commit takes the order as that one left it, without a redo.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_order_changed_between_commits_is_read_again() {
+    let dir = crate::harness::temp_dir();
+    for url in sqlite_and_postgres(&dir, "orders").await {
+        order_changed_on(&url, &dir).await;
+    }
+}
+
+async fn order_changed_on(url: &str, dir: &std::path::Path) {
+    use mes::db::writer::{Completion, Job, Work, Writer};
+    use sqlx::Row;
+    use std::sync::atomic::Ordering::Relaxed;
+    let plant_path = dir.join("orders-plant.toml");
+    std::fs::write(&plant_path, plant()).expect("plant");
+    let plant = mes::plant::Plant::load(Some(&plant_path)).expect("plant loads");
+    let store = mes::db::Store::connect(url, 4).await.expect("connect");
+    store.migrate().await.expect("migrate");
+    store.upsert_plant(&plant).await.expect("master data");
+    sqlx::query(
+        "INSERT INTO orders (id, sku, quantity, work_center, status, priority, created_ms, updated_ms)
+         VALUES ('PO-1', 'WIDGET', 100, 'PRESS-1', 'released', 0, 0, 0)",
+    )
+    .execute(&store.pool)
+    .await
+    .expect("order");
+    let ledger = Arc::new(mes::settlement::Ledger::from_plant(&plant));
+    let (tx, rx) = tokio::sync::mpsc::channel(16);
+    let metrics = Arc::new(mes::metrics::Metrics::default());
+    let writer = tokio::spawn(Writer::new(store.clone(), rx, metrics.clone(), Default::default(), 16, ledger).run());
+    // Each call is one batch: its readings queued at once, waited for until committed.
+    let commit = |seqs: Vec<u64>| {
+        let tx = tx.clone();
+        async move {
+            let mut done = Vec::new();
+            for seq in seqs {
+                let mut d = crate::harness::counted_delta("PRESS-1", "press-01", seq, 3, 0);
+                d.order = Some("PO-1".into());
+                let (ok, r) = tokio::sync::oneshot::channel();
+                let job = Job {
+                    work: Work::Counted(Box::new(d)),
+                    received_ms: 0,
+                    done: Completion::Notify(ok),
+                    slot: None,
+                    raw: None,
+                    metrics: Default::default(),
+                    lease: None,
+                };
+                tx.send(job).await.expect("queue");
+                done.push(r);
+            }
+            for r in done {
+                r.await.expect("committed");
+            }
+        }
+    };
+    let order = || {
+        let pool = store.pool.clone();
+        async move {
+            let r = sqlx::query("SELECT status, good, quantity FROM orders WHERE id = 'PO-1'")
+                .fetch_one(&pool)
+                .await
+                .expect("order row");
+            (r.get::<String, _>(0), r.get::<i64, _>(1), r.get::<i64, _>(2))
+        }
+    };
+    let redone = || metrics.commits_redone.load(Relaxed);
+    commit(vec![1, 2]).await;
+    assert_eq!((order().await, redone()), (("running".to_string(), 6, 100), 0), "{url}");
+    commit(vec![3]).await;
+    assert_eq!((order().await, redone()), (("running".to_string(), 9, 100), 0), "{url}: taken as left");
+    // The planner lowers the quantity: the writer's memory of the order is out of date.
+    sqlx::query("UPDATE orders SET quantity = 12 WHERE id = 'PO-1'").execute(&store.pool).await.expect("quantity");
+    commit(vec![4]).await;
+    assert_eq!((order().await, redone()), (("completed".to_string(), 12, 12), 1), "{url}: read again, completed");
+    let docs: i64 = sqlx::query("SELECT COUNT(*) FROM outbox WHERE doc_id = 'PO-1-completion'")
+        .fetch_one(&store.pool)
+        .await
+        .and_then(|r| r.try_get(0))
+        .expect("outbox");
+    assert_eq!(docs, 1, "{url}: one completion document");
+    commit(vec![5, 6]).await;
+    assert_eq!((order().await, redone()), (("completed".to_string(), 18, 12), 1), "{url}: taken as the redo left it");
+    drop(tx);
+    writer.await.expect("writer stops");
+}
+
 /// A fresh SQLite file `{name}.db` in `dir`, and a fresh PostgreSQL database when
 /// `MES_TEST_DATABASE_URL` is set: the writer tests run on both.
 async fn sqlite_and_postgres(dir: &std::path::Path, name: &str) -> Vec<String> {
