@@ -94,7 +94,6 @@ pub struct Metrics {
     pub acks_sent: AtomicU64,
     /// Messages the main session passed to their partition session (`ingest::sessions`).
     pub mqtt_main_skipped: AtomicU64,
-    pub mailbox_full: AtomicU64,
     /// Counted readings that reached the writer out of apply order (must stay 0).
     pub order_violations: AtomicU64,
     /// Readings a work center held for review (an implausible step).
@@ -110,8 +109,6 @@ pub struct Metrics {
     pub cluster_released: AtomicU64,
     pub cluster_lost: AtomicU64,
     pub in_flight: AtomicI64,
-    /// Readings sent to work-center actors and not yet applied (all mailboxes together).
-    pub mailbox_depth: AtomicI64,
     pub writer_queue: AtomicI64,
     pub mqtt_connected: AtomicBool,
     pub mqtt_reconnects: AtomicU64,
@@ -201,12 +198,6 @@ impl Metrics {
         );
         counter(
             &mut out,
-            "mes_mailbox_full_total",
-            "Times an actor mailbox was full (back-pressure).",
-            self.mailbox_full.load(Relaxed),
-        );
-        counter(
-            &mut out,
             "mes_writer_order_violations_total",
             "Counted readings that reached the writer out of apply order (an invariant: 0).",
             self.order_violations.load(Relaxed),
@@ -292,12 +283,6 @@ impl Metrics {
             "mes_ingest_in_flight",
             "Inputs received but not yet committed and acknowledged.",
             self.in_flight.load(Relaxed),
-        );
-        gauge(
-            &mut out,
-            "mes_mailbox_depth",
-            "Readings queued in work-center actor mailboxes, not yet applied.",
-            self.mailbox_depth.load(Relaxed),
         );
         gauge(
             &mut out,

@@ -848,6 +848,18 @@ struct OrderRow {
     scrap: i64,
 }
 
+impl OrderRow {
+    /// The order once a batch's output is added: its counts, and the status that output
+    /// implies.
+    fn after(self, good: i64, scrap: i64) -> OrderRow {
+        let status = match good > 0 || scrap > 0 {
+            true => self.status.after_output((self.good + good).max(0) as u64, self.quantity.max(0) as u64),
+            false => self.status,
+        };
+        OrderRow { status, good: self.good + good, scrap: self.scrap + scrap, ..self }
+    }
+}
+
 /// What the commit reads of one order named by its readings: its row (`None`: no such
 /// order) and its cumulative running time so far (`order_costs`, 0 if none).
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -1087,11 +1099,7 @@ async fn steps(link: &mut Link<'_>, what: Batch<'_>) -> Result<Summary, DbError>
         let running_ms = order_ms.get(order).copied().unwrap_or(read.running_ms);
         let row = read.order.map(|row| {
             let (good, scrap) = orders.get(order.as_str()).copied().unwrap_or_default();
-            let status = match good > 0 || scrap > 0 {
-                true => row.status.after_output((row.good + good).max(0) as u64, row.quantity.max(0) as u64),
-                false => row.status,
-            };
-            OrderRow { status, good: row.good + good, scrap: row.scrap + scrap, ..row }
+            row.after(good, scrap)
         });
         summary.order_rows.push((order.clone(), OrderRead { order: row, running_ms }));
     }
@@ -1197,11 +1205,7 @@ async fn steps(link: &mut Link<'_>, what: Batch<'_>) -> Result<Summary, DbError>
     for (order, (good, scrap)) in &orders {
         let Some(row) = order_rows.get(*order).and_then(|o| o.order.as_ref()) else { continue };
         let OrderRow { status: from, quantity, good: prev_good, scrap: prev_scrap } = *row;
-        let to = if *good > 0 || *scrap > 0 {
-            from.after_output((prev_good + good).max(0) as u64, quantity.max(0) as u64)
-        } else {
-            from
-        };
+        let to = row.after(*good, *scrap).status;
         updates.push((order, *good, *scrap, from, to));
         // A progress document for each multiple of `progress_every` good units passed below
         // the quantity (one per multiple, however the readings were batched).

@@ -192,7 +192,7 @@ impl Pipeline {
     /// source waited for its place in flight ([`Pipeline::admit`]), which bounds the jobs
     /// queued for the writer. Returns the completion back when the reading could not be
     /// applied (unknown device): the caller decides what that means for its source.
-    pub async fn submit_reading(
+    pub fn submit_reading(
         &self,
         mut reading: Reading,
         received_ms: i64,

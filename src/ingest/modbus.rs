@@ -479,10 +479,13 @@ impl Poller {
             return Err("intake closed".into());
         };
         let (tx, rx) = oneshot::channel();
-        let abandoned = self
-            .pipeline
-            .submit_reading(reading, crate::now_ms(), Completion::Notify(tx), slot, Some((self.device.clone(), raw)))
-            .await;
+        let abandoned = self.pipeline.submit_reading(
+            reading,
+            crate::now_ms(),
+            Completion::Notify(tx),
+            slot,
+            Some((self.device.clone(), raw)),
+        );
         if abandoned.is_some() {
             return Err("reading not applied".into());
         }

@@ -16,7 +16,6 @@ use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{mpsc, watch};
-use tracing::Instrument;
 
 /// Capacity of the client's request channel (acks, subscribes, commands). Larger than
 /// any broker in-flight window, so acknowledgements never wait on it for long.
@@ -624,7 +623,7 @@ async fn handle_publish(
         Ok(reading) => {
             let span =
                 tracing::debug_span!("reading", device = %reading.device, boot = reading.boot, seq = reading.seq);
-            let abandoned = pipeline.submit_reading(reading, received_ms, done, slot, None).instrument(span).await;
+            let abandoned = span.in_scope(|| pipeline.submit_reading(reading, received_ms, done, slot, None));
             if let Some(Completion::Mqtt(mut a)) = abandoned {
                 // Not committed, so not acknowledged; later publishes may still be.
                 a.pkid = None;

@@ -624,12 +624,7 @@ async fn order_changed_on(url: &str, dir: &std::path::Path) {
     use mes::db::writer::{Completion, Job, Work, Writer};
     use sqlx::Row;
     use std::sync::atomic::Ordering::Relaxed;
-    let plant_path = dir.join("orders-plant.toml");
-    std::fs::write(&plant_path, plant()).expect("plant");
-    let plant = mes::plant::Plant::load(Some(&plant_path)).expect("plant loads");
-    let store = mes::db::Store::connect(url, 4).await.expect("connect");
-    store.migrate().await.expect("migrate");
-    store.upsert_plant(&plant).await.expect("master data");
+    let (store, ledger) = writer_store(url, dir, "orders", &plant()).await;
     sqlx::query(
         "INSERT INTO orders (id, sku, quantity, work_center, status, priority, created_ms, updated_ms)
          VALUES ('PO-1', 'WIDGET', 100, 'PRESS-1', 'released', 0, 0, 0)",
@@ -637,7 +632,6 @@ async fn order_changed_on(url: &str, dir: &std::path::Path) {
     .execute(&store.pool)
     .await
     .expect("order");
-    let ledger = Arc::new(mes::settlement::Ledger::from_plant(&plant));
     let (tx, rx) = tokio::sync::mpsc::channel(16);
     let metrics = Arc::new(mes::metrics::Metrics::default());
     let writer = tokio::spawn(Writer::new(store.clone(), rx, metrics.clone(), Default::default(), 16, ledger).run());
@@ -698,6 +692,24 @@ async fn order_changed_on(url: &str, dir: &std::path::Path) {
     writer.await.expect("writer stops");
 }
 
+/// A migrated store at `url` with the master data of `plant` (written to
+/// `{name}-plant.toml` in `dir`), and its ledger: what a writer under test needs.
+async fn writer_store(
+    url: &str,
+    dir: &std::path::Path,
+    name: &str,
+    plant: &str,
+) -> (mes::db::Store, Arc<mes::settlement::Ledger>) {
+    let plant_path = dir.join(format!("{name}-plant.toml"));
+    std::fs::write(&plant_path, plant).expect("plant");
+    let plant = mes::plant::Plant::load(Some(&plant_path)).expect("plant loads");
+    let store = mes::db::Store::connect(url, 4).await.expect("connect");
+    store.migrate().await.expect("migrate");
+    store.upsert_plant(&plant).await.expect("master data");
+    let ledger = Arc::new(mes::settlement::Ledger::from_plant(&plant));
+    (store, ledger)
+}
+
 /// A fresh SQLite file `{name}.db` in `dir`, and a fresh PostgreSQL database when
 /// `MES_TEST_DATABASE_URL` is set: the writer tests run on both.
 async fn sqlite_and_postgres(dir: &std::path::Path, name: &str) -> Vec<String> {
@@ -711,13 +723,7 @@ async fn sqlite_and_postgres(dir: &std::path::Path, name: &str) -> Vec<String> {
 async fn redo_on(url: &str, dir: &std::path::Path) {
     use mes::db::writer::{Completion, Job, Work, Writer};
     use std::sync::atomic::Ordering::Relaxed;
-    let plant_path = dir.join("redo-plant.toml");
-    std::fs::write(&plant_path, plant()).expect("plant");
-    let plant = mes::plant::Plant::load(Some(&plant_path)).expect("plant loads");
-    let store = mes::db::Store::connect(url, 4).await.expect("connect");
-    store.migrate().await.expect("migrate");
-    store.upsert_plant(&plant).await.expect("master data");
-    let ledger = Arc::new(mes::settlement::Ledger::from_plant(&plant));
+    let (store, ledger) = writer_store(url, dir, "redo", &plant()).await;
     let job = |seq: u64, done| Job {
         work: Work::Counted(Box::new(crate::harness::counted_delta("PRESS-1", "press-01", seq, 3, 1))),
         received_ms: 0,
@@ -986,13 +992,7 @@ async fn wide_batch_on(url: &str, dir: &std::path::Path) {
              device = {{ mqtt = {{ id = \"d-{i:04}\" }} }}\n"
         ));
     }
-    let plant_path = dir.join("wide-plant.toml");
-    std::fs::write(&plant_path, plant).expect("plant");
-    let plant = mes::plant::Plant::load(Some(&plant_path)).expect("plant loads");
-    let store = mes::db::Store::connect(url, 4).await.expect("connect");
-    store.migrate().await.expect("migrate");
-    store.upsert_plant(&plant).await.expect("master data");
-    let ledger = Arc::new(mes::settlement::Ledger::from_plant(&plant));
+    let (store, ledger) = writer_store(url, dir, "wide", &plant).await;
     let (tx, rx) = tokio::sync::mpsc::channel(N + 1);
     let metrics = Arc::new(mes::metrics::Metrics::default());
     let mut done = Vec::new();

@@ -43,7 +43,6 @@ use prost::Message as _;
 use rumqttc::{AsyncClient, QoS};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
-use tracing::Instrument;
 
 /// The Sparkplug B topic namespace.
 pub const NAMESPACE: &str = "spBv1.0";
@@ -678,7 +677,7 @@ pub async fn handle(
     match decision.action {
         Action::Submit(reading) => {
             let span = tracing::debug_span!("sparkplug", device = %reading.device, seq = reading.seq);
-            let abandoned = pipeline.submit_reading(reading, received_ms, done, slot, None).instrument(span).await;
+            let abandoned = span.in_scope(|| pipeline.submit_reading(reading, received_ms, done, slot, None));
             if let Some(Completion::Mqtt(mut a)) = abandoned {
                 a.pkid = None;
                 let _ = ack_tx.send(vec![a]).await;
