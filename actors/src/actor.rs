@@ -107,9 +107,10 @@ impl Actor for WorkCenterActor {
     }
 }
 
-/// Apply a reading and hand the outcome to `then`. Sent with `try_send`, it keeps the
-/// order in which the caller received readings (a plain `send` that waits for mailbox room
-/// may overtake another), and the caller never waits on the actor's reply to go on.
+/// Apply a reading and hand the outcome to `then`, for callers that hold only the actor's
+/// address (ingest applies readings to the [`WorkCenterCell`] directly). Sent with
+/// `try_send`, it keeps the order in which the caller received readings (a plain `send`
+/// that waits for mailbox room may overtake another).
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct ApplyThen(pub Reading, pub Box<dyn FnOnce(Outcome) + Send>);

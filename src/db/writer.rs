@@ -909,39 +909,50 @@ async fn read_orders<'o>(link: &mut Link<'_>, ids: impl Iterator<Item = &'o str>
 /// time, or absent. A planner's change (or another node's commit) since makes the check
 /// fail the query like a reading stored already ([`guard_cursors`]): the commit is rolled
 /// back and redone carefully, reading the orders.
-fn guard_orders(link: &mut Link<'_>, rows: &OrderRows) -> Result<(), DbError> {
+fn guard_orders(link: &mut Link<'_>, rows: &OrderRows) {
+    let mut binds = Vec::with_capacity(rows.len() * 6);
+    for (id, read) in rows {
+        let row = read.order.as_ref();
+        binds.extend([
+            V::Text(id.to_string()),
+            V::OptText(row.map(|r| r.status.as_str().to_string())),
+            V::OptInt(row.map(|r| r.quantity)),
+            V::OptInt(row.map(|r| r.good)),
+            V::OptInt(row.map(|r| r.scrap)),
+            V::Int(read.running_ms),
+        ]);
+    }
+    push_check(
+        link,
+        "LEFT JOIN orders o ON o.id = v.column1
+         LEFT JOIN order_costs c ON c.order_id = v.column1
+         WHERE CASE WHEN v.column2 IS NULL THEN o.id IS NOT NULL
+                    ELSE o.id IS NULL OR o.status <> v.column2 OR o.quantity <> v.column3
+                      OR o.good <> v.column4 OR o.scrap <> v.column5 END
+            OR COALESCE(c.running_ms, 0) <> v.column6",
+        binds,
+        6,
+    );
+}
+
+/// Queues a check on `binds`' rows (`cols` values each, the columns `v.column1`, …):
+/// `INSERT INTO commit_checks (ok) SELECT false FROM (rows) AS v {joins_where} LIMIT 1`,
+/// one statement per [`ROWS_PER_STATEMENT`] rows. A row meeting `joins_where` inserts a row
+/// that the `commit_checks` constraint refuses, failing the whole query, and the commit is
+/// rolled back and redone carefully ([`is_short_insert`]).
+fn push_check(link: &mut Link<'_>, joins_where: &str, mut binds: Vec<V>, cols: usize) {
     let refuse = match link.backend {
         Backend::Sqlite => "0",
         Backend::Postgres => "false",
     };
-    let rows: Vec<(&String, &OrderRead)> = rows.iter().collect();
-    for rows in rows.chunks(ROWS_PER_STATEMENT) {
+    while !binds.is_empty() {
+        let rest = binds.split_off(binds.len().min(ROWS_PER_STATEMENT * cols));
         let sql = format!(
-            "INSERT INTO commit_checks (ok) SELECT {refuse} FROM ({}) AS v
-               LEFT JOIN orders o ON o.id = v.column1
-               LEFT JOIN order_costs c ON c.order_id = v.column1
-             WHERE CASE WHEN v.column2 IS NULL THEN o.id IS NOT NULL
-                        ELSE o.id IS NULL OR o.status <> v.column2 OR o.quantity <> v.column3
-                          OR o.good <> v.column4 OR o.scrap <> v.column5 END
-                OR COALESCE(c.running_ms, 0) <> v.column6
-             LIMIT 1",
-            link.rows(6)
+            "INSERT INTO commit_checks (ok) SELECT {refuse} FROM ({}) AS v {joins_where} LIMIT 1",
+            link.rows(cols)
         );
-        let mut binds = Vec::with_capacity(rows.len() * 6);
-        for (id, read) in rows {
-            let row = read.order.as_ref();
-            binds.extend([
-                V::Text(id.to_string()),
-                V::OptText(row.map(|r| r.status.as_str().to_string())),
-                V::OptInt(row.map(|r| r.quantity)),
-                V::OptInt(row.map(|r| r.good)),
-                V::OptInt(row.map(|r| r.scrap)),
-                V::Int(read.running_ms),
-            ]);
-        }
-        link.pending.push_rows(sql, binds, 6, false);
+        link.pending.push_rows(sql, std::mem::replace(&mut binds, rest), cols, false);
     }
-    Ok(())
 }
 
 fn to_i64(v: u64, what: &str) -> Result<i64, DbError> {
@@ -1084,7 +1095,7 @@ async fn steps(link: &mut Link<'_>, what: Batch<'_>) -> Result<Summary, DbError>
         true => {
             let rows: OrderRows =
                 orders.keys().filter_map(|o| known_orders.get_key_value(*o)).map(|(k, v)| (k.clone(), *v)).collect();
-            guard_orders(link, &rows)?;
+            guard_orders(link, &rows);
             rows
         }
         false => read_orders(link, orders.keys().copied()).await?,
@@ -1319,32 +1330,25 @@ fn guard_cursors(link: &mut Link<'_>, counted: &[CountedRow<'_>]) -> Result<(), 
     for (d, ..) in counted {
         firsts.entry(d.device.as_str()).or_insert(d);
     }
-    let firsts: Vec<&Delta> = firsts.into_values().collect();
-    let refuse = match link.backend {
-        Backend::Sqlite => "0",
-        Backend::Postgres => "false",
-    };
-    for firsts in firsts.chunks(ROWS_PER_STATEMENT) {
-        let sql = format!(
-            "INSERT INTO commit_checks (ok) SELECT {refuse} FROM ({}) AS v JOIN device_cursors c ON c.device = v.column1
-             WHERE (v.column2, v.column3, COALESCE(v.column4, -1), COALESCE(v.column5, -1))
-                <= (c.boot, c.seq, COALESCE(c.prev_boot, -1), COALESCE(c.prev_seq, -1))
-             LIMIT 1",
-            link.rows(5)
-        );
-        let mut binds = Vec::with_capacity(firsts.len() * 5);
-        for d in firsts {
-            let (boot, seq, prev) = stored_cursor_key(d);
-            binds.extend([
-                V::Text(d.device.clone()),
-                V::Int(to_i64(boot, "boot")?),
-                V::Int(to_i64(seq, "seq")?),
-                V::OptInt(prev.map(|p| to_i64(p.0, "previous boot")).transpose()?),
-                V::OptInt(prev.map(|p| to_i64(p.1, "previous boot's seq")).transpose()?),
-            ]);
-        }
-        link.pending.push_rows(sql, binds, 5, false);
+    let mut binds = Vec::with_capacity(firsts.len() * 5);
+    for d in firsts.into_values() {
+        let (boot, seq, prev) = stored_cursor_key(d);
+        binds.extend([
+            V::Text(d.device.clone()),
+            V::Int(to_i64(boot, "boot")?),
+            V::Int(to_i64(seq, "seq")?),
+            V::OptInt(prev.map(|p| to_i64(p.0, "previous boot")).transpose()?),
+            V::OptInt(prev.map(|p| to_i64(p.1, "previous boot's seq")).transpose()?),
+        ]);
     }
+    push_check(
+        link,
+        "JOIN device_cursors c ON c.device = v.column1
+         WHERE (v.column2, v.column3, COALESCE(v.column4, -1), COALESCE(v.column5, -1))
+            <= (c.boot, c.seq, COALESCE(c.prev_boot, -1), COALESCE(c.prev_seq, -1))",
+        binds,
+        5,
+    );
     Ok(())
 }
 
