@@ -220,19 +220,19 @@ pub async fn last_id(pool: &sqlx::AnyPool) -> anyhow::Result<i64> {
         .try_get::<i64, _>("m")?)
 }
 
-/// Follows `telemetry_packs` in `pool`, from pack id `after_id` on, until every message of `load` is seen or
-/// nothing new arrived for `stall` after publishing ended; prints progress on stderr.
-/// `rss_of`: a process whose resident set is sampled every 100 ms.
-/// Packs the observer reads a poll (a few hundred readings under a flood; each pack at
+/// The new packs, at most 256 a poll (a few hundred readings under a flood; each pack at
 /// most a commit's readings of one device). Bounded: on a PostgreSQL table not analyzed
 /// yet (a fresh bench database) a large limit made the planner scan the whole table and
 /// sort it, ~20 ms a poll at 180,000 rows, which it added to every latency it timed.
-const PACKS_PER_POLL: usize = 256;
+const OBSERVE_SQL: &str = "SELECT id, device, readings FROM telemetry_packs WHERE id > $1 ORDER BY id LIMIT 256";
 
 /// A reading as a pack stores it (migration 0012); the observer reads its seq and receive
 /// time.
 type PackedReading = (i64, i64, IgnoredAny, IgnoredAny, i64, IgnoredAny, IgnoredAny, IgnoredAny, IgnoredAny);
 
+/// Follows `telemetry_packs` in `pool`, from pack id `after_id` on, until every message of `load` is seen or
+/// nothing new arrived for `stall` after publishing ended; prints progress on stderr.
+/// `rss_of`: a process whose resident set is sampled every 100 ms.
 pub async fn observe(
     pool: &sqlx::AnyPool,
     after_id: i64,
@@ -251,11 +251,9 @@ pub async fn observe(
     let mut last_sample = 0u64;
     let mut idle_since = Instant::now();
     loop {
-        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
-            "SELECT id, device, readings FROM telemetry_packs WHERE id > {last_id} ORDER BY id LIMIT {PACKS_PER_POLL}"
-        )))
-        .fetch_all(pool)
-        .await?;
+        // One statement text, prepared once per connection (with the last id written into
+        // the text, every poll was a statement of its own, parsed and planned anew).
+        let rows = sqlx::query(OBSERVE_SQL).bind(last_id).fetch_all(pool).await?;
         let now = load.now_us();
         if !rows.is_empty() {
             idle_since = Instant::now();

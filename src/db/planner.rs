@@ -362,27 +362,39 @@ impl Store {
 
     /// The telemetry readings with (pack) ids in `(after, upto]`, summed in the database: good units per
     /// work center and minute of their time (device time, else receive time) with the latest
-    /// time among them, and the rows with scrap one by one in id order (scrap keeps its
-    /// second). The live OEE's counts take these in (`oee_live`); summing in SQL spares
-    /// decoding every row, which under a flood was a twentieth of the process's CPU.
+    /// time among them, and the scrap by second in id order (scrap keeps its second). The
+    /// live OEE's counts take these in (`oee_live`); summing in SQL spares decoding every
+    /// row, which under a flood was a twentieth of the process's CPU. A pack whose readings
+    /// all fall within one second counts from its sums (migration 0013) without being
+    /// unpacked: that is nearly every pack, one device's readings of one commit.
     pub async fn telemetry_counts(&self, after: i64, upto: i64) -> Result<TelemetryCounts, DbError> {
         // Minutes by floor division, also before the epoch (device clocks are not trusted).
-        let good = sqlx::query(
+        let good = sqlx::query(sqlx::AssertSqlSafe(format!(
             "SELECT work_center, m, CAST(SUM(good) AS BIGINT) AS good, MAX(t) AS latest FROM (
-               SELECT work_center, COALESCE(ts_ms, received_ms) AS t, good,
-                 CASE WHEN COALESCE(ts_ms, received_ms) >= 0 THEN COALESCE(ts_ms, received_ms) / 60000
-                      ELSE (COALESCE(ts_ms, received_ms) - 59999) / 60000 END AS m
-               FROM telemetry WHERE id > $1 AND id <= $2) r
+               SELECT work_center, t, good, CASE WHEN t >= 0 THEN t / 60000 ELSE (t - 59999) / 60000 END AS m FROM (
+                 SELECT work_center, t_max AS t, good FROM telemetry_packs
+                 WHERE id > $1 AND id <= $2 AND {packed}
+                 UNION ALL
+                 SELECT work_center, COALESCE(ts_ms, received_ms) AS t, good FROM telemetry
+                 WHERE id > $1 AND id <= $2 AND NOT {unpacked}) u) r
              GROUP BY work_center, m",
-        )
+            packed = ONE_SECOND_PACK,
+            unpacked = ONE_SECOND_VIEW,
+        )))
         .bind(after)
         .bind(upto)
         .fetch_all(&self.pool)
         .await?;
-        let scrap = sqlx::query(
-            "SELECT work_center, COALESCE(ts_ms, received_ms) AS t, scrap FROM telemetry
-             WHERE id > $1 AND id <= $2 AND scrap > 0 ORDER BY id, pos",
-        )
+        let scrap = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT id, 0 AS pos, work_center, t_max AS t, scrap FROM telemetry_packs
+             WHERE id > $1 AND id <= $2 AND scrap > 0 AND {packed}
+             UNION ALL
+             SELECT id, pos, work_center, COALESCE(ts_ms, received_ms) AS t, scrap FROM telemetry
+             WHERE id > $1 AND id <= $2 AND scrap > 0 AND NOT {unpacked}
+             ORDER BY id, pos",
+            packed = ONE_SECOND_PACK,
+            unpacked = ONE_SECOND_VIEW,
+        )))
         .bind(after)
         .bind(upto)
         .fetch_all(&self.pool)
@@ -524,6 +536,15 @@ impl Store {
 pub struct TelemetryCounts {
     /// (work center, minute start ms, good units, latest time ms)
     pub good: Vec<(String, i64, u64, i64)>,
-    /// (work center, time ms, scrap) of each row with scrap, in id order
+    /// (work center, time ms, scrap) of each reading with scrap, in id order; a pack counted
+    /// from its sums gives one, at its latest time (the same second as all its readings)
     pub scrap: Vec<(String, i64, u64)>,
 }
+
+/// Whether a telemetry pack's readings all fall within one second of time (device time,
+/// else receive time; integer division truncates, so below zero only equal bounds count):
+/// then its sums (migration 0013) stand for its readings in the live OEE's per-minute good
+/// units and per-second scrap. On the pack table and, for the rest, on the `telemetry` view.
+const ONE_SECOND_PACK: &str = "(t_min = t_max OR (t_min >= 0 AND t_min / 1000 = t_max / 1000))";
+const ONE_SECOND_VIEW: &str =
+    "(pack_t_min = pack_t_max OR (pack_t_min >= 0 AND pack_t_min / 1000 = pack_t_max / 1000))";

@@ -1393,6 +1393,9 @@ struct Pack {
     t_max: i64,
     last: (u64, u64),
     n: i64,
+    /// The readings' good and scrap units (migration 0013).
+    good: i64,
+    scrap: i64,
     /// The readings as a JSON array (see migration 0012).
     readings: String,
 }
@@ -1409,19 +1412,22 @@ fn insert_packs(link: &mut Link<'_>, counted: &[CountedRow<'_>], inserted: &[boo
             t_max: t,
             last: (d.boot, d.seq),
             n: 0,
+            good: 0,
+            scrap: 0,
             readings: String::from("["),
         });
         if p.n > 0 {
             p.readings.push(',');
         }
+        let (good, scrap) = (to_i64(d.good, "good")?, to_i64(d.scrap, "scrap")?);
         let reading = (
             to_i64(d.boot, "boot")?,
             to_i64(d.seq, "seq")?,
             &d.order,
             d.ts_ms,
             *received,
-            to_i64(d.good, "good")?,
-            to_i64(d.scrap, "scrap")?,
+            good,
+            scrap,
             d.state.as_str(),
             (!metrics.is_empty()).then_some(*metrics),
         );
@@ -1431,14 +1437,19 @@ fn insert_packs(link: &mut Link<'_>, counted: &[CountedRow<'_>], inserted: &[boo
         p.t_max = p.t_max.max(t);
         p.last = p.last.max((d.boot, d.seq));
         p.n += 1;
+        let sum = |a: i64, b: i64, what: &str| {
+            a.checked_add(b).ok_or_else(|| DbError::Other(format!("a pack's {what} exceeds the storable range")))
+        };
+        p.good = sum(p.good, good, "good units")?;
+        p.scrap = sum(p.scrap, scrap, "scrap units")?;
     }
     let packs: Vec<_> = packs.into_iter().collect();
     for packs in packs.chunks(ROWS_PER_STATEMENT) {
         let sql = format!(
-            "INSERT INTO telemetry_packs (device, work_center, t_min, t_max, last_boot, last_seq, n, readings) {}",
-            link.rows(8)
+            "INSERT INTO telemetry_packs (device, work_center, t_min, t_max, last_boot, last_seq, n, good, scrap, readings) {}",
+            link.rows(10)
         );
-        let mut binds = Vec::with_capacity(packs.len() * 8);
+        let mut binds = Vec::with_capacity(packs.len() * 10);
         for ((device, wc), p) in packs {
             binds.extend([
                 V::Text(device.to_string()),
@@ -1448,10 +1459,12 @@ fn insert_packs(link: &mut Link<'_>, counted: &[CountedRow<'_>], inserted: &[boo
                 V::Int(to_i64(p.last.0, "boot")?),
                 V::Int(to_i64(p.last.1, "seq")?),
                 V::Int(p.n),
+                V::Int(p.good),
+                V::Int(p.scrap),
                 V::Text(format!("{}]", p.readings)),
             ]);
         }
-        link.pending.push_rows(sql, binds, 8, false);
+        link.pending.push_rows(sql, binds, 10, false);
     }
     Ok(())
 }

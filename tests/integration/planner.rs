@@ -531,3 +531,88 @@ async fn seeded_fuzz_of_the_api_finds_no_5xx() {
     let (s, _) = mes.get("/healthz").await;
     assert_eq!(s, 200);
 }
+
+/// The live OEE's counts of new telemetry (`Store::telemetry_counts`) are the same whether a
+/// pack counts from its sums (its readings within one second) or is unpacked (readings in
+/// different seconds, or before the epoch with different times): good units per work center
+/// and minute with the latest time, scrap per reading (per pack where summed) in id order.
+/// On SQLite, and on PostgreSQL when `MES_TEST_DATABASE_URL` is set.
+#[tokio::test]
+async fn telemetry_counts_from_pack_sums_equal_the_unpacked_readings() {
+    use sqlx::Row;
+    let dir = crate::harness::temp_dir();
+    const M: i64 = 1_700_000_040_000; // a minute's start
+                                      // (t_min, t_max, good, scrap, readings [boot, seq, order, ts_ms, received_ms, good, scrap, state, metrics])
+    let packs: [(i64, i64, i64, i64, String); 4] = [
+        // Within one second: counted from the sums.
+        (
+            M + 100,
+            M + 900,
+            7,
+            2,
+            format!("[[1,1,null,{},0,3,0,\"running\",null],[1,2,null,{},0,4,2,\"running\",null]]", M + 100, M + 900),
+        ),
+        // Two seconds and two minutes: unpacked.
+        (
+            M + 59_500,
+            M + 61_000,
+            11,
+            1,
+            format!(
+                "[[1,3,null,{},0,5,1,\"running\",null],[1,4,null,{},0,6,0,\"running\",null]]",
+                M + 59_500,
+                M + 61_000
+            ),
+        ),
+        // Before the epoch, one time: from the sums.
+        (-1_500, -1_500, 2, 1, "[[1,5,null,-1500,0,2,1,\"running\",null]]".to_string()),
+        // Before the epoch, two times in one second: unpacked.
+        (
+            -1_500,
+            -1_200,
+            2,
+            2,
+            "[[1,6,null,-1500,0,1,1,\"running\",null],[1,7,null,-1200,0,1,1,\"running\",null]]".to_string(),
+        ),
+    ];
+    for url in crate::settlement::sqlite_and_postgres(&dir, "pack-sums").await {
+        let store = mes::db::Store::connect(&url, 1).await.expect("connect");
+        store.migrate().await.expect("migrate");
+        for (i, (t_min, t_max, good, scrap, readings)) in packs.iter().enumerate() {
+            sqlx::query(
+                "INSERT INTO telemetry_packs (device, work_center, t_min, t_max, last_boot, last_seq, n, good, scrap, readings)
+                 VALUES ('press-01', 'PRESS-1', $1, $2, 1, $3, 2, $4, $5, $6)",
+            )
+            .bind(t_min)
+            .bind(t_max)
+            .bind(i as i64 + 1)
+            .bind(good)
+            .bind(scrap)
+            .bind(readings.as_str())
+            .execute(&store.pool)
+            .await
+            .expect("pack");
+        }
+        let top: i64 = sqlx::query("SELECT MAX(id) AS m FROM telemetry_packs")
+            .fetch_one(&store.pool)
+            .await
+            .expect("max")
+            .try_get("m")
+            .expect("m");
+        let c = store.telemetry_counts(top - 4, top).await.expect("counts");
+        let mut good = c.good.clone();
+        good.sort();
+        let wc = || "PRESS-1".to_string();
+        assert_eq!(
+            good,
+            vec![(wc(), -60_000, 4, -1_200), (wc(), M, 12, M + 59_500), (wc(), M + 60_000, 6, M + 61_000)],
+            "{url}"
+        );
+        assert_eq!(
+            c.scrap,
+            vec![(wc(), M + 900, 2), (wc(), M + 59_500, 1), (wc(), -1_500, 1), (wc(), -1_500, 1), (wc(), -1_200, 1)],
+            "{url}"
+        );
+        store.pool.close().await;
+    }
+}

@@ -712,7 +712,7 @@ async fn writer_store(
 
 /// A fresh SQLite file `{name}.db` in `dir`, and a fresh PostgreSQL database when
 /// `MES_TEST_DATABASE_URL` is set: the writer tests run on both.
-async fn sqlite_and_postgres(dir: &std::path::Path, name: &str) -> Vec<String> {
+pub(crate) async fn sqlite_and_postgres(dir: &std::path::Path, name: &str) -> Vec<String> {
     let mut urls = vec![format!("sqlite://{}", dir.join(format!("{name}.db")).display())];
     if std::env::var("MES_TEST_DATABASE_URL").is_ok_and(|s| !s.is_empty()) {
         urls.push(crate::harness::fresh_database(dir).await);
@@ -788,7 +788,8 @@ async fn redo_on(url: &str, dir: &std::path::Path) {
 
 /// Telemetry stored before packing (one row per reading, migrations 0001–0011) reads back
 /// through the `telemetry` view exactly as it was stored, ids kept, once migration 0012
-/// has packed it; the next pack's id follows the highest. On SQLite, and on PostgreSQL
+/// has packed it, and migration 0013 gives each pack the sums of its readings' good and
+/// scrap units; the next pack's id follows the highest. On SQLite, and on PostgreSQL
 /// when `MES_TEST_DATABASE_URL` is set.
 #[tokio::test]
 async fn telemetry_stored_before_packing_reads_back_the_same() {
@@ -947,6 +948,17 @@ async fn telemetry_stored_before_packing_reads_back_the_same() {
             })
             .collect();
         assert_eq!(got, want, "{url}");
+        // Migration 0013: each pack's sums of good and scrap units.
+        let sums: Vec<(i64, i64, i64)> = sqlx::query("SELECT id, good, scrap FROM telemetry_packs ORDER BY id")
+            .fetch_all(&store.pool)
+            .await
+            .expect("pack sums")
+            .iter()
+            .map(|r| {
+                (r.try_get("id").expect("id"), r.try_get("good").expect("good"), r.try_get("scrap").expect("scrap"))
+            })
+            .collect();
+        assert_eq!(sums, vec![(7, 5, 1), (9, 0, 0), (12, 7, 0)], "{url}");
         let next: i64 = sqlx::query(
             "INSERT INTO telemetry_packs (device, work_center, t_min, t_max, last_boot, last_seq, n, readings)
              VALUES ('press-01', 'PRESS-1', 1, 1, 1, 3, 1, '[[1,3,null,null,1,0,0,\"running\",null]]') RETURNING id",
