@@ -80,6 +80,10 @@ enum Cmd {
         /// orders, as in the published runs before session 14).
         #[arg(long)]
         orders: bool,
+        /// ingest: raw-broker and MES floods taken in turn this many times; the table shows
+        /// the round whose ratio is the median (the machine's load moves single rounds).
+        #[arg(long, default_value_t = 1)]
+        rounds: u32,
         /// Messages per measurement.
         #[arg(long, default_value_t = 100_000)]
         messages: u64,
@@ -301,6 +305,7 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
             peer_messages,
             no_floors,
             orders,
+            rounds,
             ..
         } => {
             // Progress lines on stderr stay readable: the in-process MES logs warnings only.
@@ -315,6 +320,7 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
                 peer_messages,
                 floors: !no_floors,
                 orders,
+                rounds: rounds.max(1),
             };
             runtime()?.block_on(mes::bench_suite::run(&scenario, o))?;
             Ok(ExitCode::SUCCESS)
