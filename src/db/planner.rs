@@ -378,8 +378,8 @@ impl Store {
                  SELECT work_center, COALESCE(ts_ms, received_ms) AS t, good FROM telemetry
                  WHERE id > $1 AND id <= $2 AND NOT {unpacked}) u) r
              GROUP BY work_center, m",
-            packed = ONE_SECOND_PACK,
-            unpacked = ONE_SECOND_VIEW,
+            packed = within_one_second("t_min", "t_max"),
+            unpacked = within_one_second("pack_t_min", "pack_t_max"),
         )))
         .bind(after)
         .bind(upto)
@@ -392,8 +392,8 @@ impl Store {
              SELECT id, pos, work_center, COALESCE(ts_ms, received_ms) AS t, scrap FROM telemetry
              WHERE id > $1 AND id <= $2 AND scrap > 0 AND NOT {unpacked}
              ORDER BY id, pos",
-            packed = ONE_SECOND_PACK,
-            unpacked = ONE_SECOND_VIEW,
+            packed = within_one_second("t_min", "t_max"),
+            unpacked = within_one_second("pack_t_min", "pack_t_max"),
         )))
         .bind(after)
         .bind(upto)
@@ -541,10 +541,10 @@ pub struct TelemetryCounts {
     pub scrap: Vec<(String, i64, u64)>,
 }
 
-/// Whether a telemetry pack's readings all fall within one second of time (device time,
-/// else receive time; integer division truncates, so below zero only equal bounds count):
-/// then its sums (migration 0013) stand for its readings in the live OEE's per-minute good
-/// units and per-second scrap. On the pack table and, for the rest, on the `telemetry` view.
-const ONE_SECOND_PACK: &str = "(t_min = t_max OR (t_min >= 0 AND t_min / 1000 = t_max / 1000))";
-const ONE_SECOND_VIEW: &str =
-    "(pack_t_min = pack_t_max OR (pack_t_min >= 0 AND pack_t_min / 1000 = pack_t_max / 1000))";
+/// SQL: whether a telemetry pack's readings, whose times (device time, else receive time)
+/// lie in `[t_min, t_max]` (column names), all fall within one second (integer division
+/// truncates, so below zero only equal bounds count): then its sums (migration 0013) stand
+/// for its readings in the live OEE's per-minute good units and per-second scrap.
+fn within_one_second(t_min: &str, t_max: &str) -> String {
+    format!("({t_min} = {t_max} OR ({t_min} >= 0 AND {t_min} / 1000 = {t_max} / 1000))")
+}

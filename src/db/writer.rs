@@ -1404,6 +1404,9 @@ struct Pack {
 /// its readings in batch order, each `[boot, seq, order_id, ts_ms, received_ms, good,
 /// scrap, state, metrics]`.
 fn insert_packs(link: &mut Link<'_>, counted: &[CountedRow<'_>], inserted: &[bool]) -> Result<(), DbError> {
+    let sum = |a: i64, b: i64, what: &str| {
+        a.checked_add(b).ok_or_else(|| DbError::Other(format!("a pack's {what} exceeds the storable range")))
+    };
     let mut packs: BTreeMap<(&str, &str), Pack> = BTreeMap::new();
     for ((d, received, _, metrics), _) in counted.iter().zip(inserted).filter(|(_, new)| **new) {
         let t = d.ts_ms.unwrap_or(*received);
@@ -1437,9 +1440,6 @@ fn insert_packs(link: &mut Link<'_>, counted: &[CountedRow<'_>], inserted: &[boo
         p.t_max = p.t_max.max(t);
         p.last = p.last.max((d.boot, d.seq));
         p.n += 1;
-        let sum = |a: i64, b: i64, what: &str| {
-            a.checked_add(b).ok_or_else(|| DbError::Other(format!("a pack's {what} exceeds the storable range")))
-        };
         p.good = sum(p.good, good, "good units")?;
         p.scrap = sum(p.scrap, scrap, "scrap units")?;
     }
