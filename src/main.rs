@@ -320,7 +320,7 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
                 peer_messages,
                 floors: !no_floors,
                 orders,
-                rounds: rounds.max(1),
+                rounds,
             };
             runtime()?.block_on(mes::bench_suite::run(&scenario, o))?;
             Ok(ExitCode::SUCCESS)
