@@ -616,3 +616,69 @@ async fn telemetry_counts_from_pack_sums_equal_the_unpacked_readings() {
         store.pool.close().await;
     }
 }
+
+/// Migration 0015: on a PostgreSQL server built with LZ4, a pack whose row passes the 2 KB
+/// at which TOAST compresses is stored compressed with LZ4 and reads back through the
+/// `telemetry` view reading for reading; on a server without LZ4 the migration keeps the
+/// default and the pack still reads back the same. Only with `MES_TEST_DATABASE_URL`.
+#[tokio::test]
+async fn large_packs_are_compressed_with_lz4_where_postgresql_has_it() {
+    use sqlx::{Executor, Row};
+    if std::env::var("MES_TEST_DATABASE_URL").map_or(true, |s| s.is_empty()) {
+        return;
+    }
+    let dir = crate::harness::temp_dir();
+    let url = crate::harness::fresh_database(&dir).await;
+    let store = mes::db::Store::connect(&url, 1).await.expect("connect");
+    store.migrate().await.expect("migrate");
+    // 60 readings, ~4.3 KB of JSON: over the TOAST threshold.
+    let readings: Vec<String> = (1..=60)
+        .map(|seq| {
+            format!(
+                "[2,{seq},\"PO-7\",{},{},{},0,\"running\",{{\"temp_c\":{}.5}}]",
+                1_700_000_000_000i64 + seq,
+                1_700_000_000_100i64 + seq,
+                seq % 3,
+                60 + seq % 7
+            )
+        })
+        .collect();
+    let text = format!("[{}]", readings.join(","));
+    assert!(text.len() > 4_000, "{}", text.len());
+    sqlx::query(
+        "INSERT INTO telemetry_packs (device, work_center, t_min, t_max, last_boot, last_seq, n, good, scrap, readings)
+         VALUES ('press-01', 'PRESS-1', 1700000000001, 1700000000060, 2, 60, 60, 60, 0, $1)",
+    )
+    .bind(text.as_str())
+    .execute(&store.pool)
+    .await
+    .expect("pack");
+    let has_lz4 = store.pool.execute("CREATE TEMP TABLE lz4_probe (t TEXT COMPRESSION lz4)").await.is_ok();
+    let method: Option<String> = sqlx::query("SELECT pg_column_compression(readings) AS m FROM telemetry_packs")
+        .fetch_one(&store.pool)
+        .await
+        .expect("compression")
+        .try_get("m")
+        .expect("m");
+    assert_eq!(method.as_deref(), Some(if has_lz4 { "lz4" } else { "pglz" }));
+    let stored: String = sqlx::query("SELECT readings FROM telemetry_packs")
+        .fetch_one(&store.pool)
+        .await
+        .expect("pack")
+        .try_get("readings")
+        .expect("readings");
+    assert_eq!(stored, text);
+    let rows = sqlx::query("SELECT seq, good, metrics FROM telemetry ORDER BY seq")
+        .fetch_all(&store.pool)
+        .await
+        .expect("telemetry view");
+    assert_eq!(rows.len(), 60);
+    for (i, r) in rows.iter().enumerate() {
+        let seq = i as i64 + 1;
+        assert_eq!(r.try_get::<i64, _>("seq").expect("seq"), seq);
+        assert_eq!(r.try_get::<i64, _>("good").expect("good"), seq % 3);
+        let metrics: String = r.try_get("metrics").expect("metrics");
+        let temp = serde_json::from_str::<serde_json::Value>(&metrics).expect("json")["temp_c"].as_f64();
+        assert_eq!(temp, Some((60 + seq % 7) as f64 + 0.5));
+    }
+}
