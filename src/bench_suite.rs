@@ -37,6 +37,8 @@ pub struct Options {
     pub orders: bool,
     /// ingest: rounds of raw-broker flood then MES flood; the median round is reported.
     pub rounds: u32,
+    /// ingest: copies of the demo line side by side ([`lines_plant`]).
+    pub lines: usize,
 }
 
 /// Where PostgreSQL is looked for when a scenario measures it (`MES_BENCH_POSTGRES`).
@@ -78,6 +80,64 @@ fn db_label(url: &str) -> &'static str {
 /// every device on MQTT. Returns the config, the broker address, the devices and the
 /// topic prefix.
 fn in_process(database: String, client: &str) -> anyhow::Result<(Config, String, Vec<String>, String)> {
+    in_process_lines(database, client, 1)
+}
+
+/// The demo line with every device on MQTT (`plants/line-mqtt.toml`) `lines` times side by
+/// side: one copy as it is, and each further copy `k` with its own buffers, work centers
+/// and devices (ids suffixed `-L{k}` / `-l{k}`, the materials and bills shared), so that a
+/// message means the same work on any copy.
+pub fn lines_plant(lines: usize) -> anyhow::Result<String> {
+    let mut plant: toml::Table = toml::from_str(crate::plant::MQTT_LINE)?;
+    let copy = |key: &str, k: usize, plant: &toml::Table| -> Vec<toml::Value> {
+        let Some(items) = plant.get(key).and_then(toml::Value::as_array) else { return Vec::new() };
+        let suffix = |v: &mut toml::Value| {
+            if let Some(s) = v.as_str() {
+                *v = toml::Value::String(format!("{s}-L{k}"));
+            }
+        };
+        items
+            .iter()
+            .map(|item| {
+                let mut item = item.clone();
+                if let Some(t) = item.as_table_mut() {
+                    for field in ["id", "output"] {
+                        if let Some(v) = t.get_mut(field) {
+                            suffix(v);
+                        }
+                    }
+                    if let Some(inputs) = t.get_mut("inputs").and_then(toml::Value::as_array_mut) {
+                        inputs.iter_mut().for_each(suffix);
+                    }
+                    let device = t.get_mut("device").and_then(|d| d.get_mut("mqtt")).and_then(|m| m.get_mut("id"));
+                    if let Some(id) = device {
+                        if let Some(s) = id.as_str() {
+                            *id = toml::Value::String(format!("{s}-l{k}"));
+                        }
+                    }
+                }
+                item
+            })
+            .collect()
+    };
+    for key in ["buffers", "work_centers"] {
+        let mut all = Vec::new();
+        for k in 1..=lines.max(1) {
+            match k {
+                1 => all.extend(plant.get(key).and_then(toml::Value::as_array).cloned().unwrap_or_default()),
+                _ => all.extend(copy(key, k, &plant)),
+            }
+        }
+        plant.insert(key.to_string(), toml::Value::Array(all));
+    }
+    Ok(toml::to_string(&plant)?)
+}
+
+fn in_process_lines(
+    database: String,
+    client: &str,
+    lines: usize,
+) -> anyhow::Result<(Config, String, Vec<String>, String)> {
     let mut cfg = Config::load(None)?;
     let broker_port = free_port()?;
     cfg.http.listen = format!("127.0.0.1:{}", free_port()?);
@@ -87,7 +147,10 @@ fn in_process(database: String, client: &str) -> anyhow::Result<(Config, String,
     cfg.database.url = database;
     std::fs::create_dir_all("mes-data")?;
     let plant_path = PathBuf::from(format!("mes-data/{client}-plant.toml"));
-    std::fs::write(&plant_path, crate::plant::MQTT_LINE)?;
+    match lines {
+        0 | 1 => std::fs::write(&plant_path, crate::plant::MQTT_LINE)?,
+        _ => std::fs::write(&plant_path, lines_plant(lines)?)?,
+    }
     cfg.plant.file = Some(plant_path.clone());
     let plant = crate::plant::Plant::load(Some(&plant_path))?;
     let devices = plant.work_centers.iter().map(|w| w.device_id()).collect();
@@ -195,7 +258,7 @@ impl WriterFigures {
 
 async fn ingest_one(url: String, o: &Options) -> anyhow::Result<IngestFigures> {
     let label = db_label(&url);
-    let (cfg, broker, devices, prefix) = in_process(url.clone(), "mes-bench-ingest")?;
+    let (cfg, broker, devices, prefix) = in_process_lines(url.clone(), "mes-bench-ingest", o.lines)?;
     let (n, secs, with_floors, with_orders) = (o.messages, o.seconds.max(1) as f64, o.floors, o.orders);
     let rounds = o.rounds.max(1);
     crate::app::run_with(cfg, move |handle: Handle| async move {
@@ -830,7 +893,8 @@ async fn node_red(o: &Options) -> anyhow::Result<()> {
 
 #[cfg(test)]
 mod tests {
-    use super::{median_round, PhaseFigures, WriterFigures};
+    use super::{lines_plant, median_round, PhaseFigures, WriterFigures};
+    use crate::plant::Plant;
 
     fn round(raw: f64, mes: f64, name: &str) -> (f64, PhaseFigures, WriterFigures) {
         let flood = PhaseFigures { name: name.into(), committed_per_s: mes, ..Default::default() };
@@ -847,5 +911,32 @@ mod tests {
         let two = vec![round(100.0, 30.0, "low"), round(100.0, 60.0, "high")];
         assert_eq!(median_round(two).map(|r| r.1.name), Some("high".to_string()));
         assert!(median_round(Vec::new()).is_none());
+    }
+
+    /// Three lines: the demo line as it is, then two copies with their own buffers, work
+    /// centers and devices, wired as the first (each copy's flow stays within the copy),
+    /// sharing the materials and bills; the plant file they make loads as any other.
+    #[test]
+    fn lines_repeat_the_demo_line_with_their_own_ids() {
+        let one = Plant::parse(crate::plant::MQTT_LINE, "demo", None).expect("demo line");
+        let plant = Plant::parse(&lines_plant(3).expect("plant"), "lines", None).expect("three lines load");
+        assert_eq!(plant.materials.len(), one.materials.len());
+        assert_eq!(plant.boms.len(), one.boms.len());
+        assert_eq!(plant.buffers.len(), 3 * one.buffers.len());
+        assert_eq!(plant.work_centers.len(), 3 * one.work_centers.len());
+        let first = &one.work_centers[0];
+        assert_eq!(&plant.work_centers[0].id, &first.id);
+        assert_eq!(plant.work_centers[0].device_id(), first.device_id());
+        let copy = &plant.work_centers[2 * one.work_centers.len()];
+        assert_eq!(copy.id, format!("{}-L3", first.id));
+        assert_eq!(copy.device_id(), format!("{}-l3", first.device_id()));
+        assert_eq!(copy.output, format!("{}-L3", first.output));
+        assert_eq!(copy.inputs, first.inputs.iter().map(|b| format!("{b}-L3")).collect::<Vec<_>>());
+        let devices: std::collections::BTreeSet<String> = plant.work_centers.iter().map(|w| w.device_id()).collect();
+        assert_eq!(devices.len(), plant.work_centers.len(), "a device per work center");
+        assert_eq!(
+            lines_plant(1).map(|p| Plant::parse(&p, "one", None).map(|p| p.work_centers.len()).ok()).ok().flatten(),
+            Some(4)
+        );
     }
 }

@@ -84,6 +84,11 @@ enum Cmd {
         /// the round whose ratio is the median (the machine's load moves single rounds).
         #[arg(long, default_value_t = 1)]
         rounds: u32,
+        /// ingest: the demo line this many times side by side (each copy its own four
+        /// devices, work centers and buffers; the same work per message), so the MES has
+        /// more devices, hence more broker sessions, to take the same flood over.
+        #[arg(long, default_value_t = 1)]
+        lines: usize,
         /// Messages per measurement.
         #[arg(long, default_value_t = 100_000)]
         messages: u64,
@@ -306,6 +311,7 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
             no_floors,
             orders,
             rounds,
+            lines,
             ..
         } => {
             // Progress lines on stderr stay readable: the in-process MES logs warnings only.
@@ -321,6 +327,7 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
                 floors: !no_floors,
                 orders,
                 rounds,
+                lines,
             };
             runtime()?.block_on(mes::bench_suite::run(&scenario, o))?;
             Ok(ExitCode::SUCCESS)
