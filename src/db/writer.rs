@@ -87,8 +87,8 @@ pub struct MqttAck {
     pub acker: AckSender,
 }
 
-/// Sends MQTT acknowledgements after commit.
-pub type AckSender = mpsc::Sender<Vec<MqttAck>>;
+/// Sends MQTT acknowledgements after commit (one per MQTT session).
+pub type AckSender = Arc<crate::ingest::mqtt::Acker>;
 
 pub struct Writer {
     store: Store,
@@ -329,12 +329,10 @@ impl Writer {
             }
         }
         for (acker, acks) in publishes {
-            // Bounded by the broker's in-flight window; waits rather than drops. A session
-            // that has stopped (its work center handed over) has no acker any more: the
-            // broker redelivers to the next owner, and deduplication makes that harmless.
-            if acker.send(acks).await.is_err() {
-                tracing::debug!("ack channel closed; the broker will redeliver (deduplicated)");
-            }
+            // Sent to the session loop at once; a session that has stopped (its work center
+            // handed over) drops them: the broker redelivers to the next owner, and
+            // deduplication makes that harmless.
+            acker.submit(acks);
         }
         let Some(tap) = &self.tap else {
             batch.clear();
@@ -380,7 +378,7 @@ async fn connection<'a>(
 
 /// Groups acknowledgements by session, keeping each session's order.
 fn push_ack(groups: &mut Vec<(AckSender, Vec<MqttAck>)>, a: MqttAck) {
-    match groups.iter_mut().find(|(s, _)| s.same_channel(&a.acker)) {
+    match groups.iter_mut().find(|(s, _)| Arc::ptr_eq(s, &a.acker)) {
         Some((_, v)) => v.push(a),
         None => groups.push((a.acker.clone(), vec![a])),
     }

@@ -228,7 +228,6 @@ pub fn start(
         rumqttc::LastWill::new(&state_topic, sparkplug::state_payload(false, state_ts), QoS::AtLeastOnce, true)
     });
     let opts = options(cfg, &session.client_id, ingest, will)?;
-    let (ack_tx, ack_rx) = mpsc::channel::<Vec<MqttAck>>(1024);
     // Acknowledgements in receive order, from the acker to the session loop, which writes
     // each batch to the socket at once (see [`write_acks`]). Unbounded in type only: it
     // holds packet ids of publishes received and not yet acknowledged, which the broker's
@@ -245,7 +244,8 @@ pub fn start(
     };
     let generation = Arc::new(AtomicU64::new(0));
     let progress = Arc::new(AckProgress::default());
-    tokio::spawn(acker(wire_tx, ack_rx, generation.clone(), progress.clone(), pipeline.metrics.clone()));
+    let ack_tx: AckSender =
+        Arc::new(Acker::new(wire_tx, generation.clone(), progress.clone(), pipeline.metrics.clone()));
     let Session { client_id, filters, guard, kind } = session;
     // The node's own session (not a work center's or a partition's) reports the broker
     // connection.
@@ -272,6 +272,10 @@ pub fn start(
         let mut catch_up: Option<CatchUp> = None;
         let marker_topic = format!("{prefix}/devices/{MARKER_DEVICE}/telemetry");
         let mut tick = tokio::time::interval(Duration::from_millis(100));
+        // Main session: copies passed on (acknowledged without work) not yet handed to the
+        // acker, handed over together once nothing more is ready to read (or every
+        // [`PASSES_AT_ONCE`]), so that they leave in one write rather than one each.
+        let mut passes: Vec<MqttAck> = Vec::new();
         loop {
             let ev = tokio::select! {
                 // Acknowledgements before new messages: the broker's window for the session
@@ -283,6 +287,10 @@ pub fn start(
                     continue;
                 }
                 ev = eventloop.poll() => ev,
+                () = std::future::ready(()), if !passes.is_empty() => {
+                    ack_tx.submit(std::mem::take(&mut passes));
+                    continue;
+                }
                 _ = tick.tick(), if draining || catch_up.is_some() => {
                     // A marker lost while the line is quiet is sent again from here.
                     if let Some(c) = catch_up.as_mut().filter(|c| c.sent.is_some() && c.marker_due(pending_subacks == 0)) {
@@ -409,14 +417,16 @@ pub fn start(
                         }
                         if p.qos != QoS::AtMostOnce {
                             received_qos1 += 1;
-                            let a = MqttAck {
+                            passes.push(MqttAck {
                                 generation: generation.load(Relaxed),
                                 n: received_qos1 - 1,
                                 pkid: Some(p.pkid),
                                 pass: true,
                                 acker: ack_tx.clone(),
-                            };
-                            let _ = ack_tx.send(vec![a]).await;
+                            });
+                            if passes.len() >= PASSES_AT_ONCE {
+                                ack_tx.submit(std::mem::take(&mut passes));
+                            }
                         }
                         continue;
                     }
@@ -475,6 +485,8 @@ pub fn start(
                 }
             }
         }
+        // Copies passed on and not yet handed over go out with the last acknowledgements.
+        ack_tx.submit(std::mem::take(&mut passes));
         let offline = sparkplug.as_ref().map(|_| (state_topic, sparkplug::state_payload(false, state_ts)));
         drain(&mut eventloop, &client, &metrics, offline, &mut wire_rx, &generation).await;
         if primary {
@@ -627,7 +639,7 @@ async fn handle_publish(
             if let Some(Completion::Mqtt(mut a)) = abandoned {
                 // Not committed, so not acknowledged; later publishes may still be.
                 a.pkid = None;
-                let _ = ack_tx.send(vec![a]).await;
+                ack_tx.submit(vec![a]);
             }
         }
         Err(reason) => {
@@ -656,75 +668,106 @@ impl AckProgress {
     }
 }
 
-/// Queued acknowledgement batches the acker takes at once into one write (a bound on the
-/// time before the first of them leaves).
+/// Acknowledgement batches queued for the session loop that it joins into one write (a
+/// bound on the time before the first of them leaves).
 const ACKER_BATCHES: usize = 256;
 
-/// Acknowledges committed publishes in the order they were received on the current
+/// The main session's passed copies handed to the acker at once at most.
+const PASSES_AT_ONCE: usize = 128;
+
+/// Acknowledges settled publishes in the order they were received on the current
 /// connection (MQTT 3.1.1 §4.6; some brokers drop a client that acknowledges out of
-/// order). Commits complete out of order, so acknowledgements wait in a reorder buffer
-/// bounded by the in-flight limit. Acknowledgements for an older connection are dropped:
-/// the broker redelivers those publishes and deduplication makes that harmless.
-async fn acker(
+/// order). Whoever settles publishes calls [`Acker::submit`]: the writer after a commit,
+/// the session loop for the copies it passes on and for publishes it gives up. Commits
+/// complete out of order (a dead letter's, a reading's whose actor is gone), so
+/// acknowledgements wait in a reorder buffer bounded by the broker's in-flight window; those
+/// whose predecessors are all settled go at once, as one batch, to the session loop, which
+/// writes them. No task of its own: a task between the writer and the session loop was a
+/// wait for a core of its own, under a flood about a millisecond from the end of a commit
+/// to its acknowledgements on the wire (session 17), while the broker's window held the
+/// next messages back. Acknowledgements for an older connection are dropped: the broker
+/// redelivers those publishes and deduplication makes that harmless.
+pub struct Acker {
+    state: std::sync::Mutex<AckerState>,
     wire: mpsc::UnboundedSender<WireAcks>,
-    mut rx: mpsc::Receiver<Vec<MqttAck>>,
     generation: Arc<AtomicU64>,
     progress: Arc<AckProgress>,
     metrics: Arc<Metrics>,
-) {
-    let mut current = 0u64;
-    let mut next = 0u64;
-    let mut waiting: BTreeMap<u64, (Option<u16>, bool)> = BTreeMap::new();
-    let mut pkids = Vec::new();
-    let mut counted = 0u64;
-    while let Some(first) = rx.recv().await {
-        // Everything already queued is taken too, so that acknowledgements that became due
-        // together leave in one write (the main session passes each of its copies alone).
-        let batches = std::iter::once(first).chain(std::iter::from_fn(|| rx.try_recv().ok())).take(ACKER_BATCHES);
-        for batch in batches {
-            let live = generation.load(Relaxed);
-            if live != current {
-                // Due on the connection that just ended: the broker redelivers those (the
-                // session loop would drop them as of an older connection).
-                pkids.clear();
-                counted = 0;
-                current = live;
-                next = 0;
-                waiting.clear();
+}
+
+/// The reorder buffer of one connection.
+#[derive(Default)]
+struct AckerState {
+    /// The connection generation the buffer is of.
+    current: u64,
+    /// The position of the next publish to settle.
+    next: u64,
+    /// Settled out of turn: position → (packet id, or `None` if abandoned; whether a pass).
+    waiting: BTreeMap<u64, (Option<u16>, bool)>,
+}
+
+impl std::fmt::Debug for Acker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Acker")
+    }
+}
+
+impl Acker {
+    fn new(
+        wire: mpsc::UnboundedSender<WireAcks>,
+        generation: Arc<AtomicU64>,
+        progress: Arc<AckProgress>,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        Self { state: Default::default(), wire, generation, progress, metrics }
+    }
+
+    /// Settles `batch` (publishes of this session) and sends the session loop every
+    /// acknowledgement now due, in receive order. Never waits: the lock is held for the
+    /// reorder and an unbounded send, so that batches reach the loop in order whoever
+    /// submits them.
+    pub fn submit(&self, batch: Vec<MqttAck>) {
+        let mut s = self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let live = self.generation.load(Relaxed);
+        if live != s.current {
+            // Due on a connection that has ended: the broker redelivers those.
+            *s = AckerState { current: live, ..Default::default() };
+        }
+        for a in &batch {
+            if a.generation == s.current && a.n >= s.next {
+                s.waiting.insert(a.n, (a.pkid, a.pass));
             }
-            for a in batch {
-                if a.generation == current && a.n >= next {
-                    waiting.insert(a.n, (a.pkid, a.pass));
+        }
+        let (mut pkids, mut counted) = (Vec::new(), 0u64);
+        loop {
+            let next = s.next;
+            let Some((p, pass)) = s.waiting.remove(&next) else { break };
+            s.next += 1;
+            match p {
+                Some(pkid) => {
+                    pkids.push(pkid);
+                    counted += u64::from(!pass);
+                }
+                None => {
+                    self.progress.abandoned.fetch_add(1, Relaxed);
                 }
             }
-            while let Some((p, pass)) = waiting.remove(&next) {
-                next += 1;
-                match p {
-                    Some(pkid) => {
-                        pkids.push(pkid);
-                        counted += u64::from(!pass);
-                    }
-                    None => {
-                        progress.abandoned.fetch_add(1, Relaxed);
-                    }
-                }
-                progress.settled.fetch_add(1, Relaxed);
-            }
+            self.progress.settled.fetch_add(1, Relaxed);
         }
         if pkids.is_empty() {
-            continue;
+            return;
         }
         let n = pkids.len() as u64;
-        match wire.send((current, std::mem::take(&mut pkids))) {
+        match self.wire.send((s.current, pkids)) {
             Ok(()) => {
-                metrics.acks_sent.fetch_add(std::mem::take(&mut counted), Relaxed);
+                self.metrics.acks_sent.fetch_add(counted, Relaxed);
             }
             Err(_) => {
                 tracing::warn!(
                     acks = n,
                     "session ended; acknowledgements not sent, the broker will redeliver (deduplicated)"
                 );
-                progress.abandoned.fetch_add(n, Relaxed);
+                self.progress.abandoned.fetch_add(n, Relaxed);
             }
         }
     }
@@ -751,38 +794,40 @@ mod tests {
         assert!(!c.is_ours(b"\xff not json"));
     }
 
-    fn ack(tx: &AckSender, generation: u64, n: u64, pkid: Option<u16>, pass: bool) -> MqttAck {
-        MqttAck { generation, n, pkid, pass, acker: tx.clone() }
+    fn ack(acker: &AckSender, generation: u64, n: u64, pkid: Option<u16>, pass: bool) -> MqttAck {
+        MqttAck { generation, n, pkid, pass, acker: acker.clone() }
     }
 
-    /// Acknowledgements that became due together leave as one batch, in receive order: the
-    /// acker takes every batch already queued (the main session's copies come one by one),
-    /// holds back those whose predecessors are not settled, and counts only committed ones.
-    #[tokio::test]
-    async fn acker_joins_what_is_queued_into_one_batch_in_receive_order() {
-        let (tx, rx) = mpsc::channel::<Vec<MqttAck>>(16);
+    /// Settled publishes are acknowledged in receive order: each submission sends at once
+    /// everything whose predecessors are settled, as one batch; the rest waits for the gap
+    /// before it. An abandoned publish is settled but not acknowledged, a passed copy is
+    /// acknowledged but not counted as a commit, and one of an older connection is dropped.
+    #[test]
+    fn acker_sends_what_is_due_in_receive_order() {
         let (wire_tx, mut wire_rx) = mpsc::unbounded_channel::<WireAcks>();
         let generation = Arc::new(AtomicU64::new(1));
         let progress = Arc::new(AckProgress::default());
         let metrics = Arc::new(Metrics::default());
-        // Queued before the acker runs: n = 2 and 0 (a commit), 1 (a pass), 4 (waits for 3),
-        // an abandoned 5, and one of an older connection.
-        tx.send(vec![ack(&tx, 1, 2, Some(12), false), ack(&tx, 1, 0, Some(10), false)]).await.expect("send");
-        tx.send(vec![ack(&tx, 1, 1, Some(11), true)]).await.expect("send");
-        tx.send(vec![ack(&tx, 1, 4, Some(14), false), ack(&tx, 1, 5, None, false)]).await.expect("send");
-        tx.send(vec![ack(&tx, 0, 3, Some(99), false)]).await.expect("send");
-        let task = tokio::spawn(acker(wire_tx, rx, generation, progress.clone(), metrics.clone()));
-        let first = tokio::time::timeout(Duration::from_secs(5), wire_rx.recv()).await.expect("in time");
-        assert_eq!(first, Some((1, vec![10, 11, 12])), "one batch, in receive order, up to the gap at 3");
+        let acker: AckSender = Arc::new(Acker::new(wire_tx, generation.clone(), progress.clone(), metrics.clone()));
+        acker.submit(vec![ack(&acker, 1, 2, Some(12), false), ack(&acker, 1, 0, Some(10), false)]);
+        assert_eq!(wire_rx.try_recv().ok(), Some((1, vec![10])), "0 is due; 2 waits for 1");
+        acker.submit(vec![ack(&acker, 1, 1, Some(11), true)]);
+        assert_eq!(wire_rx.try_recv().ok(), Some((1, vec![11, 12])), "the pass lets 2 go with it");
         assert_eq!(metrics.acks_sent.load(Relaxed), 2, "the pass confirms no commit");
-        // 3 arrives: 3 and 4 leave together; 5 was abandoned (settled, not acknowledged).
-        tx.send(vec![ack(&tx, 1, 3, Some(13), false)]).await.expect("send");
-        let second = tokio::time::timeout(Duration::from_secs(5), wire_rx.recv()).await.expect("in time");
-        assert_eq!(second, Some((1, vec![13, 14])));
+        acker.submit(vec![ack(&acker, 1, 4, Some(14), false), ack(&acker, 1, 5, None, false)]);
+        acker.submit(vec![ack(&acker, 0, 3, Some(99), false)]);
+        assert!(wire_rx.try_recv().is_err(), "4 and 5 wait for 3; an older connection's 3 is not it");
+        acker.submit(vec![ack(&acker, 1, 3, Some(13), false)]);
+        assert_eq!(wire_rx.try_recv().ok(), Some((1, vec![13, 14])), "5 was abandoned: settled, not acknowledged");
         assert_eq!(metrics.acks_sent.load(Relaxed), 4);
         assert_eq!((progress.settled.load(Relaxed), progress.abandoned.load(Relaxed)), (6, 1));
-        drop(tx);
-        task.await.expect("acker ends with its senders");
+        // A new connection starts a new order; what was due on the old one is dropped.
+        generation.store(2, Relaxed);
+        acker.submit(vec![ack(&acker, 1, 6, Some(16), false), ack(&acker, 2, 0, Some(1), false)]);
+        assert_eq!(wire_rx.try_recv().ok(), Some((2, vec![1])));
+        drop(wire_rx);
+        acker.submit(vec![ack(&acker, 2, 1, Some(2), false)]);
+        assert_eq!(progress.abandoned.load(Relaxed), 2, "the session loop is gone: given up, redelivered later");
     }
 
     /// The session loop writes the batches queued behind the first as one; a newer

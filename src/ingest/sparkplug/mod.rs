@@ -680,7 +680,7 @@ pub async fn handle(
             let abandoned = span.in_scope(|| pipeline.submit_reading(reading, received_ms, done, slot, None));
             if let Some(Completion::Mqtt(mut a)) = abandoned {
                 a.pkid = None;
-                let _ = ack_tx.send(vec![a]).await;
+                ack_tx.submit(vec![a]);
             }
         }
         Action::Ack => {
