@@ -1,9 +1,10 @@
 //! MQTT adapter: a persistent-session rumqttc client with manual acknowledgements.
 //!
 //! The event loop only reads: each publish is admitted into the in-flight bound, then
-//! handed to a task that decodes it and submits it to the [`Pipeline`]. The writer sends
-//! committed publishes to the acker, which acknowledges them to the broker. A publish
-//! that is never committed is never acknowledged, so the broker redelivers it.
+//! handed to a task that decodes it and submits it to the [`Pipeline`]. The writer hands
+//! committed publishes to the session's [`Acker`], which puts their acknowledgements in
+//! receive order for the session loop to write. A publish that is never committed is
+//! never acknowledged, so the broker redelivers it.
 
 use super::{parse, sparkplug, Pipeline};
 use crate::config::{IngestConfig, MqttConfig};
@@ -233,7 +234,7 @@ pub fn start(
     // holds packet ids of publishes received and not yet acknowledged, which the broker's
     // window for the session bounds (at most 65,535, the packet id space). A bound here
     // could close a cycle: the loop waiting for a permit, the writer (which frees permits)
-    // waiting on the acker, the acker waiting on the loop.
+    // waiting in `Acker::submit` for room, which only the loop makes. (`submit` never waits.)
     let (wire_tx, mut wire_rx) = mpsc::unbounded_channel::<WireAcks>();
     let (client, mut eventloop) = AsyncClient::new(opts, REQUEST_CAPACITY);
     let spb_filters = sparkplug.as_ref().map(|h| h.bindings().filters()).unwrap_or_default();
