@@ -88,8 +88,6 @@ impl From<sqlx::Error> for CommandError {
 
 pub(crate) const ORDER_COLS: &str =
     "id, sku, quantity, work_center, status, good, scrap, due, priority, created_ms, updated_ms";
-/// Packs searched first for a device's last device time ([`Store::last_ts_of`]).
-const LAST_TS_PACKS: i64 = 16;
 
 const WC_COLS: &str =
     "id, name, device_id, device_kind, output_buffer, ideal_cycle_ms, state, reason, current_order, good_total, scrap_total, last_seen_ms";
@@ -171,29 +169,17 @@ impl Store {
         Ok(out)
     }
 
-    /// Device time of a device's newest counted reading that carried one: the actor's
-    /// `last_ts_ms`, so running time (and the conversion priced from it) between the last
-    /// reading before a restart and the first after it is counted as without the restart.
+    /// Device time of the newest reading that moved the device's cursor and carried one:
+    /// the actor's `last_ts_ms`, so running time (and the conversion priced from it) between
+    /// the last reading before a restart and the first after it is counted as without the
+    /// restart.
     pub async fn last_ts_of(&self, device: &str) -> Result<Option<i64>, DbError> {
-        // The device's newest packs first (their newest reading by boot and seq); whole
-        // history only if none of them holds a device time.
-        for newest in [Some(LAST_TS_PACKS), None] {
-            let r = sqlx::query(
-                "SELECT ts_ms FROM telemetry
-                 WHERE id IN (SELECT id FROM telemetry_packs WHERE device = $1
-                              ORDER BY last_boot DESC, last_seq DESC LIMIT $2)
-                   AND ts_ms IS NOT NULL
-                 ORDER BY boot DESC, seq DESC LIMIT 1",
-            )
+        // Moved with the device's cursor by the writer (migration 0016).
+        let r = sqlx::query("SELECT last_ts_ms FROM device_cursors WHERE device = $1")
             .bind(device)
-            .bind(newest.unwrap_or(i64::MAX))
             .fetch_optional(&self.pool)
             .await?;
-            if let Some(ts) = r.map(|r| r.try_get::<Option<i64>, _>("ts_ms")).transpose()?.flatten() {
-                return Ok(Some(ts));
-            }
-        }
-        Ok(None)
+        Ok(r.map(|r| r.try_get::<Option<i64>, _>("last_ts_ms")).transpose()?.flatten())
     }
 
     /// The last raw counter registers per Modbus device (the restart baseline).

@@ -1052,6 +1052,10 @@ async fn steps(link: &mut Link<'_>, what: Batch<'_>) -> Result<Summary, DbError>
 
     // 2. Aggregate what was inserted.
     let mut cursors: BTreeMap<&str, &Delta> = BTreeMap::new();
+    // Per device, the device time of its newest reading of the batch that moved the cursor
+    // and carried one (the actor's `last_ts_ms`, stored with the cursor): a late reading of
+    // the previous boot leaves it.
+    let mut last_ts: BTreeMap<&str, i64> = BTreeMap::new();
     let mut wcs: BTreeMap<&str, WcAgg> = BTreeMap::new();
     let mut orders: BTreeMap<&str, (i64, i64)> = BTreeMap::new();
     let mut state_changes: Vec<(&Delta, i64)> = Vec::new();
@@ -1061,6 +1065,10 @@ async fn steps(link: &mut Link<'_>, what: Batch<'_>) -> Result<Summary, DbError>
         let c = cursors.entry(d.device.as_str()).or_insert(d);
         if stored_cursor_key(d) > stored_cursor_key(c) {
             *c = d;
+        }
+        if let Some(ts) = d.ts_ms.filter(|_| (d.cursor.boot, d.cursor.seq) == (d.boot, d.seq)) {
+            // Readings of a device come in apply order: the last one wins.
+            last_ts.insert(d.device.as_str(), ts);
         }
         let w = wcs.entry(d.work_center.as_str()).or_default();
         w.good += d.good as i64;
@@ -1118,17 +1126,18 @@ async fn steps(link: &mut Link<'_>, what: Batch<'_>) -> Result<Summary, DbError>
     let cursors: Vec<&Delta> = cursors.into_values().collect();
     for cursors in cursors.chunks(ROWS_PER_STATEMENT) {
         let sql = format!(
-            "INSERT INTO device_cursors (device, boot, seq, good, scrap, updated_ms, prev_boot, prev_seq, prev_good, prev_scrap)
+            "INSERT INTO device_cursors (device, boot, seq, good, scrap, updated_ms, prev_boot, prev_seq, prev_good, prev_scrap, last_ts_ms)
              {}
              ON CONFLICT (device) DO UPDATE SET boot = excluded.boot, seq = excluded.seq, good = excluded.good,
                scrap = excluded.scrap, updated_ms = excluded.updated_ms, prev_boot = excluded.prev_boot,
-               prev_seq = excluded.prev_seq, prev_good = excluded.prev_good, prev_scrap = excluded.prev_scrap
+               prev_seq = excluded.prev_seq, prev_good = excluded.prev_good, prev_scrap = excluded.prev_scrap,
+               last_ts_ms = COALESCE(excluded.last_ts_ms, device_cursors.last_ts_ms)
              WHERE (excluded.boot, excluded.seq, COALESCE(excluded.prev_boot, -1), COALESCE(excluded.prev_seq, -1))
                  > (device_cursors.boot, device_cursors.seq, COALESCE(device_cursors.prev_boot, -1),
                     COALESCE(device_cursors.prev_seq, -1))",
-            link.rows(10)
+            link.rows(11)
         );
-        let mut binds = Vec::with_capacity(cursors.len() * 10);
+        let mut binds = Vec::with_capacity(cursors.len() * 11);
         for d in cursors {
             let prev = |v: fn(&Cursor) -> u64, what| d.prev_boot.as_ref().map(|p| to_i64(v(p), what)).transpose();
             binds.extend([
@@ -1142,9 +1151,10 @@ async fn steps(link: &mut Link<'_>, what: Batch<'_>) -> Result<Summary, DbError>
                 V::OptInt(prev(|p| p.seq, "previous boot's seq")?),
                 V::OptInt(prev(|p| p.good, "previous boot's good")?),
                 V::OptInt(prev(|p| p.scrap, "previous boot's scrap")?),
+                V::OptInt(last_ts.get(d.device.as_str()).copied()),
             ]);
         }
-        link.pending.push_rows(sql, binds, 10, false);
+        link.pending.push_rows(sql, binds, 11, false);
     }
 
     // 4. Work center totals and last state (one statement per 2,000 work centers).

@@ -692,6 +692,145 @@ async fn order_changed_on(url: &str, dir: &std::path::Path) {
     writer.await.expect("writer stops");
 }
 
+/// The device time a restarted actor continues from (`Store::last_ts_of`) is moved with the
+/// device's cursor in the commit (migration 0016): the newest reading that moved the cursor
+/// and carried a time sets it, one without a time keeps it, a late reading of the previous
+/// boot leaves it. On SQLite, and on PostgreSQL when
+/// `MES_TEST_DATABASE_URL` is set.
+#[tokio::test]
+async fn the_last_device_time_moves_with_the_cursor() {
+    let dir = crate::harness::temp_dir();
+    for url in sqlite_and_postgres(&dir, "last-ts").await {
+        last_ts_on(&url, &dir).await;
+    }
+}
+
+async fn last_ts_on(url: &str, dir: &std::path::Path) {
+    use mes::db::writer::{Completion, Job, Work, Writer};
+    use mes_actors::counter::Cursor;
+    let (store, ledger) = writer_store(url, dir, "last-ts", &plant()).await;
+    let (tx, rx) = tokio::sync::mpsc::channel(16);
+    let metrics = Arc::new(mes::metrics::Metrics::default());
+    let writer = tokio::spawn(Writer::new(store.clone(), rx, metrics, Default::default(), 16, ledger).run());
+    // Boot 1, 3 good a reading; `ts` the device time, if any.
+    let reading = |seq: u64, ts: Option<i64>| {
+        let mut d = crate::harness::counted_delta("PRESS-1", "press-01", seq, 3, 0);
+        d.ts_ms = ts;
+        d
+    };
+    // Each call is one batch: its readings queued at once, waited for until committed.
+    let commit = |deltas: Vec<mes_actors::Delta>| {
+        let tx = tx.clone();
+        async move {
+            let mut done = Vec::new();
+            for d in deltas {
+                let (ok, r) = tokio::sync::oneshot::channel();
+                let job = Job {
+                    work: Work::Counted(Box::new(d)),
+                    received_ms: 0,
+                    done: Completion::Notify(ok),
+                    slot: None,
+                    raw: None,
+                    metrics: Default::default(),
+                    lease: None,
+                };
+                tx.send(job).await.expect("queue");
+                done.push(r);
+            }
+            for r in done {
+                r.await.expect("committed");
+            }
+        }
+    };
+    let last = || store.last_ts_of("press-01");
+    assert_eq!(last().await.expect("read"), None, "{url}: no reading yet");
+    commit(vec![reading(1, None)]).await;
+    assert_eq!(last().await.expect("read"), None, "{url}: no reading with a time yet");
+    commit(vec![reading(2, Some(2_000)), reading(3, Some(3_000)), reading(4, None)]).await;
+    assert_eq!(last().await.expect("read"), Some(3_000), "{url}: the newest that had one");
+    commit(vec![reading(5, None)]).await;
+    assert_eq!(last().await.expect("read"), Some(3_000), "{url}: kept by a reading without one");
+    commit(vec![reading(6, Some(6_000))]).await;
+    assert_eq!(last().await.expect("read"), Some(6_000), "{url}");
+    // The device restarts (boot 2), then a reading of boot 1 arrives late: it counts what it
+    // adds, keeps the cursor of boot 2, and is no newer than boot 2's readings.
+    let mut first = crate::harness::counted_delta("PRESS-1", "press-01", 1, 1, 0);
+    (first.boot, first.ts_ms, first.restarted) = (2, Some(9_000), true);
+    first.cursor = Cursor { boot: 2, seq: 1, good: 1, scrap: 0 };
+    first.prev_boot = Some(Cursor { boot: 1, seq: 6, good: 18, scrap: 0 });
+    commit(vec![first.clone()]).await;
+    assert_eq!(last().await.expect("read"), Some(9_000), "{url}: boot 2's first reading");
+    let mut late = reading(7, Some(7_000));
+    late.cursor = first.cursor;
+    late.prev_boot = Some(Cursor { boot: 1, seq: 7, good: 21, scrap: 0 });
+    commit(vec![late]).await;
+    assert_eq!(last().await.expect("read"), Some(9_000), "{url}: the late reading of boot 1 leaves it");
+    let w = store.work_center("PRESS-1").await.expect("read").expect("exists");
+    assert_eq!(w.good_total, 22, "{url}: seqs 1-6 of boot 1, its late seq 7, boot 2's first");
+    drop(tx);
+    writer.await.expect("writer stops");
+}
+
+/// Migration 0016 gives each device cursor the device time the old read found: the newest
+/// reading with a time among the device's 16 newest packs, else in its whole history, else
+/// none. On SQLite, and on PostgreSQL when `MES_TEST_DATABASE_URL` is set.
+#[tokio::test]
+async fn migration_0016_keeps_the_last_device_time_the_packs_held() {
+    use sqlx::Executor;
+    let dir = crate::harness::temp_dir();
+    for url in sqlite_and_postgres(&dir, "last-ts-migration").await {
+        let store = mes::db::Store::connect(&url, 1).await.expect("connect");
+        let backend = if url.starts_with("sqlite") { "sqlite" } else { "postgres" };
+        let migrations = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("migrations").join(backend);
+        let mut files: Vec<_> =
+            std::fs::read_dir(&migrations).expect("migrations").map(|e| e.expect("entry").path()).collect();
+        files.sort();
+        let run = |sql: String| {
+            let pool = store.pool.clone();
+            async move { pool.execute(sqlx::AssertSqlSafe(sql.clone())).await.unwrap_or_else(|e| panic!("{sql}: {e}")) }
+        };
+        let (before, after): (Vec<_>, Vec<_>) =
+            files.iter().partition(|f| f.file_name().is_some_and(|n| n.to_string_lossy().as_ref() < "0016"));
+        for f in before {
+            run(std::fs::read_to_string(f).expect("migration file")).await;
+        }
+        // press-01: its newest pack's first reading has a time, its second none.
+        // press-02: a time only in its oldest pack, 16 newer packs without one.
+        // press-03: never a time.
+        let pack = |device: &str, seq: u64, ts: Option<i64>| {
+            let ts = ts.map_or("null".to_string(), |t| t.to_string());
+            format!(
+                "INSERT INTO telemetry_packs (device, work_center, t_min, t_max, last_boot, last_seq, n, readings)
+                 VALUES ('{device}', 'PRESS-1', 1, 1, 1, {seq}, 1, '[[1,{seq},null,{ts},1,1,0,\"running\",null]]')"
+            )
+        };
+        run(pack("press-01", 1, Some(1_000))).await;
+        run("INSERT INTO telemetry_packs (device, work_center, t_min, t_max, last_boot, last_seq, n, readings)
+             VALUES ('press-01', 'PRESS-1', 1, 2, 1, 3, 2,
+                     '[[1,2,null,2000,1,1,0,\"running\",null],[1,3,null,null,2,1,0,\"running\",null]]')"
+            .to_string())
+        .await;
+        run(pack("press-02", 1, Some(500))).await;
+        for seq in 2..=17 {
+            run(pack("press-02", seq, None)).await;
+        }
+        run(pack("press-03", 1, None)).await;
+        for (device, seq) in [("press-01", 3), ("press-02", 17), ("press-03", 1)] {
+            run(format!(
+                "INSERT INTO device_cursors (device, boot, seq, good, scrap, updated_ms) VALUES ('{device}', 1, {seq}, {seq}, 0, 0)"
+            ))
+            .await;
+        }
+        for f in after {
+            run(std::fs::read_to_string(f).expect("migration file")).await;
+        }
+        for (device, want) in [("press-01", Some(2_000)), ("press-02", Some(500)), ("press-03", None)] {
+            assert_eq!(store.last_ts_of(device).await.expect("read"), want, "{url}: {device}");
+        }
+        store.pool.close().await;
+    }
+}
+
 /// A migrated store at `url` with the master data of `plant` (written to
 /// `{name}-plant.toml` in `dir`), and its ledger: what a writer under test needs.
 async fn writer_store(
