@@ -18,6 +18,7 @@ use actix_web::{web, HttpServer};
 use anyhow::Context;
 use mes_actors::actor::WorkCenterActor;
 use mes_actors::{MachineState, WorkCenterState};
+use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -83,6 +84,18 @@ pub fn work_center_state(
     st
 }
 
+/// The plant's MQTT device ids.
+fn mqtt_devices(plant: &Plant) -> Vec<String> {
+    plant
+        .work_centers
+        .iter()
+        .filter_map(|w| match &w.device {
+            crate::plant::Device::Mqtt { id } => Some(id.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
 /// Runs the MES until `stop` completes, then shuts down gracefully.
 /// `on_ready` is called once everything is up.
 pub async fn run<F, R>(cfg: Config, stop: F, on_ready: R) -> anyhow::Result<()>
@@ -91,9 +104,21 @@ where
     R: FnOnce(Handle),
 {
     let (store, plant) = prepare(&cfg).await?;
+    // A single node that ingests from the broker it embeds reads its partition sessions
+    // through in-process links (`crate::broker::LocalLink`); everything else connects over TCP.
+    let mut local_links = HashMap::new();
     if let Some(b) = &cfg.mqtt.embedded_broker {
         let addr: SocketAddr = b.parse().context("mqtt.embedded_broker")?;
-        crate::broker::start(addr, cfg.ingest.max_payload).map_err(anyhow::Error::msg)?;
+        let own = cfg.mqtt.host_port().ok().and_then(|(h, p)| format!("{h}:{p}").parse::<SocketAddr>().ok());
+        let local: Vec<String> = match (own == Some(addr), &cfg.cluster) {
+            (true, None) => crate::ingest::sessions::layout(&cfg.mqtt, &mqtt_devices(&plant))
+                .partitions
+                .iter()
+                .map(|s| s.client_id.clone())
+                .collect(),
+            _ => Vec::new(),
+        };
+        local_links = crate::broker::start(addr, cfg.ingest.max_payload, &local).map_err(anyhow::Error::msg)?;
     }
     let metrics = Arc::new(Metrics::default());
     // A cluster node's events are relayed to the other nodes (`crate::events`).
@@ -194,20 +219,17 @@ where
     let mut intake_tasks = Vec::new();
     let session = match &cluster {
         None => {
-            let devices: Vec<String> = plant
-                .work_centers
-                .iter()
-                .filter_map(|w| match &w.device {
-                    crate::plant::Device::Mqtt { id } => Some(id.clone()),
-                    _ => None,
-                })
-                .collect();
+            let devices = mqtt_devices(&plant);
             let layout = crate::ingest::sessions::layout(&cfg.mqtt, &devices);
             let retired =
                 crate::ingest::sessions::record(&store, &cfg.mqtt, &layout).await.map_err(anyhow::Error::msg)?;
             for part in layout.partitions {
-                let (_, task) = mqtt::start(&cfg.mqtt, &cfg.ingest, part, pipeline.clone(), shutdown_rx.clone(), None)
-                    .map_err(anyhow::Error::msg)?;
+                let (ingest, shutdown) = (&cfg.ingest, shutdown_rx.clone());
+                let (_, task) = match local_links.remove(&part.client_id) {
+                    Some(link) => mqtt::start_local(&cfg.mqtt, ingest, part, pipeline.clone(), shutdown, link),
+                    None => mqtt::start(&cfg.mqtt, ingest, part, pipeline.clone(), shutdown, None),
+                }
+                .map_err(anyhow::Error::msg)?;
                 intake_tasks.push(task);
             }
             if !layout.routes.wait_subscribed(Duration::from_secs(5)).await {

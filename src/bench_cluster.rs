@@ -275,7 +275,8 @@ pub async fn run(opts: Options) -> anyhow::Result<String> {
             Some(u) => u.clone(),
             None => {
                 let port = free_port()?;
-                crate::broker::start(format!("127.0.0.1:{port}").parse()?, 64 * 1024).map_err(anyhow::Error::msg)?;
+                crate::broker::start(format!("127.0.0.1:{port}").parse()?, 64 * 1024, &[])
+                    .map_err(anyhow::Error::msg)?;
                 format!("mqtt://127.0.0.1:{port}")
             }
         };

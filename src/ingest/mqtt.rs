@@ -218,8 +218,36 @@ pub fn start(
     ingest: &IngestConfig,
     session: Session,
     pipeline: Pipeline,
+    shutdown: watch::Receiver<bool>,
+    sparkplug: Option<sparkplug::Host>,
+) -> Result<(MqttHandle, tokio::task::JoinHandle<()>), String> {
+    start_inner(cfg, ingest, session, pipeline, shutdown, sparkplug, None)
+}
+
+/// As [`start`], for a partition session of the broker this process embeds, read through
+/// an in-process link ([`crate::broker::LocalLink`]) instead of a TCP connection: the
+/// same subscriptions, window and acknowledgements after commit, without the socket, the
+/// MQTT encoding and the broker's connection thread on the way. Should the link end (the
+/// broker dropped it), the session connects over TCP as any other.
+pub fn start_local(
+    cfg: &MqttConfig,
+    ingest: &IngestConfig,
+    session: Session,
+    pipeline: Pipeline,
+    shutdown: watch::Receiver<bool>,
+    link: crate::broker::LocalLink,
+) -> Result<(MqttHandle, tokio::task::JoinHandle<()>), String> {
+    start_inner(cfg, ingest, session, pipeline, shutdown, None, Some(link))
+}
+
+fn start_inner(
+    cfg: &MqttConfig,
+    ingest: &IngestConfig,
+    session: Session,
+    pipeline: Pipeline,
     mut shutdown: watch::Receiver<bool>,
     mut sparkplug: Option<sparkplug::Host>,
+    local: Option<crate::broker::LocalLink>,
 ) -> Result<(MqttHandle, tokio::task::JoinHandle<()>), String> {
     // Sparkplug primary host: `STATE` online after each connect, offline as the will and
     // at shutdown; one timestamp for the birth and its will.
@@ -263,6 +291,29 @@ pub fn start(
     let max_payload = ingest.max_payload;
     let metrics = pipeline.metrics.clone();
     let task = tokio::spawn(async move {
+        if let Some(link) = local {
+            let on = Local {
+                pipeline: &pipeline,
+                ack_tx: &ack_tx,
+                generation: &generation,
+                progress: &progress,
+                subscribed: subscribed.as_ref(),
+                client_id: &client_id,
+                prefix: &prefix,
+                max_payload,
+            };
+            if on.run(link, &filters, &mut shutdown, &mut wire_rx).await {
+                if let Some(flag) = &subscribed {
+                    flag.store(false, Relaxed);
+                }
+                tracing::info!(session = %client_id, "MQTT intake stopped");
+                return;
+            }
+            if let Some(flag) = &subscribed {
+                flag.store(false, Relaxed);
+            }
+            tracing::warn!(session = %client_id, "in-process link to the embedded broker ended; connecting over TCP");
+        }
         let mut backoff = BACKOFF_MIN;
         let mut received_qos1: u64 = 0;
         // SUBACKs still awaited on this connection, and whether one refused a filter.
@@ -503,6 +554,123 @@ pub fn start(
         tracing::info!(session = %client_id, "MQTT intake stopped");
     });
     Ok((handle, task))
+}
+
+/// A partition session on an in-process link to the embedded broker ([`start_local`]).
+struct Local<'a> {
+    pipeline: &'a Pipeline,
+    ack_tx: &'a AckSender,
+    generation: &'a AtomicU64,
+    progress: &'a AckProgress,
+    subscribed: Option<&'a Arc<AtomicBool>>,
+    client_id: &'a str,
+    prefix: &'a str,
+    max_payload: usize,
+}
+
+impl Local<'_> {
+    /// Subscribes and ingests until shutdown (`true`) or until the link ends (`false`: the
+    /// caller goes on over TCP). What the link delivers is handled as what a TCP connection
+    /// delivers ([`handle_publish`]), acknowledged through the same acker, in receive order.
+    async fn run(
+        &self,
+        (mut tx, mut rx): crate::broker::LocalLink,
+        filters: &[String],
+        shutdown: &mut watch::Receiver<bool>,
+        wire_rx: &mut mpsc::UnboundedReceiver<WireAcks>,
+    ) -> bool {
+        use rumqttd::protocol as p;
+        // As after a connect: acknowledgements of an earlier link or connection mean nothing.
+        self.generation.fetch_add(1, Relaxed);
+        self.progress.reset();
+        let filters = filters
+            .iter()
+            .map(|f| p::Filter {
+                path: f.clone(),
+                qos: p::QoS::AtLeastOnce,
+                nolocal: false,
+                preserve_retain: false,
+                retain_forward_rule: p::RetainForwardRule::Never,
+            })
+            .collect();
+        if let Err(e) = tx.send(p::Packet::Subscribe(p::Subscribe { pkid: 1, filters }, None)).await {
+            tracing::warn!(session = %self.client_id, error = ?e, "cannot subscribe on the in-process link");
+            return false;
+        }
+        tracing::info!(session = %self.client_id, "partition session on an in-process link to the embedded broker");
+        let mut received_qos1: u64 = 0;
+        loop {
+            tokio::select! {
+                // Acknowledgements first, as on a connection: they free the window.
+                biased;
+                _ = shutdown.changed() => return true,
+                Some(acks) = wire_rx.recv() => {
+                    let (of, pkids) = gather(acks, wire_rx);
+                    let Some((&last, rest)) = pkids.split_last().filter(|_| of == self.generation.load(Relaxed)) else {
+                        continue;
+                    };
+                    let ack = |pkid| p::Packet::PubAck(p::PubAck { pkid, reason: p::PubAckReason::Success }, None);
+                    // All into the link's buffer, then one wake-up of the broker's router.
+                    tx.buffer().extend(rest.iter().map(|&pkid| ack(pkid)));
+                    if let Err(e) = tx.send(ack(last)).await {
+                        tracing::warn!(session = %self.client_id, error = ?e, "in-process link closed");
+                        return false;
+                    }
+                }
+                next = rx.next() => match next {
+                    Ok(Some(rumqttd::Notification::Forward(f))) => {
+                        // The packet id and QoS are the broker's own fields, read from its
+                        // serialisation (fixed header byte, then the id).
+                        let head = f.publish.serialize();
+                        let (qos, pkid, dup) = match head.get(..3) {
+                            Some(&[h, a, b]) => ((h >> 1) & 0b11, u16::from_be_bytes([a, b]), h & 0b1000 != 0),
+                            _ => (0, 0, false),
+                        };
+                        let topic = String::from_utf8_lossy(&f.publish.topic).into_owned();
+                        let qos = if qos == 0 { QoS::AtMostOnce } else { QoS::AtLeastOnce };
+                        let mut publish = rumqttc::Publish::from_bytes(topic, qos, f.publish.payload);
+                        (publish.pkid, publish.dup) = (pkid, dup);
+                        Metrics::inc(&self.pipeline.metrics.telemetry_messages);
+                        let Some(slot) = self.pipeline.admit().await else { return true };
+                        let done = if qos == QoS::AtMostOnce {
+                            Completion::None
+                        } else {
+                            received_qos1 += 1;
+                            Completion::Mqtt(MqttAck {
+                                generation: self.generation.load(Relaxed),
+                                n: received_qos1 - 1,
+                                pkid: Some(pkid),
+                                pass: false,
+                                acker: self.ack_tx.clone(),
+                            })
+                        };
+                        handle_publish(self.pipeline, self.prefix, self.max_payload, publish, done, slot, self.ack_tx).await;
+                    }
+                    // The one packet this link sends that the broker answers is the
+                    // subscription: its answer says the partition receives from now on.
+                    Ok(Some(rumqttd::Notification::DeviceAck(_))) => {
+                        if let Some(flag) = self.subscribed {
+                            flag.store(true, Relaxed);
+                        }
+                    }
+                    // The broker stopped sending: this link's queue was full (a flood at
+                    // QoS 0, which no window bounds). Everything queued has been taken now.
+                    Ok(Some(rumqttd::Notification::Unschedule)) => {
+                        if let Err(e) = rx.wake().await {
+                            tracing::warn!(session = %self.client_id, error = ?e, "in-process link closed");
+                            return false;
+                        }
+                    }
+                    Ok(Some(rumqttd::Notification::Disconnect(..))) => return false,
+                    Ok(_) => {}
+                    Err(e) => {
+                        tracing::warn!(session = %self.client_id, error = ?e, "in-process link closed");
+                        return false;
+                    }
+                },
+            }
+        }
+    }
 }
 
 /// Publishes the main session's catch-up marker (QoS 1, through the client's queue).

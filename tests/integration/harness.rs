@@ -362,6 +362,12 @@ impl Device {
         self.published += 1;
     }
 
+    /// Publishes at QoS 0: nothing acknowledges it, and no broker window bounds a flood of it.
+    pub async fn publish_at_most_once(&mut self, device: &str, payload: impl Into<Vec<u8>>) {
+        let topic = format!("{}/devices/{device}/telemetry", self.prefix);
+        self.client.publish(topic, QoS::AtMostOnce, false, payload.into()).await.expect("publish");
+    }
+
     pub async fn reading(&mut self, device: &str, boot: u64, seq: u64, good: u64, scrap: u64, extra: Value) {
         let mut v = serde_json::json!({"boot": boot, "seq": seq, "good": good, "scrap": scrap, "state": "running"});
         if let (Some(o), Some(e)) = (v.as_object_mut(), extra.as_object()) {

@@ -84,6 +84,35 @@ async fn four_hundred_messages_with_noise_count_exactly() {
     let timed = mes.metric("mes_receive_to_commit_seconds_count").await;
     assert_eq!(timed, mes.metric("mes_committed_jobs_total").await);
     assert!(timed >= 301 + 63, "{timed}");
+    // On the embedded broker, all of that came through the in-process links of the two
+    // devices' partition sessions (over TCP with an external broker).
+    if crate::harness::external_broker().is_none() {
+        let n = mes::config::DEFAULT_SESSIONS;
+        for d in ["blank-01", "form-01"] {
+            let session = format!("-in-{}of{n}", mes::ingest::sessions::partition_of(d, usize::from(n)));
+            let log = mes.log();
+            assert!(
+                log.lines().any(|l| l.contains("partition session on an in-process link") && l.contains(&session)),
+                "{d}: session {session} not on an in-process link; log:\n{log}"
+            );
+        }
+    }
+}
+
+/// A flood at QoS 0 (which no broker window bounds) reaches the MES whole while its intake
+/// is held back (two inputs in flight, a commit each): on the embedded broker, through the
+/// in-process link, whose queue in the broker grows meanwhile. The last reading carries
+/// the totals.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_at_qos_0_is_read_to_its_last_reading() {
+    let extra_config = "[ingest]\nmax_in_flight = 2\nbatch_max = 1\n".to_string();
+    let mes = Mes::start(MesOptions { extra_config, ..Default::default() }).await;
+    let mut dev = mes.device("qos0");
+    for seq in 1..=3_000u64 {
+        let r = json!({"boot": 1, "seq": seq, "good": 2 * seq, "scrap": seq / 100, "state": "running"});
+        dev.publish_at_most_once("pack-01", r.to_string()).await;
+    }
+    assert_eq!(mes.wait_totals("PACK-1", (6_000, 30)).await, (6_000, 30), "log:\n{}", mes.log());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
