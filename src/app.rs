@@ -104,18 +104,17 @@ where
     R: FnOnce(Handle),
 {
     let (store, plant) = prepare(&cfg).await?;
+    // A single node's MQTT sessions: the main one and its plant's devices in partitions.
+    let devices = mqtt_devices(&plant);
+    let mut layout = cfg.cluster.is_none().then(|| crate::ingest::sessions::layout(&cfg.mqtt, &devices));
     // A single node that ingests from the broker it embeds reads its partition sessions
     // through in-process links (`crate::broker::LocalLink`); everything else connects over TCP.
     let mut local_links = HashMap::new();
     if let Some(b) = &cfg.mqtt.embedded_broker {
         let addr: SocketAddr = b.parse().context("mqtt.embedded_broker")?;
         let own = cfg.mqtt.host_port().ok().and_then(|(h, p)| format!("{h}:{p}").parse::<SocketAddr>().ok());
-        let local: Vec<String> = match (own == Some(addr), &cfg.cluster) {
-            (true, None) => crate::ingest::sessions::layout(&cfg.mqtt, &mqtt_devices(&plant))
-                .partitions
-                .iter()
-                .map(|s| s.client_id.clone())
-                .collect(),
+        let local: Vec<String> = match (&layout, own == Some(addr)) {
+            (Some(l), true) => l.partitions.iter().map(|s| s.client_id.clone()).collect(),
             _ => Vec::new(),
         };
         local_links = crate::broker::start(addr, cfg.ingest.max_payload, &local).map_err(anyhow::Error::msg)?;
@@ -219,8 +218,7 @@ where
     let mut intake_tasks = Vec::new();
     let session = match &cluster {
         None => {
-            let devices = mqtt_devices(&plant);
-            let layout = crate::ingest::sessions::layout(&cfg.mqtt, &devices);
+            let layout = layout.take().unwrap_or_else(|| crate::ingest::sessions::layout(&cfg.mqtt, &devices));
             let retired =
                 crate::ingest::sessions::record(&store, &cfg.mqtt, &layout).await.map_err(anyhow::Error::msg)?;
             for part in layout.partitions {

@@ -302,15 +302,13 @@ fn start_inner(
                 prefix: &prefix,
                 max_payload,
             };
-            if on.run(link, &filters, &mut shutdown, &mut wire_rx).await {
-                if let Some(flag) = &subscribed {
-                    flag.store(false, Relaxed);
-                }
-                tracing::info!(session = %client_id, "MQTT intake stopped");
-                return;
-            }
+            let stopped = on.run(link, &filters, &mut shutdown, &mut wire_rx).await;
             if let Some(flag) = &subscribed {
                 flag.store(false, Relaxed);
+            }
+            if stopped {
+                tracing::info!(session = %client_id, "MQTT intake stopped");
+                return;
             }
             tracing::warn!(session = %client_id, "in-process link to the embedded broker ended; connecting over TCP");
         }

@@ -254,7 +254,7 @@ async fn three_nodes_share_the_plant_survive_a_kill_and_a_pause_and_match_the_tr
 /// that another node has since taken over commits nothing; the new owner's job commits.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_commit_under_a_lease_taken_over_is_refused() {
-    use mes::db::writer::{Completion, Job, Work, Writer};
+    use mes::db::writer::{Job, Writer};
     let Some(_) = postgres() else {
         eprintln!("fencing test skipped: needs MES_TEST_DATABASE_URL (PostgreSQL)");
         return;
@@ -284,13 +284,8 @@ async fn a_commit_under_a_lease_taken_over_is_refused() {
     assert!(store.cluster_holds("b", "WC-01", 2).await.expect("holds"));
 
     let job = |node_token: i64, seq: u64, done| Job {
-        work: Work::Counted(Box::new(crate::harness::counted_delta("WC-01", "cell-01", seq, 5, 0))),
-        received_ms: 0,
-        done: Completion::Notify(done),
-        slot: None,
-        raw: None,
-        metrics: Default::default(),
         lease: Some(("WC-01".to_string(), node_token)),
+        ..crate::harness::counted_job(crate::harness::counted_delta("WC-01", "cell-01", seq, 5, 0), done)
     };
     let ledger = std::sync::Arc::new(mes::settlement::Ledger::from_plant(&plant));
     let run = |node: &str, token: i64, seq: u64| {

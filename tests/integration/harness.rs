@@ -71,6 +71,20 @@ pub fn counted_delta(work_center: &str, device: &str, seq: u64, good: u64, scrap
     }
 }
 
+/// A counted reading's job for the writer, its commit notified on `done`.
+pub fn counted_job(delta: mes_actors::Delta, done: tokio::sync::oneshot::Sender<()>) -> mes::db::writer::Job {
+    use mes::db::writer::{Completion, Job, Work};
+    Job {
+        work: Work::Counted(Box::new(delta)),
+        received_ms: 0,
+        done: Completion::Notify(done),
+        slot: None,
+        raw: None,
+        metrics: Default::default(),
+        lease: None,
+    }
+}
+
 /// A port free on loopback now and never handed out before in this process: the
 /// product's own (`mes::free_port`), so the tests and the bench code they call share one
 /// record of the ports given.

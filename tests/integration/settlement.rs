@@ -621,7 +621,7 @@ async fn an_order_changed_between_commits_is_read_again() {
 }
 
 async fn order_changed_on(url: &str, dir: &std::path::Path) {
-    use mes::db::writer::{Completion, Job, Work, Writer};
+    use mes::db::writer::Writer;
     use sqlx::Row;
     use std::sync::atomic::Ordering::Relaxed;
     let (store, ledger) = writer_store(url, dir, "orders", &plant()).await;
@@ -638,28 +638,15 @@ async fn order_changed_on(url: &str, dir: &std::path::Path) {
     // Each call is one batch: its readings queued at once, waited for until committed.
     let commit = |seqs: Vec<u64>| {
         let tx = tx.clone();
-        async move {
-            let mut done = Vec::new();
-            for seq in seqs {
+        let deltas: Vec<_> = seqs
+            .into_iter()
+            .map(|seq| {
                 let mut d = crate::harness::counted_delta("PRESS-1", "press-01", seq, 3, 0);
                 d.order = Some("PO-1".into());
-                let (ok, r) = tokio::sync::oneshot::channel();
-                let job = Job {
-                    work: Work::Counted(Box::new(d)),
-                    received_ms: 0,
-                    done: Completion::Notify(ok),
-                    slot: None,
-                    raw: None,
-                    metrics: Default::default(),
-                    lease: None,
-                };
-                tx.send(job).await.expect("queue");
-                done.push(r);
-            }
-            for r in done {
-                r.await.expect("committed");
-            }
-        }
+                d
+            })
+            .collect();
+        async move { commit_batch(&tx, deltas).await }
     };
     let order = || {
         let pool = store.pool.clone();
@@ -706,7 +693,7 @@ async fn the_last_device_time_moves_with_the_cursor() {
 }
 
 async fn last_ts_on(url: &str, dir: &std::path::Path) {
-    use mes::db::writer::{Completion, Job, Work, Writer};
+    use mes::db::writer::Writer;
     use mes_actors::counter::Cursor;
     let (store, ledger) = writer_store(url, dir, "last-ts", &plant()).await;
     let (tx, rx) = tokio::sync::mpsc::channel(16);
@@ -721,26 +708,7 @@ async fn last_ts_on(url: &str, dir: &std::path::Path) {
     // Each call is one batch: its readings queued at once, waited for until committed.
     let commit = |deltas: Vec<mes_actors::Delta>| {
         let tx = tx.clone();
-        async move {
-            let mut done = Vec::new();
-            for d in deltas {
-                let (ok, r) = tokio::sync::oneshot::channel();
-                let job = Job {
-                    work: Work::Counted(Box::new(d)),
-                    received_ms: 0,
-                    done: Completion::Notify(ok),
-                    slot: None,
-                    raw: None,
-                    metrics: Default::default(),
-                    lease: None,
-                };
-                tx.send(job).await.expect("queue");
-                done.push(r);
-            }
-            for r in done {
-                r.await.expect("committed");
-            }
-        }
+        async move { commit_batch(&tx, deltas).await }
     };
     let last = || store.last_ts_of("press-01");
     assert_eq!(last().await.expect("read"), None, "{url}: no reading yet");
@@ -831,6 +799,20 @@ async fn migration_0016_keeps_the_last_device_time_the_packs_held() {
     }
 }
 
+/// Queues `deltas` to a running writer at once (one batch, as the writer finds them) and
+/// waits until each is committed.
+async fn commit_batch(tx: &tokio::sync::mpsc::Sender<mes::db::writer::Job>, deltas: Vec<mes_actors::Delta>) {
+    let mut done = Vec::new();
+    for d in deltas {
+        let (ok, r) = tokio::sync::oneshot::channel();
+        tx.send(crate::harness::counted_job(d, ok)).await.expect("queue");
+        done.push(r);
+    }
+    for r in done {
+        r.await.expect("committed");
+    }
+}
+
 /// A migrated store at `url` with the master data of `plant` (written to
 /// `{name}-plant.toml` in `dir`), and its ledger: what a writer under test needs.
 async fn writer_store(
@@ -860,17 +842,11 @@ pub(crate) async fn sqlite_and_postgres(dir: &std::path::Path, name: &str) -> Ve
 }
 
 async fn redo_on(url: &str, dir: &std::path::Path) {
-    use mes::db::writer::{Completion, Job, Work, Writer};
+    use mes::db::writer::Writer;
     use std::sync::atomic::Ordering::Relaxed;
     let (store, ledger) = writer_store(url, dir, "redo", &plant()).await;
-    let job = |seq: u64, done| Job {
-        work: Work::Counted(Box::new(crate::harness::counted_delta("PRESS-1", "press-01", seq, 3, 1))),
-        received_ms: 0,
-        done: Completion::Notify(done),
-        slot: None,
-        raw: None,
-        metrics: Default::default(),
-        lease: None,
+    let job = |seq: u64, done| {
+        crate::harness::counted_job(crate::harness::counted_delta("PRESS-1", "press-01", seq, 3, 1), done)
     };
     // One writer per batch: a batch is what the writer finds queued when it starts.
     let batch = |seqs: Vec<u64>| {
@@ -1128,7 +1104,7 @@ async fn a_batch_spanning_six_thousand_devices_commits_whole() {
 }
 
 async fn wide_batch_on(url: &str, dir: &std::path::Path) {
-    use mes::db::writer::{Completion, Job, Work, Writer};
+    use mes::db::writer::Writer;
     use mes_actors::counter::RawCounters;
     use std::sync::atomic::Ordering::Relaxed;
     const N: usize = 6_000;
@@ -1155,15 +1131,7 @@ async fn wide_batch_on(url: &str, dir: &std::path::Path) {
         let device = format!("d-{i:04}");
         let delta = crate::harness::counted_delta(&format!("WC-{i:04}"), &device, seq, 3, 1);
         let raw = RawCounters { good: 3 * seq, scrap: seq, boot: Some(1) };
-        let job = Job {
-            work: Work::Counted(Box::new(delta)),
-            received_ms: 0,
-            done: Completion::Notify(d),
-            slot: None,
-            raw: Some((device, raw)),
-            metrics: Default::default(),
-            lease: None,
-        };
+        let job = mes::db::writer::Job { raw: Some((device, raw)), ..crate::harness::counted_job(delta, d) };
         tx.send(job).await.expect("queue");
         done.push(r);
     }
