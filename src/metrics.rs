@@ -112,6 +112,8 @@ pub struct Metrics {
     pub writer_queue: AtomicI64,
     pub mqtt_connected: AtomicBool,
     pub mqtt_reconnects: AtomicU64,
+    /// Partition sessions reading the embedded broker through an in-process link right now.
+    pub mqtt_in_process_links: AtomicI64,
     pub writer_healthy: AtomicBool,
     pub http_requests: AtomicU64,
     pub modbus_polls: AtomicU64,
@@ -291,6 +293,12 @@ impl Metrics {
             self.cluster_owned.load(Relaxed),
         );
         gauge(&mut out, "mes_writer_queue_depth", "Jobs waiting in the writer queue.", self.writer_queue.load(Relaxed));
+        gauge(
+            &mut out,
+            "mes_mqtt_in_process_links",
+            "MQTT partition sessions reading the embedded broker through an in-process link (the rest use TCP).",
+            self.mqtt_in_process_links.load(Relaxed),
+        );
         gauge(
             &mut out,
             "mes_mqtt_connected",

@@ -596,6 +596,22 @@ impl Local<'_> {
             return false;
         }
         tracing::info!(session = %self.client_id, "partition session on an in-process link to the embedded broker");
+        let links = &self.pipeline.metrics.mqtt_in_process_links;
+        links.fetch_add(1, Relaxed);
+        let stopped = self.ingest(&mut tx, &mut rx, shutdown, wire_rx).await;
+        links.fetch_sub(1, Relaxed);
+        stopped
+    }
+
+    /// [`Local::run`] once subscribed.
+    async fn ingest(
+        &self,
+        tx: &mut rumqttd::local::LinkTx,
+        rx: &mut rumqttd::local::LinkRx,
+        shutdown: &mut watch::Receiver<bool>,
+        wire_rx: &mut mpsc::UnboundedReceiver<WireAcks>,
+    ) -> bool {
+        use rumqttd::protocol as p;
         let mut received_qos1: u64 = 0;
         loop {
             tokio::select! {

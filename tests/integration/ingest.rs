@@ -85,7 +85,10 @@ async fn four_hundred_messages_with_noise_count_exactly() {
     assert_eq!(timed, mes.metric("mes_committed_jobs_total").await);
     assert!(timed >= 301 + 63, "{timed}");
     // On the embedded broker, all of that came through the in-process links of the two
-    // devices' partition sessions (over TCP with an external broker).
+    // devices' partition sessions (over TCP with an external broker), one link a partition
+    // of the line's, all still up.
+    let links = mes.log().lines().filter(|l| l.contains("partition session on an in-process link")).count() as u64;
+    assert_eq!(mes.metric("mes_mqtt_in_process_links").await, links);
     if crate::harness::external_broker().is_none() {
         let n = mes::config::DEFAULT_SESSIONS;
         for d in ["blank-01", "form-01"] {
