@@ -94,6 +94,20 @@ async fn demo_plant_with_mqtt_and_modbus_under_faults_matches_the_truth_exactly(
         assert!(Instant::now() < deadline, "line-sim did not connect:\n{}", sim_log());
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    // The MES reads the Modbus devices (form-01, pack-01) before anything is sent to them:
+    // started before line-sim, it found their ports closed and retries after a backoff, and
+    // a command written meanwhile answers 503 once its write times out.
+    for wc in ["FORM-1", "PACK-1"] {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let (_, w) = mes.get(&format!("/api/v1/work-centers/{wc}")).await;
+            if w["device"]["status"] == "online" {
+                break;
+            }
+            assert!(Instant::now() < deadline, "{wc}'s Modbus device not online: {w}\n{}", sim_log());
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
     // Release the orders (the first of each work center goes to its device at once), then
     // start the line.
     for (id, wc, quantity, priority) in ORDERS {
