@@ -748,18 +748,12 @@ async fn migration_0016_keeps_the_last_device_time_the_packs_held() {
     let dir = crate::harness::temp_dir();
     for url in sqlite_and_postgres(&dir, "last-ts-migration").await {
         let store = mes::db::Store::connect(&url, 1).await.expect("connect");
-        let backend = if url.starts_with("sqlite") { "sqlite" } else { "postgres" };
-        let migrations = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("migrations").join(backend);
-        let mut files: Vec<_> =
-            std::fs::read_dir(&migrations).expect("migrations").map(|e| e.expect("entry").path()).collect();
-        files.sort();
         let run = |sql: String| {
             let pool = store.pool.clone();
             async move { pool.execute(sqlx::AssertSqlSafe(sql.clone())).await.unwrap_or_else(|e| panic!("{sql}: {e}")) }
         };
-        let (before, after): (Vec<_>, Vec<_>) =
-            files.iter().partition(|f| f.file_name().is_some_and(|n| n.to_string_lossy().as_ref() < "0016"));
-        for f in before {
+        let (before, after) = migrations_split(&url, "0016");
+        for f in &before {
             run(std::fs::read_to_string(f).expect("migration file")).await;
         }
         // press-01: its newest pack's first reading has a time, its second none.
@@ -789,7 +783,7 @@ async fn migration_0016_keeps_the_last_device_time_the_packs_held() {
             ))
             .await;
         }
-        for f in after {
+        for f in &after {
             run(std::fs::read_to_string(f).expect("migration file")).await;
         }
         for (device, want) in [("press-01", Some(2_000)), ("press-02", Some(500)), ("press-03", None)] {
@@ -811,6 +805,16 @@ async fn commit_batch(tx: &tokio::sync::mpsc::Sender<mes::db::writer::Job>, delt
     for r in done {
         r.await.expect("committed");
     }
+}
+
+/// The migration files of `url`'s database in order, split into those numbered before
+/// `first` and the rest (tests that store data as an older schema held it, then migrate).
+fn migrations_split(url: &str, first: &str) -> (Vec<std::path::PathBuf>, Vec<std::path::PathBuf>) {
+    let backend = if url.starts_with("sqlite") { "sqlite" } else { "postgres" };
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("migrations").join(backend);
+    let mut files: Vec<_> = std::fs::read_dir(&dir).expect("migrations").map(|e| e.expect("entry").path()).collect();
+    files.sort();
+    files.into_iter().partition(|f| f.file_name().is_some_and(|n| n.to_string_lossy().as_ref() < first))
 }
 
 /// A migrated store at `url` with the master data of `plant` (written to
@@ -913,17 +917,12 @@ async fn telemetry_stored_before_packing_reads_back_the_same() {
     for url in sqlite_and_postgres(&dir, "packing").await {
         let store = mes::db::Store::connect(&url, 1).await.expect("connect");
         let backend = if url.starts_with("sqlite") { "sqlite" } else { "postgres" };
-        let migrations = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("migrations").join(backend);
-        let mut files: Vec<_> =
-            std::fs::read_dir(&migrations).expect("migrations").map(|e| e.expect("entry").path()).collect();
-        files.sort();
         let run = |name: &std::path::Path| {
             let (pool, sql) = (store.pool.clone(), std::fs::read_to_string(name).expect("migration file"));
             async move { pool.execute(sqlx::AssertSqlSafe(sql)).await.expect("migration runs") }
         };
-        let (before, packing): (Vec<_>, Vec<_>) =
-            files.iter().partition(|f| f.file_name().is_some_and(|n| n.to_string_lossy().as_ref() < "0012"));
-        for f in before {
+        let (before, packing) = migrations_split(&url, "0012");
+        for f in &before {
             run(f).await;
         }
         // ids 7, 9, 12: gaps as a rolled-back insert leaves them.
@@ -996,7 +995,7 @@ async fn telemetry_stored_before_packing_reads_back_the_same() {
                 .await
                 .expect("old row");
         }
-        for f in packing {
+        for f in &packing {
             run(f).await;
         }
         let rows = sqlx::query(
