@@ -207,7 +207,12 @@ impl Writer {
                 // database: its order starts afresh (older jobs are fenced at commit).
                 let token = job.lease.as_ref().map_or(0, |l| l.1);
                 let at = (token, d.boot, d.seq);
-                if let Some(prev) = self.last_counted.insert(d.device.clone(), at) {
+                // The device's key is allocated once, not per reading.
+                let prev = match self.last_counted.get_mut(d.device.as_str()) {
+                    Some(last) => Some(std::mem::replace(last, at)),
+                    None => self.last_counted.insert(d.device.clone(), at),
+                };
+                if let Some(prev) = prev {
                     if prev.0 == token && prev >= at {
                         self.metrics.order_violations.fetch_add(1, Relaxed);
                         tracing::error!(device = %d.device, ?prev, ?at, "counted readings reached the writer out of order");

@@ -10,6 +10,7 @@ use super::{parse, sparkplug, Pipeline};
 use crate::config::{IngestConfig, MqttConfig};
 use crate::db::writer::{AckSender, Completion, MqttAck};
 use crate::metrics::Metrics;
+use futures_util::FutureExt;
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use std::collections::BTreeMap;
 use std::sync::atomic::Ordering::Relaxed;
@@ -596,53 +597,46 @@ impl Local<'_> {
             return false;
         }
         tracing::info!(session = %self.client_id, "partition session on an in-process link to the embedded broker");
+        // From now on the acknowledgements go from the acker to the router directly.
+        self.ack_tx.attach(self.generation.load(Relaxed), tx);
         let links = &self.pipeline.metrics.mqtt_in_process_links;
         links.fetch_add(1, Relaxed);
-        let stopped = self.ingest(&mut tx, &mut rx, shutdown, wire_rx).await;
+        let stopped = self.ingest(&mut rx, shutdown, wire_rx).await;
         links.fetch_sub(1, Relaxed);
+        self.ack_tx.detach();
         stopped
     }
 
     /// [`Local::run`] once subscribed.
     async fn ingest(
         &self,
-        tx: &mut rumqttd::local::LinkTx,
         rx: &mut rumqttd::local::LinkRx,
         shutdown: &mut watch::Receiver<bool>,
         wire_rx: &mut mpsc::UnboundedReceiver<WireAcks>,
     ) -> bool {
-        use rumqttd::protocol as p;
         let mut received_qos1: u64 = 0;
         loop {
             tokio::select! {
-                // Acknowledgements first, as on a connection: they free the window.
                 biased;
                 _ = shutdown.changed() => return true,
-                Some(acks) = wire_rx.recv() => {
-                    let (of, pkids) = gather(acks, wire_rx);
-                    let Some((&last, rest)) = pkids.split_last().filter(|_| of == self.generation.load(Relaxed)) else {
-                        continue;
-                    };
-                    let ack = |pkid| p::Packet::PubAck(p::PubAck { pkid, reason: p::PubAckReason::Success }, None);
-                    // All into the link's buffer, then one wake-up of the broker's router.
-                    tx.buffer().extend(rest.iter().map(|&pkid| ack(pkid)));
-                    if let Err(e) = tx.send(ack(last)).await {
-                        tracing::warn!(session = %self.client_id, error = ?e, "in-process link closed");
-                        return false;
-                    }
-                }
+                // The acker sends this link's acknowledgements itself; what comes here is
+                // of an earlier link or connection, which the broker redelivers.
+                Some(_) = wire_rx.recv() => {}
                 next = rx.next() => match next {
-                    Ok(Some(rumqttd::Notification::Forward(f))) => {
+                    Ok(Some(rumqttd::Notification::Forward(mut f))) => {
                         // The packet id and QoS are the broker's own fields, read from its
-                        // serialisation (fixed header byte, then the id).
+                        // serialisation (fixed header byte, then the id) of the publish
+                        // without its topic and payload (which it would copy).
+                        let topic = std::mem::take(&mut f.publish.topic);
+                        let payload = std::mem::take(&mut f.publish.payload);
                         let head = f.publish.serialize();
                         let (qos, pkid, dup) = match head.get(..3) {
                             Some(&[h, a, b]) => ((h >> 1) & 0b11, u16::from_be_bytes([a, b]), h & 0b1000 != 0),
                             _ => (0, 0, false),
                         };
-                        let topic = String::from_utf8_lossy(&f.publish.topic).into_owned();
+                        let topic = String::from_utf8_lossy(&topic).into_owned();
                         let qos = if qos == 0 { QoS::AtMostOnce } else { QoS::AtLeastOnce };
-                        let mut publish = rumqttc::Publish::from_bytes(topic, qos, f.publish.payload);
+                        let mut publish = rumqttc::Publish::from_bytes(topic, qos, payload);
                         (publish.pkid, publish.dup) = (pkid, dup);
                         Metrics::inc(&self.pipeline.metrics.telemetry_messages);
                         let Some(slot) = self.pipeline.admit().await else { return true };
@@ -865,7 +859,7 @@ const PASSES_AT_ONCE: usize = 128;
 /// complete out of order (a dead letter's, a reading's whose actor is gone), so
 /// acknowledgements wait in a reorder buffer bounded by the broker's in-flight window; those
 /// whose predecessors are all settled go at once, as one batch, to the session loop, which
-/// writes them. No task of its own: a task between the writer and the session loop was a
+/// writes them (on an in-process link, straight to the broker's router: [`Acker::attach`]). No task of its own: a task between the writer and the session loop was a
 /// wait for a core of its own, under a flood about a millisecond from the end of a commit
 /// to its acknowledgements on the wire (session 17), while the broker's window held the
 /// next messages back. Acknowledgements for an older connection are dropped: the broker
@@ -887,6 +881,9 @@ struct AckerState {
     next: u64,
     /// Settled out of turn: position → (packet id, or `None` if abandoned; whether a pass).
     waiting: BTreeMap<u64, (Option<u16>, bool)>,
+    /// While the session reads an in-process link: its sending half, through which the
+    /// acknowledgements due go straight to the broker's router (see [`Acker::attach`]).
+    link: Option<(u64, rumqttd::local::LinkTx)>,
 }
 
 impl std::fmt::Debug for Acker {
@@ -905,16 +902,36 @@ impl Acker {
         Self { state: Default::default(), wire, generation, progress, metrics }
     }
 
-    /// Settles `batch` (publishes of this session) and sends the session loop every
-    /// acknowledgement now due, in receive order. Never waits: the lock is held for the
-    /// reorder and an unbounded send, so that batches reach the loop in order whoever
-    /// submits them.
+    /// Hands the acker the sending half of the in-process link the session reads from now
+    /// on (generation `of`): acknowledgements due go from whoever settles them straight
+    /// into the link's buffer and wake the broker's router, without a wake-up of the
+    /// session loop on the way (which on a socket writes them). Dropped with the link's
+    /// generation, or by [`Acker::detach`].
+    fn attach(&self, of: u64, tx: rumqttd::local::LinkTx) {
+        self.lock().link = Some((of, tx));
+    }
+
+    /// Ends [`Acker::attach`]: the session's link ended.
+    fn detach(&self) {
+        self.lock().link = None;
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, AckerState> {
+        self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Settles `batch` (publishes of this session) and sends every acknowledgement now due,
+    /// in receive order: to the session loop, or on an in-process link to the broker's
+    /// router directly. Does not wait for the session: the lock is held for the reorder and
+    /// an unbounded send (or the link's push, which waits only while the router's own
+    /// queue of events is full), so that batches leave in order whoever submits them.
     pub fn submit(&self, batch: Vec<MqttAck>) {
-        let mut s = self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut s = self.lock();
         let live = self.generation.load(Relaxed);
         if live != s.current {
             // Due on a connection that has ended: the broker redelivers those.
-            *s = AckerState { current: live, ..Default::default() };
+            let link = s.link.take().filter(|(of, _)| *of == live);
+            *s = AckerState { current: live, link, ..Default::default() };
         }
         for a in &batch {
             if a.generation == s.current && a.n >= s.next {
@@ -941,6 +958,28 @@ impl Acker {
             return;
         }
         let n = pkids.len() as u64;
+        if let Some((_, tx)) = s.link.as_mut() {
+            use rumqttd::protocol as p;
+            let ack = |pkid| p::Packet::PubAck(p::PubAck { pkid, reason: p::PubAckReason::Success }, None);
+            let Some((&last, rest)) = pkids.split_last() else { return };
+            // All into the link's buffer, then one wake-up of the router. (`send` has no
+            // await point: it is ready at its first poll.)
+            tx.buffer().extend(rest.iter().map(|&pkid| ack(pkid)));
+            match tx.send(ack(last)).now_or_never() {
+                Some(Ok(_)) => self.metrics.acks_sent.fetch_add(counted, Relaxed),
+                _ => {
+                    // The broker dropped the link; the session loop sees it end too.
+                    tracing::warn!(
+                        acks = n,
+                        "in-process link closed; acknowledgements not sent, the broker will redeliver (deduplicated)"
+                    );
+                    self.progress.abandoned.fetch_add(n, Relaxed);
+                    s.link = None;
+                    0
+                }
+            };
+            return;
+        }
         match self.wire.send((s.current, pkids)) {
             Ok(()) => {
                 self.metrics.acks_sent.fetch_add(counted, Relaxed);
@@ -1011,6 +1050,81 @@ mod tests {
         drop(wire_rx);
         acker.submit(vec![ack(&acker, 2, 1, Some(2), false)]);
         assert_eq!(progress.abandoned.load(Relaxed), 2, "the session loop is gone: given up, redelivered later");
+    }
+
+    /// On an in-process link the acker hands the acknowledgements to the broker's router
+    /// itself: the broker sends a QoS 1 subscriber at most 100 unacknowledged publishes, and
+    /// exactly the ones acknowledged through the acker let as many more through, with no
+    /// session loop in between. Once the link is detached, acknowledgements go to the
+    /// session loop again.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn acknowledgements_through_the_acker_free_the_window_of_an_in_process_link() {
+        use rumqttd::protocol as p;
+        let port = crate::free_port().expect("port");
+        let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
+        let mut links = crate::broker::start(addr, 64 * 1024, &["t-link".to_string()]).expect("broker");
+        let (mut tx, mut rx) = links.remove("t-link").expect("a link");
+        let filter = p::Filter {
+            path: "t/#".into(),
+            qos: p::QoS::AtLeastOnce,
+            nolocal: false,
+            preserve_retain: false,
+            retain_forward_rule: p::RetainForwardRule::Never,
+        };
+        tx.send(p::Packet::Subscribe(p::Subscribe { pkid: 1, filters: vec![filter] }, None)).await.expect("subscribe");
+        let next = |rx: &mut rumqttd::local::LinkRx, wait_ms: u64| {
+            let deadline = std::time::Instant::now() + Duration::from_millis(wait_ms);
+            rx.recv_deadline(deadline).ok().flatten()
+        };
+        assert!(matches!(next(&mut rx, 5_000), Some(rumqttd::Notification::DeviceAck(_))), "subscribed");
+        let (wire_tx, mut wire_rx) = mpsc::unbounded_channel::<WireAcks>();
+        let generation = Arc::new(AtomicU64::new(1));
+        let metrics = Arc::new(Metrics::default());
+        let acker: AckSender =
+            Arc::new(Acker::new(wire_tx, generation.clone(), Arc::new(AckProgress::default()), metrics.clone()));
+        acker.attach(1, tx);
+
+        let (client, mut el) = AsyncClient::new(MqttOptions::new("t-pub", "127.0.0.1", port), 200);
+        let publisher = tokio::spawn(async move {
+            loop {
+                if el.poll().await.is_err() {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        });
+        for i in 0..150u32 {
+            client.publish("t/d", QoS::AtLeastOnce, false, i.to_string()).await.expect("publish");
+        }
+        // Reads forwards until none comes for `quiet_ms`: their packet ids, in order.
+        let take = |rx: &mut rumqttd::local::LinkRx, quiet_ms: u64| {
+            let mut pkids = Vec::new();
+            while let Some(n) = next(rx, quiet_ms) {
+                if let rumqttd::Notification::Forward(mut f) = n {
+                    f.publish.payload = Default::default();
+                    f.publish.topic = Default::default();
+                    let head = f.publish.serialize();
+                    pkids.push(u16::from_be_bytes([head[1], head[2]]));
+                }
+            }
+            pkids
+        };
+        let first = tokio::task::block_in_place(|| take(&mut rx, 1_000));
+        assert_eq!(first.len(), 100, "the broker's window: 100 unacknowledged");
+        let due = |from: u64, pkids: &[u16]| -> Vec<MqttAck> {
+            pkids.iter().enumerate().map(|(i, &pkid)| ack(&acker, 1, from + i as u64, Some(pkid), false)).collect()
+        };
+        acker.submit(due(0, &first[..30]));
+        let second = tokio::task::block_in_place(|| take(&mut rx, 500));
+        assert_eq!(second.len(), 30, "30 acknowledged, 30 more sent");
+        acker.submit(due(30, &first[30..]));
+        let third = tokio::task::block_in_place(|| take(&mut rx, 500));
+        assert_eq!(third.len(), 20, "the rest of the 150");
+        assert!(wire_rx.try_recv().is_err(), "nothing went through the session loop");
+        assert_eq!(metrics.acks_sent.load(Relaxed), 100);
+        acker.detach();
+        acker.submit(due(100, &second));
+        assert_eq!(wire_rx.try_recv().ok(), Some((1, second.clone())), "detached: to the session loop");
+        publisher.abort();
     }
 
     /// The session loop writes the batches queued behind the first as one; a newer
