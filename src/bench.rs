@@ -56,13 +56,13 @@ pub async fn baseline(addr: &str, devices: &[String], n: u64) -> anyhow::Result<
     // subscriber, or stop coming (a broker that dropped what its subscriber lagged behind).
     let mut last = (got.load(Relaxed), Instant::now());
     while got.load(Relaxed) < n {
-        let now = got.load(Relaxed);
-        if now != last.0 {
-            last = (now, Instant::now());
+        let seen = got.load(Relaxed);
+        if seen != last.0 {
+            last = (seen, Instant::now());
         } else if last.1.elapsed() >= RAW_STALL {
             subscriber.abort();
             anyhow::bail!(
-                "raw baseline: {now} of {n} messages reached the subscriber and no more came for {} s; \
+                "raw baseline: {seen} of {n} messages reached the subscriber and no more came for {} s; \
                  the embedded broker keeps the last ~200,000 messages of a topic filter and drops older \
                  ones a subscriber has not taken yet (docs/ARCHITECTURE.md, limits): run fewer --messages",
                 RAW_STALL.as_secs()
