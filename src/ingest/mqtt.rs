@@ -1079,9 +1079,17 @@ mod tests {
             retain_forward_rule: p::RetainForwardRule::Never,
         };
         tx.send(p::Packet::Subscribe(p::Subscribe { pkid: 1, filters: vec![filter] }, None)).await.expect("subscribe");
+        // The next notification, or `None` if none comes for `wait_ms`. (A wake-up can find
+        // its notifications taken already with an earlier one: that is not the end.)
         let next = |rx: &mut rumqttd::local::LinkRx, wait_ms: u64| {
             let deadline = std::time::Instant::now() + Duration::from_millis(wait_ms);
-            rx.recv_deadline(deadline).ok().flatten()
+            loop {
+                match rx.recv_deadline(deadline) {
+                    Ok(Some(n)) => return Some(n),
+                    Ok(None) => continue,
+                    Err(_) => return None,
+                }
+            }
         };
         assert!(matches!(next(&mut rx, 5_000), Some(rumqttd::Notification::DeviceAck(_))), "subscribed");
         let (wire_tx, mut wire_rx) = mpsc::unbounded_channel::<WireAcks>();
