@@ -180,7 +180,7 @@ async fn status_of(mes: &Mes, wc: &str, token: Option<&str>) -> (String, Option<
 
 /// Polls (every 10 ms, bounded by `within`) until `wc`'s device shows `want`; returns
 /// what it shows last.
-async fn wait_status_of(mes: &Mes, wc: &str, token: Option<&str>, want: &str, within: Duration) -> String {
+pub(crate) async fn wait_status_of(mes: &Mes, wc: &str, token: Option<&str>, want: &str, within: Duration) -> String {
     let deadline = Instant::now() + within;
     loop {
         let (s, _) = status_of(mes, wc, token).await;

@@ -98,15 +98,8 @@ async fn demo_plant_with_mqtt_and_modbus_under_faults_matches_the_truth_exactly(
     // started before line-sim, it found their ports closed and retries after a backoff, and
     // a command written meanwhile answers 503 once its write times out.
     for wc in ["FORM-1", "PACK-1"] {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let (_, w) = mes.get(&format!("/api/v1/work-centers/{wc}")).await;
-            if w["device"]["status"] == "online" {
-                break;
-            }
-            assert!(Instant::now() < deadline, "{wc}'s Modbus device not online: {w}\n{}", sim_log());
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        let status = crate::modbus::wait_status_of(&mes, wc, None, "online", Duration::from_secs(30)).await;
+        assert_eq!(status, "online", "{wc}'s Modbus device not online\n{}", sim_log());
     }
     // Release the orders (the first of each work center goes to its device at once), then
     // start the line.
